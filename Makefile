@@ -1,0 +1,44 @@
+# sftjob — everything a newcomer needs: `make demo`, `make test`.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
+export TOKENIZERS_PARALLELISM := false
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: setup demo test test-fast lint bench schema clean
+
+setup: $(STAMP)
+
+# torch first (its CPU wheel), then DeepSpeed and the rest from the lockfile without compiling ops.
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q "$$(grep -E '^torch==' requirements.lock)"
+	DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation -r requirements.lock
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/sftjob demo
+
+test: setup
+	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check job tests bench
+
+bench: setup
+	$(BIN)/python bench/prep.py
+	$(BIN)/python bench/s3.py
+
+schema: setup
+	$(BIN)/sftjob schema --helm > charts/sftjob/values.schema.json
+
+clean:
+	rm -rf $(VENV) demo-out .pytest_cache build *.egg-info

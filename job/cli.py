@@ -1,0 +1,173 @@
+"""The `sftjob` command: parse a RunSpec, call one library function per command. No stage logic here."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import typing
+from typing import Any
+
+from job import spec as specmod
+from job.errors import ExitCode, SftjobError
+
+SPEC_COMMANDS = ("run", "prepare", "preview", "validate", "plan")
+
+
+def _field_kind(annotation: Any) -> str:
+    args = typing.get_args(annotation)
+    if annotation is bool or bool in args:
+        return "bool"
+    if typing.get_origin(annotation) is list or any(typing.get_origin(a) is list for a in args):
+        return "list"
+    if typing.get_origin(annotation) is dict or any(typing.get_origin(a) is dict for a in args):
+        return "dict"
+    if annotation is str or (str in args and not any(a in (int, float) for a in args)):
+        return "str"
+    return "yaml"
+
+
+def _add_spec_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", help="run spec YAML (Helm-style `run:` wrapper accepted)")
+    g = p.add_argument_group("run spec (every RunSpec field; see `sftjob schema`)")
+    for path, flag in specmod.FLAGS_BY_PATH.items():
+        if flag == "cache-dir" and p.prog.endswith("demo"):
+            continue
+        f = specmod.leaf_field(path)
+        kind = _field_kind(f.annotation)
+        help_ = (f.description or "").replace("%", "%%")
+        if kind == "bool":
+            g.add_argument(f"--{flag}", dest=path, nargs="?", const="true", metavar="BOOL", help=help_)
+            g.add_argument(f"--no-{flag}", dest=path, action="store_const", const="false", help=argparse.SUPPRESS)
+        else:
+            g.add_argument(f"--{flag}", dest=path, metavar=kind.upper() if kind != "str" else "STR", help=help_)
+
+
+def _parse_value(path: str, raw: str) -> Any:
+    kind = _field_kind(specmod.leaf_field(path).annotation)
+    if kind == "str":
+        return raw
+    if kind == "list":
+        if raw.strip().startswith("["):
+            return specmod._parse_env_value(raw)
+        if path == "train.target_modules" and raw == "all-linear":
+            return raw
+        return [x.strip() for x in raw.split(",") if x.strip()]
+    if kind == "bool":
+        v = raw.strip().lower()
+        if v in ("1", "true", "yes", "on"):
+            return True
+        if v in ("0", "false", "no", "off"):
+            return False
+        return raw
+    return specmod._parse_env_value(raw)
+
+
+def spec_from_args(args: argparse.Namespace):
+    overrides = {path: _parse_value(path, getattr(args, path)) for path in specmod.FLAGS_BY_PATH
+                 if getattr(args, path, None) is not None}
+    return specmod.build(getattr(args, "config", None), overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sftjob", description="Instruction tuning of chat models as a batch job.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    helps = {
+        "run": "fetch → prepare → train → publish (resumes from the newest complete checkpoint)",
+        "prepare": "normalise, render, tokenize, mask and pack the data into the cache; print where",
+        "preview": "show rendered examples with trained spans marked ([[...]] or colour), or --json",
+        "validate": "check every row; exit 65 listing FILE:LINE: field: problem",
+        "plan": "dry run: processes, batch, steps, tokens, memory and time estimates",
+    }
+    for name in SPEC_COMMANDS:
+        sp = sub.add_parser(name, help=helps[name], description=helps[name])
+        sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        _add_spec_flags(sp)
+        if name == "preview":
+            sp.add_argument("--limit", type=int, default=3, help="examples to show")
+            sp.add_argument("--json", action="store_true", help="one JSON object per example per line")
+        if name == "plan":
+            sp.add_argument("--tokens-per-second", type=float, default=None,
+                            help="throughput per GPU for the time estimate")
+            sp.add_argument("--json", action="store_true", help="print the plan as JSON")
+    sp = sub.add_parser("schema", help="print the JSON Schema of RunSpec")
+    sp.add_argument("--helm", action="store_true", help="the chart's values.schema.json (RunSpec under `run:`)")
+    sp = sub.add_parser("tiny-model", help="write the built-in tiny model + tokenizer (offline)")
+    sp.add_argument("dir")
+    sp.add_argument("--seed", type=int, default=0)
+    sp = sub.add_parser("demo", help="whole pipeline on CPU against a local S3 server")
+    sp.add_argument("--out", default="demo-out", help="where the published prefix is downloaded")
+    sp.add_argument("--max-steps", type=int, default=40)
+    sp.add_argument("--workdir", default=None, help="scratch dir (default: a temp dir)")
+    from job import ops
+
+    ops.add_commands(sub)
+    return p
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    cmd = args.command
+    if cmd == "schema":
+        from job import schema
+
+        print(json.dumps(schema.helm_values_schema() if args.helm else specmod.json_schema(), indent=2))
+        return 0
+    if cmd == "tiny-model":
+        from job import tiny
+
+        print(tiny.write(args.dir, seed=args.seed))
+        return 0
+    if cmd == "demo":
+        from job import demo
+
+        return demo.main(out=args.out, max_steps=args.max_steps, workdir=args.workdir)
+    if cmd in SPEC_COMMANDS:
+        spec = spec_from_args(args)
+        if cmd == "run":
+            from job import pipeline
+
+            return pipeline.run(spec)
+        if cmd == "prepare":
+            from job.data import commands
+
+            return commands.prepare_command(spec)
+        if cmd == "validate":
+            from job.data import commands
+
+            return commands.validate_command(spec)
+        if cmd == "preview":
+            from job.data import commands
+
+            return commands.preview_command(spec, limit=args.limit, as_json=args.json)
+        if cmd == "plan":
+            from job.train import plan
+
+            return plan.plan_command(spec, tokens_per_second=args.tokens_per_second, as_json=args.json)
+    from job import ops
+
+    return ops.dispatch(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv or os.environ.get("SFTJOB_DEBUG") == "1"
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "filelock", "httpx", "DeepSpeed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # argparse: usage errors are exit 64, help is 0
+        return ExitCode.CONFIG if e.code not in (0, None) else 0
+    try:
+        return int(_dispatch(args) or 0)
+    except SftjobError as e:
+        if debug:
+            raise
+        print(f"sftjob: error: {e}", file=sys.stderr)
+        return int(e.exit_code)
+    except KeyboardInterrupt:
+        print("sftjob: interrupted", file=sys.stderr)
+        return int(ExitCode.INTERRUPTED)

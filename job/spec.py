@@ -1,0 +1,377 @@
+"""RunSpec: the one definition of every knob.
+
+YAML file < env (``SFTJOB_<NAME>``) < CLI flags (``--kebab-name``) — all generated from these
+models. Flags are named after the field; a section prefixes a flag only when the bare name clashes.
+A section with a *primary* field also accepts a plain string (``data: s3://b/train.jsonl``) and a
+flag named after the section (``--data``, ``--output``, ``--distributed``).
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from job.errors import ConfigError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    primary: ClassVar[str | None] = None  # field a bare string (and the section-named flag) sets
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, v: Any) -> Any:
+        if cls.primary and isinstance(v, (str, list)):
+            return {cls.primary: v}
+        return v
+
+
+class DataSource(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    path: str = Field(description="File, directory or S3 prefix (jsonl, jsonl.gz, json, parquet).")
+    weight: float = Field(1.0, gt=0, description="Mixture weight: share of rows taken relative to other sources (1.0 = all rows once).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_str(cls, v: Any) -> Any:
+        return {"path": v} if isinstance(v, str) else v
+
+
+class DataSpec(Section):
+    primary = "path"
+    path: str | None = Field(None, description="Training data: a file, directory or S3 prefix (shorthand for one source).")
+    sources: list[DataSource] = Field(default_factory=list, description="Several training sources with mixture weights.")
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion"] = Field(
+        "auto", description="Row format; auto-detected from the first rows when 'auto'.")
+    columns: dict[str, str] = Field(default_factory=dict, description="Column map, e.g. {messages: dialog} or {prompt: question, completion: answer}.")
+    roles: dict[str, str] = Field(default_factory=dict, description="Role map onto system/user/assistant, e.g. {human: user, bot: assistant}.")
+    eval_split: float = Field(0.0, ge=0, lt=1, description="Fraction of rows held out for evaluation.")
+    eval_data: str | None = Field(None, description="Separate evaluation source (file, directory or S3 prefix).")
+    max_length: int = Field(2048, gt=8, description="Maximum tokens per example (and per packed bin).")
+    truncation: Literal["drop", "truncate_left", "truncate_right"] = Field(
+        "truncate_right", description="What to do with rows longer than max_length; counted in the data report.")
+    train_on_eos: Literal["turn", "last", "none"] = Field(
+        "turn", description="Train the end-of-turn token after every assistant turn, only the last, or none.")
+    packing: bool = Field(False, description="Pack examples into max_length bins (best-fit decreasing); position_ids restart per example.")
+    num_proc: int = Field(0, ge=0, description="Processes for tokenization (0 = number of CPU cores).")
+    shuffle: bool = Field(True, description="Shuffle rows (with seed) before splitting and packing.")
+
+
+class ModelSpec(Section):
+    primary = "path"
+    path: str | None = Field(None, description="Base model: a local directory, s3:// prefix or hub id (hub needs network).")
+    tokenizer: str | None = Field(None, description="Tokenizer location when it differs from the model.")
+    chat_template: str | None = Field(None, description="Chat template: unset = the tokenizer's own; a built-in name (chatml, llama3, gemma, mistral, phi3, zephyr, alpaca, ...); or a Jinja file (local or S3).")
+    system_prompt: str | None = Field(None, description="Default system message.")
+    system_prompt_mode: Literal["default", "override", "none"] = Field(
+        "default", description="default: add system_prompt where a row has none; override: replace every row's; none: never add.")
+    torch_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="Weights dtype (auto: bf16 on GPUs that support it, else fp32).")
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        "auto", description="Attention kernel (auto: flash_attention_2 when installed on CUDA, else sdpa).")
+    trust_remote_code: bool = Field(False, description="Allow model code from the model repo.")
+
+
+class TrainSpec(Section):
+    method: Literal["lora", "qlora", "full"] = Field("lora", description="LoRA adapter, QLoRA (4-bit base, CUDA only) or full fine-tune.")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    max_steps: int = Field(-1, description="Optimizer steps (-1: use num_train_epochs).")
+    num_train_epochs: float = Field(1.0, gt=0, description="Epochs when max_steps is -1.")
+    per_device_train_batch_size: int = Field(4, ge=1, description="Micro batch per process.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro batches per optimizer step.")
+    lr_scheduler_type: str = Field("cosine", description="transformers scheduler name (cosine, linear, constant, ...).")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of steps for LR warm-up.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping (0 = off).")
+    optim: str = Field("adamw_torch", description="transformers optimizer name.")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+    logging_steps: int = Field(10, ge=1, description="Steps between progress lines / status updates.")
+    report_to: list[str] = Field(default_factory=list, description="Trackers: tensorboard, mlflow, wandb (none by default).")
+    lora_r: int = Field(16, ge=1, description="LoRA rank.")
+    lora_alpha: int = Field(32, ge=1, description="LoRA alpha.")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
+    target_modules: list[str] | str = Field("all-linear", description="Modules that get LoRA ('all-linear' or a list of names).")
+    modules_to_save: list[str] = Field(default_factory=list, description="Modules trained fully and saved with the adapter (e.g. embed_tokens, lm_head).")
+    seed: int = Field(42, description="Seed for data order, init and dropout.")
+
+
+class DistributedSpec(Section):
+    primary = "strategy"
+    strategy: Literal["auto", "single", "ddp", "deepspeed", "fsdp"] = Field(
+        "auto", description="auto: deepspeed when >1 process, else single.")
+    zero_stage: Literal[2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
+    offload_optimizer: bool = Field(False, description="DeepSpeed: optimizer state to CPU.")
+    offload_params: bool = Field(False, description="DeepSpeed ZeRO-3: parameters to CPU.")
+    num_processes: int | None = Field(None, ge=1, description="Total processes (default: gpus_per_node x num_machines).")
+    gpus_per_node: int | None = Field(None, ge=1, description="Processes per node (default: torch.cuda.device_count(), 1 on CPU).")
+    num_machines: int = Field(1, ge=1, description="Nodes (pods of the Indexed Job).")
+    node_rank: int | None = Field(None, ge=0, description="This node's rank (default: $JOB_COMPLETION_INDEX, else 0).")
+    main_process_ip: str | None = Field(None, description="Rank-0 address (default: $MASTER_ADDR).")
+    main_process_port: int | None = Field(None, description="Rendezvous port (default: $MASTER_PORT, else 29500).")
+    mixed_precision: Literal["auto", "bf16", "fp16", "no"] = Field("auto", description="auto: bf16 where supported, fp16 on older GPUs, no on CPU.")
+
+
+class StorageSpec(Section):
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint (default: $AWS_ENDPOINT_URL, else AWS).")
+    addressing_style: Literal["auto", "path", "virtual"] = Field("auto", description="auto: path-style when an endpoint is set.")
+    region: str | None = Field(None, description="Region (default: the boto3 chain).")
+    verify: bool = Field(True, description="Verify TLS certificates.")
+    ca_bundle: str | None = Field(None, description="Custom CA bundle file for TLS.")
+    max_concurrency: int = Field(16, ge=1, description="Parallel transfers / multipart parts.")
+    multipart_chunksize_mb: int = Field(16, ge=5, description="Multipart part size in MiB.")
+    max_attempts: int = Field(5, ge=1, description="Retries (adaptive mode) before exit 69.")
+
+
+class OutputSpec(Section):
+    primary = "uri"
+    uri: str | None = Field(None, description="Output prefix: s3://bucket/runs/<name>/ or a local directory.")
+    overwrite: bool = Field(False, description="Allow publishing over an already published run.")
+    merged: bool = Field(False, description="Also write merged full weights (sharded safetensors).")
+
+
+class ResilienceSpec(Section):
+    save_steps: int = Field(0, ge=0, description="Checkpoint every N steps (0 = off unless save_minutes).")
+    save_minutes: float = Field(0, ge=0, description="Checkpoint every N minutes (0 = off).")
+    save_total_limit: int = Field(2, ge=1, description="Complete checkpoints kept (locally and in the output).")
+    resume: bool = Field(True, description="Resume from the newest complete checkpoint found.")
+    grace_seconds: int = Field(120, ge=5, description="Seconds between SIGTERM and SIGKILL (terminationGracePeriodSeconds).")
+    max_runtime: float = Field(0, ge=0, description="Stop before this many seconds with a final checkpoint (0 = off).")
+    train_to_deadline: bool = Field(False, description="At max_runtime publish the adapter as final instead of partial.")
+
+
+class EvalSpec(Section):
+    eval_steps: int = Field(0, ge=0, description="Eval loss every N steps (0 = only at the end when there is an eval split).")
+    prompts: str | None = Field(None, description="Held-out prompts for generation eval (file or S3 URI).")
+    num_prompts: int = Field(0, ge=0, description="Use N rows of the eval split as generation prompts (0 = off unless prompts).")
+    max_new_tokens: int = Field(128, ge=1, description="Generation length for the generation eval.")
+    json_schema: str | None = Field(None, description="JSON Schema file the answers must satisfy (structured output).")
+    min_json_valid: float | None = Field(None, ge=0, le=1, description="Gate: minimum share of valid-JSON answers.")
+    max_loss: float | None = Field(None, gt=0, description="Gate: maximum eval loss.")
+
+
+class RunSpec(BaseModel):
+    """Everything one run needs; serialised as run.yaml beside the outputs (without secrets)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    name: str | None = Field(None, description="Run name (default: derived from the output prefix).")
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    data: DataSpec = Field(default_factory=DataSpec)
+    output: OutputSpec = Field(default_factory=OutputSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    distributed: DistributedSpec = Field(default_factory=DistributedSpec)
+    storage: StorageSpec = Field(default_factory=StorageSpec)
+    resilience: ResilienceSpec = Field(default_factory=ResilienceSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    cache_dir: str | None = Field(None, description="Cache root (default: $SFTJOB_CACHE_DIR, $XDG_CACHE_HOME/sftjob, ~/.cache/sftjob).")
+
+    @model_validator(mode="after")
+    def _check(self) -> RunSpec:
+        if self.data.path and self.data.sources:
+            raise ValueError("set data.path or data.sources, not both")
+        return self
+
+    # ---- derived -----------------------------------------------------------------------
+    def data_sources(self) -> list[DataSource]:
+        return list(self.data.sources) or ([DataSource(path=self.data.path)] if self.data.path else [])
+
+    def cache_root(self) -> Path:
+        return cache_root(self.cache_dir)
+
+    def public_dict(self) -> dict:
+        return self.model_dump(mode="json")
+
+    def spec_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.public_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def require(self, *dotted: str) -> None:
+        for name in dotted:
+            obj: Any = self
+            for part in name.split("."):
+                obj = getattr(obj, part)
+            if obj in (None, ""):
+                flag = FLAGS_BY_PATH.get(name, name)
+                raise ConfigError(f"missing required setting '{name}'",
+                                  hint=f"pass --{flag} or set it in the run spec YAML")
+
+
+def cache_root(explicit: str | None = None) -> Path:
+    if explicit:
+        return Path(explicit)
+    if os.environ.get("SFTJOB_CACHE_DIR"):
+        return Path(os.environ["SFTJOB_CACHE_DIR"])
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]) / "sftjob"
+    return Path.home() / ".cache" / "sftjob"
+
+
+# ---- flags and env, generated from the models -----------------------------------------------
+
+SECTIONS: dict[str, type[Section]] = {
+    name: f.annotation for name, f in RunSpec.model_fields.items()
+    if isinstance(f.annotation, type) and issubclass(f.annotation, Section)
+}
+
+
+def _leaf_paths() -> list[tuple[str, Any]]:
+    out = []
+    for name, f in RunSpec.model_fields.items():
+        if name in SECTIONS:
+            out += [(f"{name}.{sub}", sf) for sub, sf in SECTIONS[name].model_fields.items()]
+        else:
+            out.append((name, f))
+    return out
+
+
+def _flag_names() -> dict[str, str]:
+    leaves = _leaf_paths()
+    counts: dict[str, int] = {}
+    for path, _ in leaves:
+        counts[path.split(".")[-1]] = counts.get(path.split(".")[-1], 0) + 1
+    flags = {}
+    for path, _ in leaves:
+        section, _, bare = path.rpartition(".")
+        if section and SECTIONS[section].primary == bare:
+            name = section  # data.path → --data, distributed.strategy → --distributed
+        elif counts[bare] == 1 and bare not in SECTIONS:
+            name = bare
+        else:
+            name = path.replace(".", "_")
+        flags[path] = name.replace("_", "-")
+    return flags
+
+
+FLAGS_BY_PATH: dict[str, str] = _flag_names()
+#: flag name → dotted field path
+ALL_FLAGS: dict[str, str] = {v: k for k, v in FLAGS_BY_PATH.items()}
+
+
+def leaf_field(path: str):
+    return dict(_leaf_paths())[path]
+
+
+def _set(tree: dict, path: str, value: Any) -> None:
+    parts = path.split(".")
+    for p in parts[:-1]:
+        node = tree.get(p)
+        if isinstance(node, str) or isinstance(node, list):  # shorthand section given earlier
+            node = {SECTIONS[p].primary: node}
+        tree[p] = node = dict(node or {})
+        tree = node
+    tree[parts[-1]] = value
+
+
+def _parse_env_value(raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def env_overrides(environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """SFTJOB_<FLAG_NAME> (upper snake) for every flag; values parsed as YAML scalars/lists."""
+    environ = os.environ if environ is None else environ
+    out = {}
+    for flag, path in ALL_FLAGS.items():
+        key = "SFTJOB_" + flag.replace("-", "_").upper()
+        if key in environ and key != "SFTJOB_CACHE_DIR":
+            out[path] = _parse_env_value(environ[key])
+    if "SFTJOB_CACHE_DIR" in environ:
+        out["cache_dir"] = environ["SFTJOB_CACHE_DIR"]
+    return out
+
+
+def load_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"config file not found: {p}", hint="check the --config path")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{p}:{mark.line + 1}" if mark else str(p)
+        raise ConfigError(f"{where}: invalid YAML: {getattr(e, 'problem', e)}",
+                          hint="fix the YAML syntax") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the run spec must be a YAML mapping", hint="see `sftjob schema`")
+    # Helm-style files carry the spec under `run:`
+    if set(data) == {"run"} and isinstance(data["run"], dict):
+        data = data["run"]
+    return data
+
+
+def _valid_keys(loc: tuple) -> list[str]:
+    model: Any = RunSpec
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        f = getattr(model, "model_fields", {}).get(part)
+        if f is None:
+            return []
+        ann = f.annotation
+        model = SECTIONS.get(part, ann if isinstance(ann, type) else None)
+        if part == "sources":
+            model = DataSource
+        if model is None:
+            return []
+    return list(getattr(model, "model_fields", {}))
+
+
+def _explain(err: ValidationError, source: str) -> ConfigError:
+    lines = []
+    for e in err.errors():
+        loc = tuple(x for x in e["loc"] if not (isinstance(x, str) and x.startswith("function-")))
+        key = ".".join(str(x) for x in loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            valid = _valid_keys(loc)
+            close = difflib.get_close_matches(str(loc[-1]), valid + list(ALL_FLAGS_UNDERSCORED), n=1, cutoff=0.6)
+            tip = f" — did you mean '{close[0]}'?" if close else ""
+            lines.append(f"unknown key '{key}'{tip}")
+        else:
+            lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
+    return ConfigError(f"invalid run spec ({source}):\n  " + "\n  ".join(lines),
+                       hint="see `sftjob schema` for every key, its type and default")
+
+
+ALL_FLAGS_UNDERSCORED = [p.split(".")[-1] for p in FLAGS_BY_PATH]
+
+
+def _relocate_bare_keys(tree: dict) -> dict:
+    """Accept flat keys (``learning_rate: 1e-4`` at top level) for fields whose flag is bare."""
+    out: dict = {}
+    for k, v in tree.items():
+        path = ALL_FLAGS.get(str(k).replace("_", "-"))
+        if k not in RunSpec.model_fields and path and "." in path:
+            _set(out, path, v)
+        else:
+            if isinstance(v, dict) and isinstance(out.get(k), dict):
+                out[k] = {**out[k], **v}
+            else:
+                out[k] = v
+    return out
+
+
+def build(config: str | Path | None = None, overrides: dict[str, Any] | None = None,
+          environ: dict[str, str] | None = None) -> RunSpec:
+    """defaults < YAML < env < flags (overrides: dotted path → value)."""
+    tree = _relocate_bare_keys(load_yaml(config)) if config else {}
+    source = str(config) if config else "flags"
+    for path, value in {**env_overrides(environ), **(overrides or {})}.items():
+        _set(tree, path, value)
+    try:
+        return RunSpec.model_validate(tree)
+    except ValidationError as e:
+        raise _explain(e, source) from None
+
+
+def json_schema() -> dict:
+    return RunSpec.model_json_schema()
+
+
+def to_yaml(spec: RunSpec) -> str:
+    return yaml.safe_dump(spec.public_dict(), sort_keys=False)

@@ -1,0 +1,105 @@
+"""Storage by URI scheme: ``s3://bucket/key`` → s3.py, anything else → local.py.
+
+Every other module reads and writes through these functions; only s3.py imports boto3.
+URIs name objects/files; a "prefix" is a directory-like URI (trailing slash optional).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+from job.storage import local
+
+_settings = None  # job.spec.StorageSpec, set once by configure()
+
+
+def configure(settings) -> None:
+    """Apply the run's storage section (endpoint, addressing style, retries, ...)."""
+    global _settings
+    _settings = settings
+    if _s3_loaded():
+        from job.storage import s3
+
+        s3.reset()
+
+
+def settings():
+    return _settings
+
+
+def _s3_loaded() -> bool:
+    import sys
+
+    return "job.storage.s3" in sys.modules
+
+
+def is_remote(uri: str) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def backend(uri: str):
+    if is_remote(uri):
+        from job.storage import s3
+
+        return s3
+    if "://" in str(uri) and not str(uri).startswith("file://"):
+        from job.errors import ConfigError
+
+        raise ConfigError(f"unsupported URI scheme: {uri}", hint="use s3://bucket/key or a local path")
+    return local
+
+
+def join(prefix: str, *parts: str) -> str:
+    out = str(prefix).rstrip("/")
+    for p in parts:
+        out += "/" + str(p).strip("/")
+    return out
+
+
+def read_bytes(uri: str) -> bytes:
+    return backend(uri).read_bytes(uri)
+
+
+def write_bytes(uri: str, data: bytes, *, if_none_match: bool = False) -> None:
+    """Write an object; with if_none_match the write fails (AlreadyPublishedError) if it exists."""
+    backend(uri).write_bytes(uri, data, if_none_match=if_none_match)
+
+
+def exists(uri: str) -> bool:
+    return backend(uri).exists(uri)
+
+
+def list_files(prefix: str) -> list[str]:
+    """Every object/file under a prefix (recursive), as full URIs, sorted."""
+    return backend(prefix).list_files(prefix)
+
+
+def delete(uri: str) -> None:
+    backend(uri).delete(uri)
+
+
+def delete_prefix(prefix: str) -> None:
+    backend(prefix).delete_prefix(prefix)
+
+
+def download_file(uri: str, dest: Path) -> Path:
+    return backend(uri).download_file(uri, Path(dest))
+
+
+def upload_file(src: Path, uri: str) -> None:
+    backend(uri).upload_file(Path(src), uri)
+
+
+def download_tree(prefix: str, dest: Path) -> list[Path]:
+    """Copy everything under prefix into dest (same relative layout); returns local paths."""
+    return backend(prefix).download_tree(prefix, Path(dest))
+
+
+def upload_tree(src: Path, prefix: str, *, files: Iterable[Path] | None = None) -> list[str]:
+    """Copy a local directory (or the given files in it) under prefix; returns URIs."""
+    return backend(prefix).upload_tree(Path(src), prefix, files=files)
+
+
+def fetch(uri: str, cache_dir: Path) -> Path:
+    """A local path for uri: local paths as they are, remote files/prefixes cached under cache_dir."""
+    return backend(uri).fetch(uri, Path(cache_dir))
