@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--tokens-per-second", type=float, default=None,
                             help="throughput per GPU for the time estimate")
             sp.add_argument("--json", action="store_true", help="print the plan as JSON")
+            sp.add_argument("--model-config", default=None,
+                            help="config.json giving the model's shapes (no weights needed)")
     sp = sub.add_parser("schema", help="print the JSON Schema of RunSpec")
     sp.add_argument("--helm", action="store_true", help="the chart's values.schema.json (RunSpec under `run:`)")
     sp = sub.add_parser("tiny-model", help="write the built-in tiny model + tokenizer (offline)")
@@ -144,7 +146,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         if cmd == "plan":
             from job.train import plan
 
-            return plan.plan_command(spec, tokens_per_second=args.tokens_per_second, as_json=args.json)
+            return plan.plan_command(spec, tokens_per_second=args.tokens_per_second, as_json=args.json,
+                                     model_config=args.model_config)
     from job import ops
 
     return ops.dispatch(args)

@@ -1,0 +1,139 @@
+"""The run, top to bottom: fetch → prepare → train → publish. Resume is the normal start.
+
+Everything before `train` runs in this one process (no process group exists yet); the ranks only
+load the prepared cache. status.json follows every phase; the exit code says why the run ended.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import shutil
+import time
+from pathlib import Path
+
+from job import publish, storage
+from job.errors import ConfigError, Interrupted, NotFoundError, SftjobError
+from job.spec import RunSpec, to_yaml
+from job.status import Status, write_termination_log
+
+log = logging.getLogger("sftjob")
+
+
+def run(spec: RunSpec) -> int:
+    storage.configure(spec.storage)
+    spec.require("model.path", "output.uri")
+    if not spec.data_sources():
+        raise ConfigError("missing required setting 'data.path'", hint="pass --data URI or set data: in the run spec")
+    started = time.time()
+    output = spec.output.uri.rstrip("/")
+    workdir = spec.cache_root() / "runs" / hashlib.sha256(output.encode()).hexdigest()[:16]
+    workdir.mkdir(parents=True, exist_ok=True)
+    publish.check_output(output, spec.output.overwrite)  # exit 73 before touching anything
+
+    run_id = spec.name or f"{_slug(output)}-{time.strftime('%Y%m%d-%H%M%S')}"
+    status = Status(workdir, output)
+    status.start(run_id=run_id, max_steps=spec.train.max_steps if spec.train.max_steps > 0 else None)
+    try:
+        status.phase("fetching", f"model {spec.model.path}")
+        model_dir = fetch_model(spec)
+
+        status.phase("preparing", "normalise, render, tokenize, mask, pack")
+        from job.data.prepare import prepare
+
+        prepared = prepare(spec, Path(model_dir) if Path(model_dir).exists() else None)
+        log.info("prepared data %s (%s)", prepared.dir, "cache hit" if prepared.cache_hit else "new")
+
+        from job.train.launch import train
+
+        outcome = train(spec, prepared, model_dir, workdir, status, started=started)
+        if outcome.node_rank != 0:
+            return 0
+        if outcome.stopped == "sigterm":
+            raise Interrupted(f"stopped by SIGTERM at step {outcome.step}; "
+                              + ("checkpoint saved" if outcome.mirrored else "no new checkpoint (resumes from the previous)"))
+
+        status.phase("publishing", f"verify and upload to {output}")
+        partial = outcome.stopped == "deadline" and not spec.resilience.train_to_deadline
+        stage = _stage_outputs(spec, prepared, outcome, workdir, model_dir)
+        manifest = publish.publish(stage, output, overwrite=spec.output.overwrite, partial=partial, run_info={
+            "run_id": run_id, "spec_hash": spec.spec_hash(), "base_model": spec.model.path,
+            "chat_template_sha256": prepared.template_sha256, "metrics": outcome.final_metrics,
+            "attempt": status.read().get("attempt"), "resumed_from": outcome.resumed_from,
+        })
+        if partial:
+            raise Interrupted(f"max_runtime reached at step {outcome.step}: partial adapter published "
+                              f"(manifest partial: true, no _SUCCESS); rerun to resume")
+        doc = status.phase("succeeded", f"published {len(manifest['files'])} files to {output}")
+        write_termination_log(doc)
+        _summary(outcome, output, time.time() - started)
+        return 0
+    except SftjobError as e:
+        status.fail(int(e.exit_code), e.kind, str(e))
+        raise
+    except BaseException as e:
+        status.fail(1, "crash", f"{type(e).__name__}: {e}")
+        raise
+
+
+def fetch_model(spec: RunSpec) -> str:
+    """A local directory for the base model (S3 prefixes cached per node), or a hub id as given."""
+    uri = spec.model.path
+    if storage.is_remote(uri):
+        return str(storage.fetch(uri.rstrip("/") + "/", spec.cache_root() / "models"))
+    p = Path(uri)
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise NotFoundError(f"{uri} is not a model directory (no config.json)",
+                                hint="point --model at a directory written by save_pretrained")
+        return str(p)
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", uri):
+        try:
+            from transformers import AutoConfig
+
+            AutoConfig.from_pretrained(uri)
+            return uri
+        except Exception:  # noqa: BLE001
+            pass
+    raise NotFoundError(f"model not found: {uri}", hint="give a local directory, an s3:// prefix, or a cached hub id")
+
+
+def _stage_outputs(spec: RunSpec, prepared, outcome, workdir: Path, model_dir: str) -> Path:
+    """Collect everything that gets published into one directory (verified adapter first)."""
+    from job.train.export import merge, verify_adapter
+    from job.train.plots import plot_loss
+
+    adapter = Path(outcome.adapter_dir)
+    if spec.train.method != "full":
+        info = verify_adapter(adapter, model_dir, trust_remote_code=spec.model.trust_remote_code)
+        log.info("adapter verified: %s", info)
+    stage = workdir / "publish"
+    shutil.rmtree(stage, ignore_errors=True)
+    shutil.copytree(adapter, stage)
+    (stage / "chat_template.jinja").write_text(prepared.chat_template)
+    for name in ("data_report.json", "token_lengths.png"):
+        if (prepared.dir / name).exists():
+            shutil.copy(prepared.dir / name, stage / name)
+    for name in ("metrics.jsonl", "eval.json", "eval.md"):
+        if (workdir / name).exists():
+            shutil.copy(workdir / name, stage / name)
+    if (workdir / "metrics.jsonl").exists():
+        plot_loss(workdir / "metrics.jsonl", stage / "loss.png")
+    (stage / "run.yaml").write_text(to_yaml(spec))
+    if (workdir / "launch").is_dir():
+        shutil.copytree(workdir / "launch", stage / "launch")
+    if spec.output.merged and spec.train.method != "full":
+        merge(adapter, model_dir, stage / "merged", trust_remote_code=spec.model.trust_remote_code)
+    return stage
+
+
+def _slug(uri: str) -> str:
+    return re.sub(r"[^a-z0-9-]+", "-", uri.rstrip("/").rsplit("/", 1)[-1].lower()).strip("-") or "run"
+
+
+def _summary(outcome, output: str, seconds: float) -> None:
+    m = outcome.final_metrics or {}
+    line = {"event": "done", "steps": outcome.step, "final_loss": m.get("loss"),
+            "tokens_per_second": m.get("tokens_per_second"), "adapter": output, "seconds": round(seconds, 1)}
+    print(json.dumps(line), flush=True)

@@ -1,0 +1,1 @@
+"""Training: launch (topology, configs, spawn), sft (one rank), export (verify, merge), plan (dry run)."""

@@ -1,0 +1,108 @@
+"""Verify the adapter before anything is published; optionally write merged weights.
+
+LoRA under ZeRO-3 can save empty tensors (TRL #4416, peft #2892) and a broken gather can save zeros:
+both are caught here, before publish, by checking every tensor against the base model's shapes and
+loading the adapter on the base for a forward pass.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+from job.errors import VerificationError
+
+log = logging.getLogger("sftjob.export")
+_LORA = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+
+
+def _module_shapes(base_dir: str, trust_remote_code: bool) -> dict[str, tuple[int, int]]:
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(base_dir, trust_remote_code=trust_remote_code)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
+    out = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, (torch.nn.Linear, torch.nn.Embedding)):
+            w = mod.weight
+            out[name] = (w.shape[1], w.shape[0]) if isinstance(mod, torch.nn.Linear) else (w.shape[0], w.shape[1])
+    return out
+
+
+def verify_adapter(adapter_dir: Path, base_dir: str, *, forward: bool = True,
+                   trust_remote_code: bool = False) -> dict:
+    """Raise VerificationError unless every LoRA tensor is non-empty, shaped right and lora_B moved."""
+    from safetensors.torch import load_file
+
+    adapter_dir = Path(adapter_dir)
+    cfg_path, weights = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
+    for p in (cfg_path, weights):
+        if not p.is_file() or p.stat().st_size == 0:
+            raise VerificationError(f"adapter file missing or empty: {p}", hint="training did not save an adapter")
+    cfg = json.loads(cfg_path.read_text())
+    r = int(cfg.get("r", 0))
+    tensors = load_file(str(weights))
+    if not tensors:
+        raise VerificationError(f"{weights} holds no tensors")
+    shapes = _module_shapes(base_dir, trust_remote_code)
+    problems, zero_b, n_lora = [], [], 0
+    for key, t in tensors.items():
+        if t.numel() == 0:
+            problems.append(f"{key}: empty tensor {tuple(t.shape)}")
+            continue
+        m = _LORA.match(key)
+        if not m:
+            continue
+        n_lora += 1
+        module = m.group("module")
+        in_f, out_f = shapes.get(module, (None, None))
+        want = (r, in_f) if m.group("ab") == "A" else (out_f, r)
+        if in_f is not None and tuple(t.shape) != want:
+            problems.append(f"{key}: shape {tuple(t.shape)}, expected {want}")
+        if m.group("ab") == "B" and not bool(t.abs().sum() > 0):
+            zero_b.append(key)
+    if zero_b:
+        problems.append(f"{len(zero_b)} lora_B tensors are all zero (untrained), e.g. {zero_b[0]}")
+    if cfg.get("peft_type", "LORA") == "LORA" and n_lora == 0:
+        problems.append("no lora_A/lora_B tensors found")
+    if problems:
+        raise VerificationError("adapter verification failed:\n  " + "\n  ".join(problems[:20]),
+                                hint="nothing was published; check the training log (ZeRO-3 save, steps > 0)")
+    if forward:
+        _load_and_forward(adapter_dir, base_dir, trust_remote_code)
+    return {"tensors": len(tensors), "lora_tensors": n_lora, "rank": r, "forward_checked": forward}
+
+
+def _load_and_forward(adapter_dir: Path, base_dir: str, trust_remote_code: bool) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    try:
+        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, trust_remote_code=trust_remote_code)
+        model = PeftModel.from_pretrained(base, str(adapter_dir))
+        with torch.no_grad():
+            ids = torch.tensor([[1, 2, 3, 4]]) % base.config.vocab_size
+            logits = model(input_ids=ids).logits
+        if not torch.isfinite(logits).all():
+            raise VerificationError("adapter forward pass produced non-finite logits")
+    except VerificationError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any load failure means the adapter is not usable
+        raise VerificationError(f"adapter does not load on the base model: {type(e).__name__}: {e}") from None
+
+
+def merge(adapter_dir: Path, base_dir: str, dest: Path, *, trust_remote_code: bool = False) -> Path:
+    """Merged full weights (sharded safetensors) for runtimes that don't load adapters."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16, trust_remote_code=trust_remote_code)
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    merged.save_pretrained(dest, max_shard_size="2GB")
+    return dest

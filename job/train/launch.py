@@ -1,0 +1,283 @@
+"""Turn a RunSpec into processes: topology from spec + Kubernetes env, generated accelerate/DeepSpeed
+configs, and the spawn of the training ranks — with the SIGTERM story owned here, not by the launcher.
+
+`accelerate launch` exits 1 with a traceback when it is signalled, whatever the ranks did, and SIGKILLs
+ranks 30 s after forwarding SIGTERM; so we set TORCH_ELASTIC_SHUTDOWN_TIMEOUT from the grace period and
+read the outcome from the marker rank 0 writes (stopped.json).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import yaml
+
+from job.errors import ConfigError
+
+log = logging.getLogger("sftjob.launch")
+
+
+@dataclass
+class Topology:
+    strategy: str  # single | ddp | deepspeed | fsdp
+    num_processes: int  # total, all nodes
+    per_node: int
+    num_machines: int
+    machine_rank: int
+    main_process_ip: str
+    main_process_port: int
+    mixed_precision: str  # bf16 | fp16 | no
+    cuda: bool
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def topology(spec, environ: dict[str, str] | None = None, cuda_devices: int | None = None,
+             bf16_ok: bool | None = None) -> Topology:
+    """Processes and rendezvous from the spec, then the env an Indexed Job / operator sets."""
+    env = os.environ if environ is None else environ
+    d = spec.distributed
+    if cuda_devices is None:
+        import torch
+
+        cuda_devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        bf16_ok = cuda_devices > 0 and torch.cuda.is_bf16_supported()
+    machines = d.num_machines
+    per_node = d.gpus_per_node or (d.num_processes // machines if d.num_processes else None) or max(cuda_devices, 1)
+    total = d.num_processes or per_node * machines
+    if total % machines:
+        raise ConfigError(f"num_processes={total} is not a multiple of num_machines={machines}",
+                          hint="set gpus_per_node instead, or a num_processes divisible by the node count")
+    per_node = total // machines
+    strategy = d.strategy
+    if strategy == "auto":
+        strategy = "deepspeed" if total > 1 else "single"
+    if strategy == "single" and total > 1:
+        raise ConfigError("distributed=single with more than one process", hint="use ddp, deepspeed or fsdp")
+    if spec.train.method == "qlora" and strategy == "deepspeed" and d.zero_stage == 3:
+        raise ConfigError("QLoRA with DeepSpeed ZeRO-3 is not supported here", hint="use zero_stage: 2 or ddp")
+    rank = d.node_rank if d.node_rank is not None else int(env.get("JOB_COMPLETION_INDEX", env.get("NODE_RANK", "0")))
+    if rank >= machines:
+        raise ConfigError(f"node rank {rank} >= num_machines {machines}",
+                          hint="set num_machines to the number of pods (the chart sets SFTJOB_NUM_MACHINES)")
+    ip = d.main_process_ip or env.get("MASTER_ADDR") or "127.0.0.1"
+    if machines > 1 and ip in ("127.0.0.1", "localhost"):
+        raise ConfigError("multi-node run without a rank-0 address",
+                          hint="set MASTER_ADDR (the chart sets <release>-0.<headless service>) or main_process_ip")
+    port = d.main_process_port or int(env.get("MASTER_PORT", "0")) or (29500 if machines > 1 else _free_port())
+    mp = d.mixed_precision
+    if mp == "auto":
+        mp = ("bf16" if bf16_ok else "fp16") if cuda_devices else "no"
+    return Topology(strategy, total, per_node, machines, rank, ip, port, mp, cuda_devices > 0)
+
+
+def deepspeed_config(spec, topo: Topology, hidden_size: int | None = None) -> dict:
+    d = spec.distributed
+    zero: dict = {"stage": d.zero_stage, "overlap_comm": topo.cuda, "contiguous_gradients": True,
+                  "reduce_bucket_size": "auto"}
+    if d.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": topo.cuda}
+    if d.zero_stage == 3:
+        # Tiny models keep every param "persistent" under the default threshold; 0 really shards them.
+        small = hidden_size is not None and hidden_size < 1024
+        zero.update({"stage3_param_persistence_threshold": 0 if small else "auto",
+                     "stage3_prefetch_bucket_size": "auto",
+                     "stage3_gather_16bit_weights_on_model_save": True})
+        if d.offload_params:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": topo.cuda}
+    return {
+        "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+        "train_batch_size": "auto", "gradient_clipping": "auto",
+        "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"},
+        "zero_optimization": zero, "steps_per_print": 10**9, "wall_clock_breakdown": False,
+    }
+
+
+def accelerate_config(spec, topo: Topology, ds_path: Path | None) -> dict:
+    base = {
+        "compute_environment": "LOCAL_MACHINE", "num_processes": topo.num_processes,
+        "num_machines": topo.num_machines, "machine_rank": topo.machine_rank,
+        "main_process_ip": topo.main_process_ip, "main_process_port": topo.main_process_port,
+        "mixed_precision": topo.mixed_precision, "rdzv_backend": "static", "same_network": True,
+        "main_training_function": "main", "downcast_bf16": "no", "use_cpu": False,
+    }
+    if topo.strategy == "deepspeed":
+        base["distributed_type"] = "DEEPSPEED"
+        base["deepspeed_config"] = {"deepspeed_config_file": str(ds_path),
+                                    "zero3_init_flag": spec.distributed.zero_stage == 3}
+        base.pop("mixed_precision")  # comes from the DeepSpeed file ("auto" ← TrainingArguments)
+    elif topo.strategy == "fsdp":
+        base["distributed_type"] = "FSDP"
+        base["fsdp_config"] = {
+            "fsdp_version": 2, "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "fsdp_state_dict_type": "FULL_STATE_DICT", "fsdp_cpu_ram_efficient_loading": True,
+            "fsdp_offload_params": spec.distributed.offload_params, "fsdp_reshard_after_forward": True,
+        }
+    else:
+        base["distributed_type"] = "MULTI_GPU"
+    return base
+
+
+def write_configs(spec, topo: Topology, workdir: Path, hidden_size: int | None) -> dict:
+    """Generated launch configs, kept beside the run's outputs for reproducibility."""
+    cfg_dir = workdir / "launch"
+    cfg_dir.mkdir(parents=True, exist_ok=True)
+    out = {"topology": cfg_dir / "topology.json"}
+    out["topology"].write_text(json.dumps(asdict(topo), indent=1))
+    ds_path = None
+    if topo.strategy == "deepspeed":
+        ds_path = cfg_dir / "deepspeed.json"
+        ds_path.write_text(json.dumps(deepspeed_config(spec, topo, hidden_size), indent=1))
+        out["deepspeed"] = ds_path
+    if topo.strategy != "single":
+        out["accelerate"] = cfg_dir / "accelerate.yaml"
+        out["accelerate"].write_text(yaml.safe_dump(accelerate_config(spec, topo, ds_path), sort_keys=False))
+    return out
+
+
+def command(topo: Topology, configs: dict, plan_path: Path) -> list[str]:
+    if topo.strategy == "single":
+        return [sys.executable, "-m", "job.train.sft", str(plan_path)]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(configs["accelerate"]),
+            "--module", "job.train.sft", str(plan_path)]
+
+
+def spawn(cmd: list[str], *, grace_seconds: int, env: dict | None = None) -> tuple[int, bool]:
+    """Run the ranks; on SIGTERM forward it and wait up to the grace period. → (returncode, signalled)."""
+    child_env = {**os.environ, **(env or {})}
+    child_env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = str(max(grace_seconds - 5, 5))
+    child_env.setdefault("OMP_NUM_THREADS", "1" if "accelerate" in " ".join(cmd) else child_env.get("OMP_NUM_THREADS", "2"))
+    proc = subprocess.Popen(cmd, env=child_env, start_new_session=True)
+    signalled = {"at": None}
+
+    def forward(signum, frame):
+        if signalled["at"] is None:
+            signalled["at"] = time.time()
+            log.warning("SIGTERM: asking the training processes to checkpoint and stop (grace %ss)", grace_seconds)
+            try:
+                proc.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    old = signal.signal(signal.SIGTERM, forward)
+    try:
+        while True:
+            try:
+                rc = proc.wait(timeout=1)
+                break
+            except subprocess.TimeoutExpired:
+                if signalled["at"] and time.time() - signalled["at"] > grace_seconds - 3:
+                    log.error("ranks did not stop within the grace period; killing them")
+                    os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        signal.signal(signal.SIGTERM, old)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # no orphaned ranks, whatever happened
+        except (ProcessLookupError, PermissionError):
+            pass
+    return rc, signalled["at"] is not None
+
+
+@dataclass
+class Outcome:
+    adapter_dir: str
+    step: int
+    stopped: str | None  # None | sigterm | deadline
+    mirrored: bool
+    resumed_from: int | None
+    node_rank: int
+    final_metrics: dict
+
+
+def _attn(spec, cuda: bool) -> str:
+    if spec.model.attn_implementation != "auto":
+        return spec.model.attn_implementation
+    if cuda:
+        import importlib.util
+
+        if importlib.util.find_spec("flash_attn"):
+            return "flash_attention_2"
+    return "sdpa"
+
+
+def train(spec, prepared, model_dir: str, workdir: Path, status, *, started: float) -> Outcome:
+    """Resume from the newest complete checkpoint, spawn the ranks, read back what they did."""
+    from job import checkpoints
+
+    if spec.train.method == "qlora":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("method: qlora needs a CUDA GPU (bitsandbytes 4-bit); none is visible",
+                              hint="use method: lora on CPU, or run on a GPU node")
+    topo = topology(spec)
+    hidden = None
+    cfg = Path(model_dir) / "config.json"
+    if cfg.is_file():
+        hidden = json.loads(cfg.read_text()).get("hidden_size")
+    configs = write_configs(spec, topo, workdir, hidden)
+    ckpt_dir = workdir / "checkpoints"
+    ckpt_dir.mkdir(exist_ok=True)
+    found = checkpoints.find_and_fetch(spec.output.uri, ckpt_dir) if spec.resilience.resume else None
+    for old in ckpt_dir.glob("checkpoint-*"):
+        if not found or old != found.path:
+            shutil.rmtree(old, ignore_errors=True)
+    adapter_dir = workdir / "adapter"
+    shutil.rmtree(adapter_dir, ignore_errors=True)
+    for stale in ("stopped.json", "metrics.jsonl"):
+        if stale == "metrics.jsonl" and found:
+            continue
+        (workdir / stale).unlink(missing_ok=True)
+    if found:
+        status.update(resumed_from=found.step, step=found.step, event=("resume", f"resuming from checkpoint step-{found.step}"))
+    deadline = started + spec.resilience.max_runtime if spec.resilience.max_runtime else None
+    plan = {
+        "spec": spec.public_dict(), "workdir": str(workdir), "model_dir": str(model_dir),
+        "train_path": str(prepared.train_path), "eval_path": str(prepared.eval_path) if prepared.eval_path else None,
+        "chat_template_path": str(prepared.dir / "chat_template.jinja"), "checkpoint_dir": str(ckpt_dir),
+        "adapter_dir": str(adapter_dir), "output_uri": spec.output.uri.rstrip("/"),
+        "resume_from": str(found.path) if found else None, "grace_seconds": spec.resilience.grace_seconds,
+        "deadline": deadline, "save_minutes": spec.resilience.save_minutes, "node_rank": topo.machine_rank,
+        "num_machines": topo.num_machines, "mixed_precision": topo.mixed_precision,
+        "attn_implementation": _attn(spec, topo.cuda),
+        "deepspeed_config": str(configs["deepspeed"]) if "deepspeed" in configs else None,
+    }
+    plan_path = workdir / "launch" / "plan.json"
+    plan_path.write_text(json.dumps(plan, indent=1))
+    cmd = command(topo, configs, plan_path)
+    log.info("launching %d process(es) on node %d/%d (%s): %s", topo.per_node, topo.machine_rank,
+             topo.num_machines, topo.strategy, " ".join(cmd[1:]))
+    rc, signalled = spawn(cmd, grace_seconds=spec.resilience.grace_seconds)
+    stopped_file = workdir / "stopped.json"
+    stopped = json.loads(stopped_file.read_text()) if stopped_file.exists() else {}
+    metrics = _last_metrics(workdir / "metrics.jsonl")
+    if signalled or stopped.get("reason") == "sigterm":
+        return Outcome(str(adapter_dir), stopped.get("step", metrics.get("step", 0)), "sigterm",
+                       bool(stopped.get("mirrored")), found.step if found else None, topo.machine_rank, metrics)
+    if rc != 0:
+        from job.errors import SftjobError
+
+        err = SftjobError(f"training processes exited with code {rc}; see the log above")
+        err.exit_code, err.kind = rc if 0 < rc < 256 else 1, "crash"
+        raise err
+    return Outcome(str(adapter_dir), metrics.get("step", 0), stopped.get("reason"), bool(stopped.get("mirrored", True)),
+                   found.step if found else None, topo.machine_rank, metrics)
+
+
+def _last_metrics(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    return json.loads(lines[-1]) if lines else {}

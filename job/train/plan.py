@@ -1,0 +1,159 @@
+"""`sftjob plan`: what a run will cost, before any GPU is touched.
+
+Shapes come from the model's config.json (meta device: no weights are read); token counts from the
+prepared data's report when the data is reachable. Memory figures are estimates, stated as such:
+weights + LoRA/trainable state + activations (per-layer ~34·h bytes/token in bf16, only one layer's
+worth with gradient checkpointing) + fp32 logits.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+from job import storage
+from job.errors import ConfigError, NotFoundError, SftjobError
+
+log = logging.getLogger("sftjob.plan")
+GiB = 2**30
+
+
+def _config(spec, model_config: str | None) -> dict:
+    src = model_config or spec.model.path
+    if not src:
+        raise ConfigError("missing required setting 'model.path'", hint="pass --model or --model-config FILE")
+    if storage.is_remote(src):
+        return json.loads(storage.read_bytes(src if src.endswith(".json") else storage.join(src, "config.json")))
+    p = Path(src)
+    if p.is_dir():
+        p = p / "config.json"
+    if p.is_file():
+        return json.loads(p.read_text())
+    try:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(src).to_dict()
+    except Exception:  # noqa: BLE001
+        raise NotFoundError(f"no config.json for {src}", hint="pass --model-config path/to/config.json") from None
+
+
+def _count(cfg: dict, spec) -> tuple[int, int, dict]:
+    """(base params, trainable params, shapes) from a meta-device model built from config."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    conf = AutoConfig.for_model(**cfg) if "model_type" in cfg else None
+    if conf is None:
+        raise ConfigError("config.json has no model_type", hint="use the model's own config.json")
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(conf)
+    n = sum(p.numel() for p in model.parameters())
+    if spec.train.method == "full":
+        return n, n, {}
+    targets = spec.train.target_modules
+    trainable = 0
+    for name, mod in model.named_modules():
+        if not isinstance(mod, torch.nn.Linear) or name.endswith("lm_head"):
+            continue
+        if targets != "all-linear" and name.rsplit(".", 1)[-1] not in targets:
+            continue
+        trainable += spec.train.lora_r * (mod.in_features + mod.out_features)
+    for name, p in model.named_parameters():
+        if any(m in name for m in spec.train.modules_to_save):
+            trainable += p.numel()
+    return n, trainable, {"hidden_size": conf.hidden_size, "layers": conf.num_hidden_layers,
+                          "vocab_size": conf.vocab_size}
+
+
+def make_plan(spec, *, model_config: str | None = None, tokens_per_second: float | None = None,
+              data_report: dict | None = None) -> dict:
+    from job.train.launch import topology
+
+    cfg = _config(spec, model_config)
+    n, trainable, shape = _count(cfg, spec)
+    topo = topology(spec, cuda_devices=spec.distributed.gpus_per_node or 0, bf16_ok=True)
+    gpus = topo.num_processes
+    t, d = spec.train, spec.distributed
+    seq = spec.data.max_length
+    micro_tokens = t.per_device_train_batch_size * seq
+    global_batch = t.per_device_train_batch_size * t.gradient_accumulation_steps * gpus
+
+    wbytes = {"qlora": 0.55}.get(t.method, 2.0)
+    shard = gpus if topo.strategy in ("deepspeed", "fsdp") and (d.zero_stage == 3 or topo.strategy == "fsdp") else 1
+    weights = n * wbytes / shard
+    opt_shard = gpus if topo.strategy in ("deepspeed", "fsdp") else 1
+    state = trainable * (4 + 4 + 8) / opt_shard  # fp32 master/trainable + grads + Adam moments
+    if d.offload_optimizer:
+        state = trainable * 4 / opt_shard
+    h, layers, vocab = shape.get("hidden_size", cfg.get("hidden_size", 0)), cfg.get("num_hidden_layers", 0), cfg.get("vocab_size", 0)
+    per_layer = 34 * h * micro_tokens
+    acts = (2 * h * micro_tokens * layers + per_layer) if t.gradient_checkpointing else per_layer * layers
+    logits = micro_tokens * vocab * 4
+    total = weights + state + acts + logits
+
+    rows = examples = tokens_epoch = None
+    if data_report:
+        rows = data_report.get("rows_kept") or data_report.get("examples")
+        tokens_epoch = data_report.get("tokens_total")
+        examples = data_report.get("packed_bins") or rows
+    if t.max_steps > 0:
+        steps = t.max_steps
+    elif examples:
+        steps = math.ceil(examples * t.num_train_epochs / global_batch)
+    else:
+        steps = None
+    trained_tokens = None
+    if steps is not None:
+        per_step = global_batch * seq if spec.data.packing or not tokens_epoch else tokens_epoch / max(examples or 1, 1) * global_batch
+        trained_tokens = int(steps * per_step)
+    plan = {
+        "model": spec.model.path or model_config, "method": t.method, "strategy": topo.strategy,
+        "zero_stage": d.zero_stage if topo.strategy == "deepspeed" else None,
+        "nodes": topo.num_machines, "gpus_per_node": topo.per_node, "processes": gpus,
+        "global_batch": global_batch, "max_length": seq, "steps": steps, "data_rows": rows,
+        "tokens": trained_tokens, "base_params": n, "trainable_params": trainable,
+        "memory_gb_per_gpu": {"weights": round(weights / GiB, 2), "trainable_state": round(state / GiB, 2),
+                              "activations": round(acts / GiB, 2), "logits": round(logits / GiB, 2),
+                              "total": round(total / GiB, 2)},
+    }
+    if tokens_per_second and trained_tokens:
+        plan["tokens_per_second_per_gpu"] = tokens_per_second
+        plan["hours"] = round(trained_tokens / (tokens_per_second * gpus) / 3600, 2)
+    return plan
+
+
+def plan_command(spec, *, tokens_per_second: float | None = None, as_json: bool = False,
+                 model_config: str | None = None) -> int:
+    report = None
+    if spec.data_sources():
+        try:
+            from job.data.prepare import prepare
+            from job.pipeline import fetch_model
+
+            storage.configure(spec.storage)
+            model_dir = fetch_model(spec)
+            report = prepare(spec, Path(model_dir) if Path(model_dir).exists() else None).report
+        except SftjobError as e:
+            log.warning("data not prepared for the plan (%s); steps come from max_steps only", str(e).splitlines()[0])
+    plan = make_plan(spec, model_config=model_config, tokens_per_second=tokens_per_second, data_report=report)
+    if as_json:
+        print(json.dumps(plan, indent=1))
+        return 0
+    mem = plan["memory_gb_per_gpu"]
+    lines = [
+        f"model            {plan['model']}  ({plan['base_params'] / 1e9:.2f}B params, {plan['method']}, "
+        f"{plan['trainable_params'] / 1e6:.2f}M trainable)",
+        f"processes        {plan['nodes']} node(s) x {plan['gpus_per_node']} = {plan['processes']}  ({plan['strategy']}"
+        + (f", ZeRO-{plan['zero_stage']})" if plan["zero_stage"] else ")"),
+        f"global batch     {plan['global_batch']} sequences x {plan['max_length']} tokens",
+        f"steps            {plan['steps'] if plan['steps'] is not None else 'unknown (set max_steps or make the data reachable)'}",
+        f"trained tokens   {plan['tokens'] if plan['tokens'] is not None else 'unknown'}",
+        f"memory per GPU   ~{mem['total']} GiB (weights {mem['weights']}, trainable state {mem['trainable_state']}, "
+        f"activations {mem['activations']}, logits {mem['logits']}) — estimate",
+    ]
+    if "hours" in plan:
+        lines.append(f"time             ~{plan['hours']} h at {plan['tokens_per_second_per_gpu']:.0f} tokens/s per GPU")
+    print("\n".join(lines))
+    return 0

@@ -1,0 +1,94 @@
+"""The CLI from outside: exit codes, one clear message, no traceback."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from job.errors import NON_RETRYABLE, ExitCode
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+
+def sftjob(*args, cwd=None, env=None):
+    return subprocess.run([sys.executable, "-m", "job", *args], capture_output=True, text=True, cwd=cwd,
+                          env={**ENV, **(env or {})}, timeout=300)
+
+
+def test_unknown_config_key_exits_64_naming_it_without_traceback(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("model: ./m\nlearnig_rate: 0.1\n")
+    r = sftjob("run", "--config", str(cfg))
+    assert r.returncode == 64
+    assert "learnig_rate" in r.stderr and "learning_rate" in r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
+
+
+def test_unknown_flag_and_missing_settings_exit_64(tmp_path):
+    assert sftjob("run", "--learnin-rate", "1").returncode == 64
+    r = sftjob("run", "--data", "x.jsonl", "--output", str(tmp_path / "o"))
+    assert r.returncode == 64 and "model" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_missing_config_file_exits_64(tmp_path):
+    r = sftjob("run", "--config", str(tmp_path / "nope.yaml"))
+    assert r.returncode == 64 and "nope.yaml" in r.stderr
+
+
+def test_model_not_found_exits_66(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n')
+    r = sftjob("run", "--model", str(tmp_path / "no-model"), "--data", str(data), "--output", str(tmp_path / "o"),
+               env={"SFTJOB_CACHE_DIR": str(tmp_path / "cache")})
+    assert r.returncode == 66, r.stderr
+    assert "no-model" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_schema_prints_runspec_json_schema():
+    r = sftjob("schema")
+    assert r.returncode == 0
+    schema = json.loads(r.stdout)
+    assert schema["additionalProperties"] is False
+    assert {"model", "data", "output", "train", "distributed"} <= set(schema["properties"])
+
+
+def test_tiny_model_is_deterministic_and_loads(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    for d in ("a", "b"):
+        assert sftjob("tiny-model", str(tmp_path / d)).returncode == 0
+    for name in ("model.safetensors", "tokenizer.json", "config.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "a")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "a")
+    n = sum(p.numel() for p in model.parameters())
+    assert 200_000 < n < 1_000_000
+    assert model.config.model_type == "llama"
+    assert tok.chat_template and tok.eos_token == "<|im_end|>"
+    text = tok.apply_chat_template([{"role": "user", "content": "hola"}], tokenize=False, add_generation_prompt=True)
+    assert text.endswith("<|im_start|>assistant\n")
+
+
+def test_tiny_model_seed_changes_weights(tmp_path):
+    sftjob("tiny-model", str(tmp_path / "a"), "--seed", "1")
+    sftjob("tiny-model", str(tmp_path / "b"), "--seed", "2")
+    assert (tmp_path / "a/model.safetensors").read_bytes() != (tmp_path / "b/model.safetensors").read_bytes()
+
+
+def test_readme_exit_code_table_matches_errors_py():
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    for code in ExitCode:
+        if code == ExitCode.OK:
+            continue
+        row = next((ln for ln in readme.splitlines() if ln.startswith(f"| {int(code)} |")), None)
+        assert row, f"exit code {int(code)} missing from README"
+        assert ("no (FailJob)" in row) == (code in NON_RETRYABLE), row
+
+
+@pytest.mark.parametrize("cmd", ["run", "prepare", "preview", "validate", "plan"])
+def test_every_spec_command_takes_every_flag(cmd):
+    r = sftjob(cmd, "--help")
+    assert r.returncode == 0
+    for flag in ("--max-steps", "--zero-stage", "--save-steps", "--chat-template", "--data", "--model"):
+        assert flag in r.stdout, (cmd, flag)

@@ -1,0 +1,87 @@
+"""RunSpec: one definition; YAML < env < flags; unknown keys named with a suggestion."""
+import pytest
+
+from job import spec as specmod
+from job.errors import ConfigError
+
+
+def test_yaml_sections_and_flat_keys_load(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text("model: ./m\ndata: s3://b/train.jsonl\noutput: s3://b/runs/x\n"
+                 "learning_rate: 1.0e-4\ntrain: {lora_r: 8}\nsave_steps: 50\nchat_template: llama3\n")
+    s = specmod.build(f, environ={})
+    assert s.model.path == "./m" and s.data.path == "s3://b/train.jsonl" and s.output.uri == "s3://b/runs/x"
+    assert s.train.learning_rate == 1e-4 and s.train.lora_r == 8
+    assert s.resilience.save_steps == 50 and s.model.chat_template == "llama3"
+
+
+def test_env_overrides_yaml_and_flags_override_env(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text("max_steps: 5\nlora_r: 4\n")
+    s = specmod.build(f, {"train.lora_r": 32}, environ={"SFTJOB_MAX_STEPS": "7", "SFTJOB_LORA_R": "16"})
+    assert s.train.max_steps == 7
+    assert s.train.lora_r == 32
+
+
+def test_helm_values_file_run_section_is_accepted(tmp_path):
+    f = tmp_path / "values.yaml"
+    f.write_text("run:\n  model: ./m\n  max_steps: 3\n")
+    assert specmod.build(f, environ={}).train.max_steps == 3
+
+
+@pytest.mark.parametrize("text,key,suggestion", [
+    ("learnin_rate: 1\n", "learnin_rate", "learning_rate"),
+    ("train: {lora_rr: 8}\n", "train.lora_rr", "lora_r"),
+    ("data: {pakcing: true}\n", "data.pakcing", "packing"),
+])
+def test_unknown_key_is_named_with_the_closest_valid_one(tmp_path, text, key, suggestion):
+    f = tmp_path / "run.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        specmod.build(f, environ={})
+    assert f"'{key}'" in str(e.value) and f"'{suggestion}'" in str(e.value)
+
+
+def test_wrong_type_names_the_field(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text("train: {max_steps: many}\n")
+    with pytest.raises(ConfigError, match="train.max_steps"):
+        specmod.build(f, environ={})
+
+
+def test_invalid_yaml_names_file_and_line(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text("model: ./m\ndata: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"run.yaml:\d+"):
+        specmod.build(f, environ={})
+
+
+def test_every_field_has_a_description_and_a_unique_flag():
+    flags = list(specmod.FLAGS_BY_PATH.values())
+    assert len(flags) == len(set(flags))
+    for path, _ in specmod._leaf_paths():
+        assert specmod.leaf_field(path).description, path
+    # names users already know, as flags in kebab-case
+    for flag in ("learning-rate", "max-steps", "num-train-epochs", "per-device-train-batch-size",
+                 "gradient-accumulation-steps", "max-length", "lora-r", "lora-alpha", "lora-dropout",
+                 "target-modules", "chat-template", "system-prompt", "seed", "save-steps", "zero-stage",
+                 "model", "data", "output", "distributed", "num-processes", "packing", "overwrite"):
+        assert flag in flags, flag
+
+
+def test_cache_dir_precedence(monkeypatch, tmp_path):
+    monkeypatch.delenv("SFTJOB_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert specmod.cache_root() == tmp_path / "xdg" / "sftjob"
+    monkeypatch.setenv("SFTJOB_CACHE_DIR", str(tmp_path / "c"))
+    assert specmod.cache_root() == tmp_path / "c"
+    monkeypatch.delenv("SFTJOB_CACHE_DIR")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert specmod.cache_root() == tmp_path / "home" / ".cache" / "sftjob"
+
+
+def test_spec_hash_changes_with_a_knob():
+    a = specmod.build(overrides={"train.lora_r": 8}, environ={})
+    b = specmod.build(overrides={"train.lora_r": 16}, environ={})
+    assert a.spec_hash() != b.spec_hash()
