@@ -9,7 +9,7 @@ export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 export TOKENIZERS_PARALLELISM := false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup demo test test-fast lint bench schema clean
+.PHONY: setup tools demo test test-fast lint bench schema clean
 
 setup: $(STAMP)
 
@@ -21,10 +21,14 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
+# helm, kubernetes-validate, checkov, hadolint, hera: pinned, into tools/bin + tools/venv (idempotent).
+tools:
+	PY=$(PY) bash tools/install.sh
+
 demo: setup
 	$(BIN)/sftjob demo
 
-test: setup
+test: setup tools
 	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
 
 test-fast: setup

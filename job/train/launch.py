@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -259,6 +260,8 @@ def train(spec, prepared, model_dir: str, workdir: Path, status, *, started: flo
     cmd = command(topo, configs, plan_path)
     log.info("launching %d process(es) on node %d/%d (%s): %s", topo.per_node, topo.machine_rank,
              topo.num_machines, topo.strategy, " ".join(cmd[1:]))
+    status.phase("training", f"{topo.num_processes} process(es) on {topo.num_machines} node(s), {topo.strategy}"
+                 + (f", resuming from step {found.step}" if found else ""))
     rc, signalled = spawn(cmd, grace_seconds=spec.resilience.grace_seconds)
     stopped_file = workdir / "stopped.json"
     stopped = json.loads(stopped_file.read_text()) if stopped_file.exists() else {}

@@ -1,0 +1,87 @@
+"""The whole pipeline against a real S3 server (SeaweedFS): model, data and output all in S3."""
+import hashlib
+import json
+
+import pytest
+
+import trainkit
+
+
+@pytest.fixture(scope="module")
+def published(s3):
+    bucket = s3.bucket("e2e")
+    c = s3.client()
+    c.upload_file(str(trainkit.chat_data()), bucket, "data/train.jsonl")
+    model = trainkit.tiny_model()
+    for f in model.iterdir():
+        c.upload_file(str(f), bucket, f"models/tiny/{f.name}")
+    out = f"s3://{bucket}/runs/x"
+    r = trainkit.run("run", "--model", f"s3://{bucket}/models/tiny/", "--data", f"s3://{bucket}/data/train.jsonl",
+                     "--output", out, "--max-steps", "12", "--logging-steps", "4", env=s3.env)
+    return s3, bucket, out, r
+
+
+def test_run_with_model_data_and_output_in_s3_publishes_a_verified_adapter(published):
+    s3, bucket, out, r = published
+    assert r.returncode == 0, r.stderr[-3000:]
+    c = s3.client()
+    keys = s3.keys(bucket, "runs/x/")
+    for name in ("_SUCCESS", "manifest.json", "adapter_config.json", "adapter_model.safetensors",
+                 "chat_template.jinja", "data_report.json", "metrics.jsonl", "loss.png", "run.yaml", "status.json"):
+        assert f"runs/x/{name}" in keys, name
+    manifest = json.loads(c.get_object(Bucket=bucket, Key="runs/x/manifest.json")["Body"].read())
+    assert manifest["partial"] is False and manifest["spec_hash"] and manifest["versions"]["torch"]
+    for entry in manifest["files"]:
+        body = c.get_object(Bucket=bucket, Key=f"runs/x/{entry['path']}")["Body"].read()
+        assert hashlib.sha256(body).hexdigest() == entry["sha256"], entry["path"]
+        assert len(body) == entry["size"]
+    status = json.loads(c.get_object(Bucket=bucket, Key="runs/x/status.json")["Body"].read())
+    assert status["state"] == "succeeded" and status["step"] == 12
+    states = [e["type"] for e in status["events"]]
+    assert states.index("fetching") < states.index("preparing") < states.index("training") \
+        < states.index("publishing") < states.index("succeeded")
+    done = [json.loads(x) for x in r.stdout.splitlines() if x.startswith('{"event": "done"')]
+    assert done and done[0]["steps"] == 12 and done[0]["final_loss"] > 0
+
+
+def test_success_marker_is_written_after_everything_else(published):
+    s3, bucket, _, _ = published
+    objs = s3.client().list_objects_v2(Bucket=bucket, Prefix="runs/x/")["Contents"]
+    when = {o["Key"].rsplit("/", 1)[-1]: o["LastModified"] for o in objs if "/checkpoints/" not in o["Key"]}
+    assert all(when["_SUCCESS"] >= t for k, t in when.items() if k != "status.json")
+    assert all(when["manifest.json"] >= t for k, t in when.items() if k not in ("_SUCCESS", "status.json"))
+
+
+def test_second_run_to_a_published_output_exits_73_and_changes_nothing(published):
+    s3, bucket, out, _ = published
+    before = s3.keys(bucket, "runs/x/")
+    r = trainkit.run("run", "--model", str(trainkit.tiny_model()), "--data", f"s3://{bucket}/data/train.jsonl",
+                     "--output", out, "--max-steps", "3", env=s3.env)
+    assert r.returncode == 73, r.stderr[-2000:]
+    assert "already published" in r.stderr and "--overwrite" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert s3.keys(bucket, "runs/x/") == before
+
+
+def test_no_secret_appears_in_logs_or_published_files(published):
+    s3, bucket, _, r = published
+    assert s3.secret_key not in r.stdout + r.stderr
+    c = s3.client()
+    for key in s3.keys(bucket, "runs/x/"):
+        if key.endswith((".json", ".yaml", ".jsonl", "_SUCCESS", ".jinja")):
+            assert s3.secret_key not in c.get_object(Bucket=bucket, Key=key)["Body"].read().decode(), key
+
+
+def test_bad_data_fails_with_65_and_status_says_why(s3, tmp_path):
+    bucket = s3.bucket("e2e-bad")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hola"}]}\n{not json\n')
+    s3.client().upload_file(str(bad), bucket, "bad.jsonl")
+    r = trainkit.run("run", "--model", str(trainkit.tiny_model()), "--data", f"s3://{bucket}/bad.jsonl",
+                     "--output", f"s3://{bucket}/runs/bad", "--max-steps", "3", env=s3.env)
+    assert r.returncode == 65, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and ":2:" in r.stderr
+    status = json.loads(s3.client().get_object(Bucket=bucket, Key="runs/bad/status.json")["Body"].read())
+    assert status["state"] == "failed" and status["error"]["exit_code"] == 65 and status["error"]["kind"] == "data"
+    assert [e["type"] for e in status["events"]][-1] == "failed"
+    assert "runs/bad/_SUCCESS" not in s3.keys(bucket, "runs/bad/")

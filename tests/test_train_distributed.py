@@ -1,0 +1,82 @@
+"""Really distributed on CPU: two processes each (gloo), DeepSpeed ZeRO-2/3 and DDP, published and verified."""
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import trainkit
+from job.errors import VerificationError
+from job.train.export import verify_adapter
+
+pytestmark = pytest.mark.slow
+
+
+def _train(tmp_path, name, *extra):
+    out = tmp_path / name
+    r = trainkit.run("run", "--model", str(trainkit.tiny_model()), "--data", str(trainkit.chat_data()),
+                     "--output", str(out), "--max-steps", "4", "--logging-steps", "1", "--seed", "7",
+                     "--learning-rate", "1e-3", "--max-length", "256", *extra)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    return out, r
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    return _train(tmp_path_factory.mktemp("single"), "single", "--per-device-train-batch-size", "2")
+
+
+@pytest.mark.parametrize("mode", [["deepspeed", "--zero-stage", "3"], ["deepspeed", "--zero-stage", "2"], ["ddp"]],
+                         ids=["zero3", "zero2", "ddp"])
+def test_two_processes_train_and_publish_a_verified_adapter(tmp_path, single, mode):
+    out, r = _train(tmp_path, mode[0], "--distributed", *mode, "--num-processes", "2",
+                    "--per-device-train-batch-size", "1")
+    assert (out / "_SUCCESS").exists()
+    topo = json.loads((out / "launch" / "topology.json").read_text())
+    assert topo["num_processes"] == 2 and topo["strategy"] == mode[0]
+    if mode[0] == "deepspeed":
+        ds = json.loads((out / "launch" / "deepspeed.json").read_text())
+        assert ds["zero_optimization"]["stage"] == int(mode[2])
+    # both ranks really ran: each wrote its RNG state into the checkpoint-less run's log of processes
+    assert r.stderr.count("Setting accelerator to CPU") >= 2 or r.stdout.count("Setting accelerator to CPU") >= 2
+    ours = load_file(str(out / "adapter_model.safetensors"))
+    ref = load_file(str(single[0] / "adapter_model.safetensors"))
+    assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in ref.items()}
+    assert all(v.numel() > 0 for v in ours.values())
+    # 2 processes x batch 1 is the same first step as 1 process x batch 2
+    first = trainkit.losses((out / "metrics.jsonl").read_text().splitlines())[1]
+    first_ref = trainkit.losses((single[0] / "metrics.jsonl").read_text().splitlines())[1]
+    assert first == pytest.approx(first_ref, abs=2e-3)
+
+
+def test_adapter_with_zeroed_lora_b_is_refused(tmp_path, single):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(single[0], adapter)
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    key = next(k for k in tensors if "lora_B" in k)
+    tensors[key] = torch.zeros_like(tensors[key])
+    save_file(tensors, str(adapter / "adapter_model.safetensors"))
+    with pytest.raises(VerificationError, match="all zero"):
+        verify_adapter(adapter, str(trainkit.tiny_model()))
+
+
+def test_adapter_with_empty_tensors_is_refused(tmp_path, single):
+    """The ZeRO-3 trap (TRL #4416 / peft #2892): every tensor saved with zero elements."""
+    adapter = tmp_path / "adapter"
+    shutil.copytree(single[0], adapter)
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    save_file({k: torch.empty(0) for k in tensors}, str(adapter / "adapter_model.safetensors"))
+    with pytest.raises(VerificationError, match="empty tensor"):
+        verify_adapter(adapter, str(trainkit.tiny_model()))
+
+
+def test_verified_adapter_passes(single):
+    info = verify_adapter(single[0], str(trainkit.tiny_model()))
+    assert info["lora_tensors"] == 28 and info["forward_checked"]
+
+
+def test_qlora_on_cpu_is_a_clear_config_error(tmp_path):
+    r = trainkit.run("run", "--model", str(trainkit.tiny_model()), "--data", str(trainkit.chat_data()),
+                     "--output", str(tmp_path / "q"), "--method", "qlora", "--max-steps", "2")
+    assert r.returncode == 64 and "qlora needs a CUDA GPU" in r.stderr and "Traceback" not in r.stderr
