@@ -171,6 +171,6 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"sftjob: error: {e}", file=sys.stderr)
         return int(e.exit_code)
-    except KeyboardInterrupt:
-        print("sftjob: interrupted", file=sys.stderr)
-        return int(ExitCode.INTERRUPTED)
+    except KeyboardInterrupt:  # Ctrl-C by a person: not a preemption, so not 75
+        print("sftjob: interrupted (Ctrl-C)", file=sys.stderr)
+        return 130

@@ -1,0 +1,129 @@
+"""Preemption: SIGTERM → checkpoint in S3 → exit 75 → the rerun resumes with the same losses;
+kill -9 → resume from the last COMPLETE checkpoint; deadline → partial adapter, no _SUCCESS."""
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+import trainkit
+
+pytestmark = pytest.mark.slow
+COMMON = ["--logging-steps", "1", "--seed", "3", "--learning-rate", "1e-3", "--max-length", "256",
+          "--per-device-train-batch-size", "2", "--lr-scheduler-type", "constant"]
+
+
+def _args(out, steps, *extra):
+    return ["run", "--model", str(trainkit.tiny_model()), "--data", str(trainkit.chat_data()), "--output", out,
+            "--max-steps", str(steps), *COMMON, *extra]
+
+
+def _kill_tree(pid: int) -> None:
+    """kill -9 the entrypoint and its training processes, like a container OOM-kill."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    for p in [pid, *map(int, children)]:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _get(s3, bucket, key):
+    return json.loads(s3.client().get_object(Bucket=bucket, Key=key)["Body"].read())
+
+
+def test_sigterm_checkpoints_to_s3_exits_75_and_the_rerun_resumes_with_identical_losses(s3, tmp_path):
+    bucket = s3.bucket("resilience")
+    steps = 60
+    ref = trainkit.run(*_args(f"s3://{bucket}/runs/ref", steps), env={"SFTJOB_CACHE_DIR": str(tmp_path / "c1")})
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    ref_losses = trainkit.losses(ref.stdout.splitlines())
+
+    out = f"s3://{bucket}/runs/pre"
+    env = {"SFTJOB_CACHE_DIR": str(tmp_path / "c2"), "SFTJOB_TERMINATION_LOG": str(tmp_path / "termlog")}
+    log = tmp_path / "first.log"
+    proc = trainkit.start(*_args(out, steps), env=env, log=log)
+    trainkit.wait_for_step(log, proc, 8)
+    assert trainkit.sigterm_and_wait(proc) == 75, log.read_text()[-3000:]
+    status = _get(s3, bucket, "runs/pre/status.json")
+    assert status["state"] == "interrupted" and status["error"]["exit_code"] == 75
+    stopped_at = status["step"]
+    assert 8 <= stopped_at < steps
+    marker = _get(s3, bucket, f"runs/pre/checkpoints/step-{stopped_at}/COMPLETE")
+    assert any(f["path"] == "optimizer.pt" for f in marker["files"])
+    assert "runs/pre/_SUCCESS" not in s3.keys(bucket, "runs/pre/")
+    assert "exit_code=75" in (tmp_path / "termlog").read_text()
+
+    rerun = trainkit.run(*_args(out, steps), env=env)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    status = _get(s3, bucket, "runs/pre/status.json")
+    assert status["state"] == "succeeded" and status["resumed_from"] == stopped_at and status["attempt"] == 2
+    resumed = trainkit.losses(rerun.stdout.splitlines())
+    assert min(resumed) == stopped_at + 1 and max(resumed) == steps
+    for step, loss in resumed.items():
+        assert loss == pytest.approx(ref_losses[step], abs=1e-4), step
+
+
+def test_kill_9_resumes_from_the_last_complete_checkpoint_and_cleans_an_incomplete_one(s3, tmp_path):
+    bucket = s3.bucket("resilience")
+    out = f"s3://{bucket}/runs/oom"
+    env = {"SFTJOB_CACHE_DIR": str(tmp_path / "c")}
+    log = tmp_path / "first.log"
+    proc = trainkit.start(*_args(out, 40, "--save-steps", "5"), env=env, log=log)
+    trainkit.wait_for_step(log, proc, 12)
+    _kill_tree(proc.pid)
+    proc.wait(timeout=30)
+    c = s3.client()
+    keys = s3.keys(bucket, "runs/oom/checkpoints/")
+    complete = sorted(int(k.split("/")[3][5:]) for k in keys if k.endswith("/COMPLETE"))
+    assert complete and complete[-1] >= 10
+    last = complete[-1]
+    # what a kill mid-upload leaves: a newer step with some files and no COMPLETE marker
+    for k in keys:
+        if f"/step-{last}/" in k and not k.endswith("COMPLETE") and "/.nodes/" not in k:
+            c.copy_object(Bucket=bucket, Key=k.replace(f"/step-{last}/", "/step-99/"),
+                          CopySource={"Bucket": bucket, "Key": k})
+    rerun = trainkit.run(*_args(out, 40, "--save-steps", "5"), env=env)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "skipping incomplete checkpoint step-99" in rerun.stderr
+    assert not any("/step-99/" in k for k in s3.keys(bucket, "runs/oom/"))
+    assert _get(s3, bucket, "runs/oom/status.json")["resumed_from"] == last
+    assert min(trainkit.losses(rerun.stdout.splitlines())) == last + 1
+    # only complete checkpoints remain, at most save_total_limit of them
+    left = {k.split("/")[3] for k in s3.keys(bucket, "runs/oom/checkpoints/")}
+    assert all(f"runs/oom/checkpoints/{s}/COMPLETE" in s3.keys(bucket, "runs/oom/checkpoints/") for s in left)
+    assert len(left) <= 2
+
+
+def test_sigterm_stops_every_rank_of_a_zero3_run_and_it_resumes(s3, tmp_path):
+    bucket = s3.bucket("resilience")
+    out = f"s3://{bucket}/runs/z3"
+    env = {"SFTJOB_CACHE_DIR": str(tmp_path / "c")}
+    extra = ["--distributed", "deepspeed", "--zero-stage", "3", "--num-processes", "2"]
+    log = tmp_path / "first.log"
+    proc = trainkit.start(*_args(out, 400, *extra), env=env, log=log)
+    trainkit.wait_for_step(log, proc, 3)
+    assert trainkit.sigterm_and_wait(proc) == 75, log.read_text()[-4000:]
+    step = _get(s3, bucket, "runs/z3/status.json")["step"]
+    marker = _get(s3, bucket, f"runs/z3/checkpoints/step-{step}/COMPLETE")
+    shards = [f["path"] for f in marker["files"] if "optim_states" in f["path"]]
+    assert len(shards) == 2, shards  # one ZeRO shard per rank
+    rerun = trainkit.run(*_args(out, step + 3, *extra), env=env)
+    assert rerun.returncode == 0, rerun.stderr[-4000:]
+    assert _get(s3, bucket, "runs/z3/status.json")["resumed_from"] == step
+    assert "runs/z3/_SUCCESS" in s3.keys(bucket, "runs/z3/")
+
+
+def test_deadline_publishes_a_partial_adapter_without_success(tmp_path):
+    out = tmp_path / "deadline"
+    r = trainkit.run(*_args(str(out), 100000, "--max-runtime", "30"), env={"SFTJOB_CACHE_DIR": str(tmp_path / "c")})
+    assert r.returncode == 75, r.stderr[-3000:]
+    assert "max_runtime reached" in r.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["partial"] is True and not (out / "_SUCCESS").exists()
+    assert (out / "adapter_model.safetensors").stat().st_size > 0
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "interrupted"
+    ckpts = [p for p in (out / "checkpoints").iterdir() if (p / "COMPLETE").exists()]
+    assert ckpts and int(ckpts[-1].name[5:]) == status["step"]
