@@ -1,0 +1,99 @@
+"""bench/gpu.py cannot rot: its --tiny mode (CPU, float32, sdpa) runs end to end here and its JSON
+keeps the shape the GPU run reports; the packed layout it builds is the one job/data/packing.py writes."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+from itertools import pairwise
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench" / "gpu.py"
+
+KEYS = {
+    "mode", "device", "model_params", "lora_trainable_params", "seq_len", "micro_batch", "steps", "warmup",
+    "tokens_per_second_per_gpu", "lora_mfu", "peak_tflops", "anchor_tokens_per_second", "anchor_source",
+    "anchor_measured_here", "ratio_vs_anchor", "peak_memory_gb", "attn_implementation",
+    "gradient_checkpointing", "packing_isolated", "loss_finite", "timed_tokens", "timed_seconds",
+}
+
+
+def _bench_module():
+    spec = importlib.util.spec_from_file_location("bench_gpu", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def tiny_run():
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    t = time.perf_counter()
+    p = subprocess.run([sys.executable, str(BENCH), "--tiny", "--peak-tflops", "0.5"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = [ln for ln in p.stdout.splitlines() if ln.strip()]
+    assert len(lines) == 1, f"stdout must be exactly one JSON object, got: {p.stdout[-2000:]}"
+    return json.loads(lines[0]), time.perf_counter() - t
+
+
+def test_tiny_json_shape_and_numbers(tiny_run):
+    r, _ = tiny_run
+    assert KEYS <= r.keys(), KEYS - r.keys()
+    assert (r["mode"], r["device"], r["seq_len"], r["micro_batch"]) == ("tiny", "cpu", 256, 2)
+    assert r["attn_implementation"] == "sdpa" and r["gradient_checkpointing"] is True
+    assert r["timed_tokens"] == r["steps"] * r["micro_batch"] * r["seq_len"]
+    assert r["tokens_per_second_per_gpu"] > 0
+    assert math.isclose(r["tokens_per_second_per_gpu"], r["timed_tokens"] / r["timed_seconds"], rel_tol=1e-3)
+    # LoRA-MFU = 4 * N * tokens/s / peak, N = base params (not the adapter's)
+    assert r["peak_tflops"] == 0.5
+    expected = 4 * r["model_params"] * r["tokens_per_second_per_gpu"] / (r["peak_tflops"] * 1e12)
+    assert math.isclose(r["lora_mfu"], expected, rel_tol=1e-9)
+    assert 0 < r["lora_trainable_params"] < r["model_params"]
+    # the anchor is NVIDIA's published figure, never a number measured by a tiny CPU run
+    assert r["anchor_tokens_per_second"] == 12500 and r["anchor_measured_here"] is False
+    assert "published" in r["anchor_source"]
+    assert r["ratio_vs_anchor"] is None and r["peak_memory_gb"] is None
+    assert r["packing_isolated"] is True and r["loss_finite"] is True
+
+
+def test_tiny_run_is_quick(tiny_run):
+    _, seconds = tiny_run
+    assert seconds < 120, f"bench/gpu.py --tiny took {seconds:.0f}s"
+
+
+def test_mfu_is_null_without_a_peak():
+    mod = _bench_module()
+    assert mod.lora_mfu(8_030_261_248, 12_500, None) is None
+    # the anchor's own numbers: 12.5k tok/s on Llama-3-8B is ~41 % of the H100's 989 TFLOP/s
+    assert abs(mod.lora_mfu(8_030_261_248, 12_500, mod.H100_BF16_PEAK_TFLOPS) - 0.406) < 0.001
+
+
+def test_packed_rows_match_the_job_layout():
+    """The bench's rows are what job.data.packing.pack writes for the same examples in one bin."""
+    import numpy as np
+
+    from job.data.packing import pack
+
+    mod = _bench_module()
+    rng = random.Random(3)
+    lengths = mod.example_lengths(rng, 256)
+    assert sum(lengths) == 256 and len(lengths) >= 2
+    exs = [[rng.randrange(3, 1024) for _ in range(n)] for n in lengths]
+    row = mod.packed_row(exs)
+    ids, labels, pos, eff = pack([np.array(e) for e in exs], [np.array(e) for e in exs], capacity=256)
+    assert len(ids) == 1 and eff == 1.0
+
+    def segments(i, lab, p):  # BFD reorders examples (longest first): compare as sorted segments
+        starts = [k for k, x in enumerate(p) if x == 0] + [len(p)]
+        return sorted((tuple(i[a:b]), tuple(lab[a:b]), tuple(p[a:b])) for a, b in pairwise(starts))
+    assert segments(row["input_ids"], row["labels"], row["position_ids"]) == \
+        segments(ids[0].tolist(), labels[0].tolist(), pos[0].tolist())
