@@ -206,7 +206,7 @@ def run(args) -> dict:
 
     # The job: Trainer(optim="adamw_torch", learning_rate=2e-4, weight_decay=0, max_grad_norm=1.0)
     opt = torch.optim.AdamW(trainable, lr=2e-4, weight_decay=0.0)
-    collator = Collator(pad_id=0, packed=True)
+    collator = Collator(pad_id=0, packed=True, flatten=attn == "flash_attention_2")  # as the job does
     rows = make_rows((warmup + steps) * micro_batch, seq_len, config["vocab_size"], seed=args.seed)
     examples_per_row = sum(r.pop("_examples") for r in rows) / len(rows)
     batches = [rows[i * micro_batch:(i + 1) * micro_batch] for i in range(warmup + steps)]
