@@ -43,6 +43,7 @@ bench: setup
 
 schema: setup
 	$(BIN)/sftjob schema --helm > charts/sftjob/values.schema.json
+	$(BIN)/sftjob schema --markdown > docs/knobs.md
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache build *.egg-info

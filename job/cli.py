@@ -96,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
                             help="config.json giving the model's shapes (no weights needed)")
     sp = sub.add_parser("schema", help="print the JSON Schema of RunSpec")
     sp.add_argument("--helm", action="store_true", help="the chart's values.schema.json (RunSpec under `run:`)")
+    sp.add_argument("--markdown", action="store_true", help="the knob table (docs/knobs.md)")
     sp = sub.add_parser("tiny-model", help="write the built-in tiny model + tokenizer (offline)")
     sp.add_argument("dir")
     sp.add_argument("--seed", type=int, default=0)
@@ -114,7 +115,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     if cmd == "schema":
         from job import schema
 
-        print(json.dumps(schema.helm_values_schema() if args.helm else specmod.json_schema(), indent=2))
+        if args.markdown:
+            print(schema.knobs_markdown(), end="")
+        else:
+            print(json.dumps(schema.helm_values_schema() if args.helm else specmod.json_schema(), indent=2))
         return 0
     if cmd == "tiny-model":
         from job import tiny

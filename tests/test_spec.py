@@ -85,3 +85,15 @@ def test_spec_hash_changes_with_a_knob():
     a = specmod.build(overrides={"train.lora_r": 8}, environ={})
     b = specmod.build(overrides={"train.lora_r": 16}, environ={})
     assert a.spec_hash() != b.spec_hash()
+
+
+def test_knob_table_is_generated_from_the_spec():
+    """docs/knobs.md drifts the moment a field changes; `make schema` regenerates it."""
+    from pathlib import Path
+
+    from job.schema import knobs_markdown
+
+    doc = Path(__file__).resolve().parent.parent / "docs" / "knobs.md"
+    assert doc.read_text() == knobs_markdown(), "docs/knobs.md is stale: run `make schema`"
+    for flag in specmod.FLAGS_BY_PATH.values():
+        assert f"`--{flag}`" in doc.read_text()
