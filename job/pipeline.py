@@ -10,13 +10,15 @@ import json
 import logging
 import re
 import shutil
+import signal
 import time
 from pathlib import Path
 
-from job import publish, storage
-from job.errors import ConfigError, Interrupted, NotFoundError, SftjobError
+from job import evaluate, publish, storage
+from job.errors import ConfigError, EvalGateError, Interrupted, NotFoundError, SftjobError
 from job.spec import RunSpec, to_yaml
 from job.status import Status, write_termination_log
+from job.train import launch
 
 log = logging.getLogger("sftjob")
 
@@ -26,6 +28,7 @@ def run(spec: RunSpec) -> int:
     spec.require("model.path", "output.uri")
     if not spec.data_sources():
         raise ConfigError("missing required setting 'data.path'", hint="pass --data URI or set data: in the run spec")
+    evaluate.check(spec)  # an impossible eval section fails now, not after training
     started = time.time()
     output = spec.output.uri.rstrip("/")
     workdir = spec.cache_root() / "runs" / hashlib.sha256(output.encode()).hexdigest()[:16]
@@ -33,7 +36,9 @@ def run(spec: RunSpec) -> int:
     publish.check_output(output, spec.output.overwrite)  # exit 73 before touching anything
 
     run_id = spec.name or f"{_slug(output)}-{time.strftime('%Y%m%d-%H%M%S')}"
-    status = Status(workdir, output)
+    node_rank = launch.node_rank(spec)
+    status = Status(workdir, output if node_rank == 0 else None)  # one writer of <output>/status.json
+    signal.signal(signal.SIGTERM, _interrupt)  # before/after training; launch owns it while ranks run
     status.start(run_id=run_id, max_steps=spec.train.max_steps if spec.train.max_steps > 0 else None)
     try:
         status.phase("fetching", f"model {spec.model.path}")
@@ -57,6 +62,15 @@ def run(spec: RunSpec) -> int:
         status.phase("publishing", f"verify and upload to {output}")
         partial = outcome.stopped == "deadline" and not spec.resilience.train_to_deadline
         stage = _stage_outputs(spec, prepared, outcome, workdir, model_dir)
+        evaluation = None
+        if evaluate.wanted(spec, prepared) and not partial:
+            status.update(event=("evaluating", "eval loss; base vs adapter on the same prompts"))
+            evaluation = evaluate.evaluate(spec, prepared, model_dir, outcome.adapter_dir, workdir)
+            for name in ("eval.json", "eval.md"):
+                shutil.copy(workdir / name, stage / name)
+            status.update(eval=evaluation.summary)
+            if evaluation.failures:
+                _reject(stage, output, evaluation)
         manifest = publish.publish(stage, output, overwrite=spec.output.overwrite, partial=partial, run_info={
             "run_id": run_id, "spec_hash": spec.spec_hash(), "base_model": spec.model.path,
             "chat_template_sha256": prepared.template_sha256, "metrics": outcome.final_metrics,
@@ -67,7 +81,7 @@ def run(spec: RunSpec) -> int:
                               f"(manifest partial: true, no _SUCCESS); rerun to resume")
         doc = status.phase("succeeded", f"published {len(manifest['files'])} files to {output}")
         write_termination_log(doc)
-        _summary(outcome, output, time.time() - started)
+        _summary(outcome, output, time.time() - started, evaluation.summary if evaluation else None)
         return 0
     except SftjobError as e:
         status.fail(int(e.exit_code), e.kind, str(e))
@@ -75,6 +89,10 @@ def run(spec: RunSpec) -> int:
     except BaseException as e:
         status.fail(1, "crash", f"{type(e).__name__}: {e}")
         raise
+
+
+def _interrupt(signum, frame):
+    raise Interrupted("stopped by SIGTERM outside training; nothing half-published (rerun resumes)")
 
 
 def fetch_model(spec: RunSpec) -> str:
@@ -115,7 +133,7 @@ def _stage_outputs(spec: RunSpec, prepared, outcome, workdir: Path, model_dir: s
     for name in ("data_report.json", "token_lengths.png"):
         if (prepared.dir / name).exists():
             shutil.copy(prepared.dir / name, stage / name)
-    for name in ("metrics.jsonl", "eval.json", "eval.md"):
+    for name in ("metrics.jsonl",):  # eval.json/eval.md are added after evaluation (never a stale copy)
         if (workdir / name).exists():
             shutil.copy(workdir / name, stage / name)
     if (workdir / "metrics.jsonl").exists():
@@ -132,8 +150,19 @@ def _slug(uri: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", uri.rstrip("/").rsplit("/", 1)[-1].lower()).strip("-") or "run"
 
 
-def _summary(outcome, output: str, seconds: float) -> None:
+def _reject(stage: Path, output: str, evaluation) -> None:
+    """A missed gate: keep everything for inspection under rejected/, publish nothing at the top level."""
+    rejected = storage.join(output, "rejected")
+    storage.upload_tree(stage, rejected)
+    raise EvalGateError(f"adapter missed the evaluation gate: {'; '.join(evaluation.failures)}; "
+                        f"kept under {rejected}/ (no _SUCCESS)",
+                        hint="read eval.md there; train longer or on better data, or relax eval.min_json_valid / eval.max_loss")
+
+
+def _summary(outcome, output: str, seconds: float, evaluation: dict | None = None) -> None:
     m = outcome.final_metrics or {}
     line = {"event": "done", "steps": outcome.step, "final_loss": m.get("loss"),
             "tokens_per_second": m.get("tokens_per_second"), "adapter": output, "seconds": round(seconds, 1)}
+    if evaluation:
+        line["eval"] = evaluation
     print(json.dumps(line), flush=True)

@@ -150,8 +150,8 @@ class EvalSpec(Section):
     num_prompts: int = Field(0, ge=0, description="Use N rows of the eval split as generation prompts (0 = off unless prompts).")
     max_new_tokens: int = Field(128, ge=1, description="Generation length for the generation eval.")
     json_schema: str | None = Field(None, description="JSON Schema file the answers must satisfy (structured output).")
-    min_json_valid: float | None = Field(None, ge=0, le=1, description="Gate: minimum share of valid-JSON answers.")
-    max_loss: float | None = Field(None, gt=0, description="Gate: maximum eval loss.")
+    min_json_valid: float | None = Field(None, ge=0, le=1, description="Gate: minimum share of the adapter's answers that are valid JSON (and valid against json_schema when set); a miss exits 78 with the adapter under rejected/.")
+    max_loss: float | None = Field(None, gt=0, description="Gate: maximum final eval loss (needs an eval split); a miss exits 78 with the adapter under rejected/.")
 
 
 class RunSpec(BaseModel):

@@ -22,6 +22,9 @@ def _corpus() -> list[str]:
     for row in conversations(400, seed=1):
         lines += [m["content"] for m in row["messages"]]
     lines += ["system user assistant", "The quick brown fox jumps over the lazy dog. 0123456789 {}[]\":,"]
+    # structured-output answers (the catalog recipe's shape), so JSON keys and punctuation get merges
+    for i, (name, cat) in enumerate([("camiseta", "ropa"), ("silla", "hogar"), ("balón", "deporte"), ("taza", "cocina")] * 30):
+        lines.append(f'{{"nombre": "{name}", "categoria": "{cat}", "color": "azul", "precio": {5 + 7 * i}, "ok": true}}')
     return lines
 
 

@@ -45,6 +45,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def node_rank(spec, environ: dict[str, str] | None = None) -> int:
+    """This node's rank: the spec, else the Indexed Job's JOB_COMPLETION_INDEX, else NODE_RANK, else 0."""
+    env = os.environ if environ is None else environ
+    if spec.distributed.node_rank is not None:
+        return spec.distributed.node_rank
+    return int(env.get("JOB_COMPLETION_INDEX") or env.get("NODE_RANK") or 0)
+
+
 def topology(spec, environ: dict[str, str] | None = None, cuda_devices: int | None = None,
              bf16_ok: bool | None = None) -> Topology:
     """Processes and rendezvous from the spec, then the env an Indexed Job / operator sets."""
@@ -69,7 +77,7 @@ def topology(spec, environ: dict[str, str] | None = None, cuda_devices: int | No
         raise ConfigError("distributed=single with more than one process", hint="use ddp, deepspeed or fsdp")
     if spec.train.method == "qlora" and strategy == "deepspeed" and d.zero_stage == 3:
         raise ConfigError("QLoRA with DeepSpeed ZeRO-3 is not supported here", hint="use zero_stage: 2 or ddp")
-    rank = d.node_rank if d.node_rank is not None else int(env.get("JOB_COMPLETION_INDEX", env.get("NODE_RANK", "0")))
+    rank = node_rank(spec, env)
     if rank >= machines:
         raise ConfigError(f"node rank {rank} >= num_machines {machines}",
                           hint="set num_machines to the number of pods (the chart sets SFTJOB_NUM_MACHINES)")

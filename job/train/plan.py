@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from pathlib import Path
 
 from job import storage
@@ -49,9 +50,12 @@ def _count(cfg: dict, spec) -> tuple[int, int, dict]:
         raise ConfigError("config.json has no model_type", hint="use the model's own config.json")
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(conf)
+    model.tie_weights()  # from_config leaves tied embeddings untied on meta: they would count twice
     n = sum(p.numel() for p in model.parameters())
+    quantizable = sum(m.weight.numel() for name, m in model.named_modules()
+                      if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head"))
     if spec.train.method == "full":
-        return n, n, {}
+        return n, n, {"quantizable_params": quantizable}
     targets = spec.train.target_modules
     trainable = 0
     for name, mod in model.named_modules():
@@ -64,7 +68,7 @@ def _count(cfg: dict, spec) -> tuple[int, int, dict]:
         if any(m in name for m in spec.train.modules_to_save):
             trainable += p.numel()
     return n, trainable, {"hidden_size": conf.hidden_size, "layers": conf.num_hidden_layers,
-                          "vocab_size": conf.vocab_size}
+                          "vocab_size": conf.vocab_size, "quantizable_params": quantizable}
 
 
 def make_plan(spec, *, model_config: str | None = None, tokens_per_second: float | None = None,
@@ -73,16 +77,21 @@ def make_plan(spec, *, model_config: str | None = None, tokens_per_second: float
 
     cfg = _config(spec, model_config)
     n, trainable, shape = _count(cfg, spec)
-    topo = topology(spec, cuda_devices=spec.distributed.gpus_per_node or 0, bf16_ok=True)
+    # a plan is made off-cluster: stand in for the rank-0 address the chart provides as MASTER_ADDR
+    env = {**os.environ, "MASTER_ADDR": os.environ.get("MASTER_ADDR") or "rank-0.planned"}
+    topo = topology(spec, environ=env, cuda_devices=spec.distributed.gpus_per_node or 0, bf16_ok=True)
     gpus = topo.num_processes
     t, d = spec.train, spec.distributed
     seq = spec.data.max_length
     micro_tokens = t.per_device_train_batch_size * seq
     global_batch = t.per_device_train_batch_size * t.gradient_accumulation_steps * gpus
 
-    wbytes = {"qlora": 0.55}.get(t.method, 2.0)
     shard = gpus if topo.strategy in ("deepspeed", "fsdp") and (d.zero_stage == 3 or topo.strategy == "fsdp") else 1
-    weights = n * wbytes / shard
+    if t.method == "qlora":  # NF4 (+ double-quant constants) for the linear layers; embeddings, lm_head, norms stay bf16
+        q = shape.get("quantizable_params", n)
+        weights = (q * 0.55 + (n - q) * 2.0) / shard
+    else:
+        weights = n * 2.0 / shard
     opt_shard = gpus if topo.strategy in ("deepspeed", "fsdp") else 1
     state = trainable * (4 + 4 + 8) / opt_shard  # fp32 master/trainable + grads + Adam moments
     if d.offload_optimizer:

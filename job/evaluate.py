@@ -1,0 +1,481 @@
+"""Evaluation: did the adapter get better than the base model it was trained from, on the same prompts?
+
+Two measures, because loss alone does not tell a user whether the answers are usable:
+- eval loss / perplexity on the eval split, measured by the trainer (eval_steps and at the end);
+- generation eval: the same held-out prompts, rendered with the run's chat template and the
+  generation prompt, answered greedily by the base model and then by the adapter loaded on it.
+  Scored by exact match, normalised match and — for structured output — valid JSON and valid
+  against ``eval.json_schema``.
+
+It runs in the entrypoint after training (the ranks are gone), writes ``eval.json`` and ``eval.md``
+into the run's work dir and reports gate failures; the pipeline decides what a failure means.
+Prompts taken from the eval split are cut from its token ids (everything before the last trained
+span is exactly the template's rendering up to the generation prompt), so no raw rows are re-read.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import time
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from job import storage
+from job.data import formats
+from job.errors import ConfigError, DataError, NotFoundError
+
+log = logging.getLogger("sftjob.eval")
+FORMAT = "sftjob.eval/1"
+BATCH = 16
+SAMPLES = 5
+_INVALID = object()
+#: JSON Schema keywords the built-in checker understands (used when the jsonschema package is absent)
+SUBSET = {"$schema", "$id", "title", "description", "type", "properties", "required", "additionalProperties",
+          "items", "enum", "const", "minimum", "maximum", "minLength", "maxLength", "pattern", "minItems",
+          "maxItems", "examples", "default"}
+
+
+@dataclass
+class Prompt:
+    ids: list[int]
+    text: str  # the rendered prompt, for samples
+    reference: str | None
+
+
+@dataclass
+class Evaluation:
+    report: dict
+    summary: dict
+    failures: list[str] = field(default_factory=list)
+
+
+# ---- configuration, checked before any training ---------------------------------------------
+
+def has_eval_split(spec) -> bool:
+    return spec.data.eval_split > 0 or bool(spec.data.eval_data)
+
+
+def wanted(spec, prepared=None) -> bool:
+    e = spec.eval
+    return bool(e.prompts or e.num_prompts or e.json_schema or e.min_json_valid is not None
+                or e.max_loss is not None or (prepared is not None and prepared.eval_path))
+
+
+def check(spec) -> None:
+    """Fail before training on an eval section that could never be satisfied."""
+    e = spec.eval
+    gen = bool(e.prompts or e.num_prompts)
+    if e.num_prompts and not e.prompts and not has_eval_split(spec):
+        raise ConfigError("eval.num_prompts takes prompts from the eval split, but there is none",
+                          hint="set data.eval_split (e.g. 0.05) or data.eval_data, or give eval.prompts FILE")
+    if e.max_loss is not None and not has_eval_split(spec):
+        raise ConfigError("eval.max_loss gates on eval loss, but there is no eval split",
+                          hint="set data.eval_split or data.eval_data")
+    if e.min_json_valid is not None and not gen:
+        raise ConfigError("eval.min_json_valid needs generated answers, but no prompts are configured",
+                          hint="set eval.prompts FILE or eval.num_prompts N")
+    if e.json_schema:
+        if not gen:
+            raise ConfigError("eval.json_schema checks generated answers, but no prompts are configured",
+                              hint="set eval.prompts FILE or eval.num_prompts N")
+        load_schema(e.json_schema)
+    if e.prompts and not storage.is_remote(e.prompts) and not Path(e.prompts).exists():
+        raise NotFoundError(f"eval.prompts not found: {e.prompts}", hint="give a jsonl/json/parquet file or an s3:// URI")
+
+
+def load_schema(uri: str) -> dict:
+    try:
+        schema = json.loads(storage.read_bytes(uri))
+    except NotFoundError:
+        raise NotFoundError(f"eval.json_schema not found: {uri}", hint="give a JSON Schema file (local or s3://)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"eval.json_schema {uri} is not valid JSON: {e}", hint="fix the schema file") from None
+    if not isinstance(schema, dict):
+        raise ConfigError(f"eval.json_schema {uri} must be a JSON object", hint="see https://json-schema.org")
+    try:
+        import jsonschema
+
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except ImportError:
+        unknown = sorted(_keywords(schema) - SUBSET)
+        if unknown:
+            raise ConfigError(f"eval.json_schema uses keywords the built-in checker does not support: {', '.join(unknown)}",
+                              hint=f"use only {', '.join(sorted(SUBSET))}, or install jsonschema") from None
+    except Exception as e:  # noqa: BLE001 - jsonschema.SchemaError
+        raise ConfigError(f"eval.json_schema {uri} is not a valid JSON Schema: {str(e).splitlines()[0]}",
+                          hint="fix the schema file") from None
+    return schema
+
+
+def _keywords(schema) -> set[str]:
+    if not isinstance(schema, dict):
+        return set()
+    subs = [*(schema.get("properties") or {}).values(), schema.get("items"), schema.get("additionalProperties")]
+    return set(schema).union(*(_keywords(v) for v in subs))
+
+
+# ---- scoring -----------------------------------------------------------------------------------
+
+def parse_json(text: str):
+    """The answer as JSON, or _INVALID. A single surrounding ```json fence is tolerated; nothing else."""
+    t = text.strip()
+    m = re.fullmatch(r"```(?:json)?\s*(.*?)\s*```", t, re.S)
+    if m:
+        t = m.group(1)
+    try:
+        return json.loads(t)
+    except (json.JSONDecodeError, ValueError):
+        return _INVALID
+
+
+def schema_errors(value, schema: dict, path: str = "$") -> list[str]:
+    """Why value does not satisfy schema ([] when it does): jsonschema when installed, else SUBSET."""
+    try:
+        import jsonschema
+    except ImportError:
+        return _subset_errors(value, schema, path)
+    return [f"{'/'.join(map(str, e.absolute_path)) or '$'}: {e.message}"
+            for e in jsonschema.validators.validator_for(schema)(schema).iter_errors(value)]
+
+
+_TYPES = {"object": dict, "array": list, "string": str, "boolean": bool, "null": type(None)}
+
+
+def _is(value, t: str) -> bool:
+    if t == "integer":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if t == "number":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, _TYPES[t])
+
+
+def _subset_errors(v, s: dict, path: str) -> list[str]:
+    if "type" in s:
+        types = s["type"] if isinstance(s["type"], list) else [s["type"]]
+        if not any(_is(v, t) for t in types):
+            return [f"{path}: expected {'/'.join(types)}"]
+    errs = []
+    if "enum" in s and v not in s["enum"]:
+        errs.append(f"{path}: not one of {s['enum']}")
+    if "const" in s and v != s["const"]:
+        errs.append(f"{path}: must be {s['const']!r}")
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        if "minimum" in s and v < s["minimum"]:
+            errs.append(f"{path}: below {s['minimum']}")
+        if "maximum" in s and v > s["maximum"]:
+            errs.append(f"{path}: above {s['maximum']}")
+    if isinstance(v, str):
+        if len(v) < s.get("minLength", 0) or len(v) > s.get("maxLength", math.inf):
+            errs.append(f"{path}: length {len(v)} out of range")
+        if "pattern" in s and not re.search(s["pattern"], v):
+            errs.append(f"{path}: does not match {s['pattern']}")
+    if isinstance(v, list):
+        if len(v) < s.get("minItems", 0) or len(v) > s.get("maxItems", math.inf):
+            errs.append(f"{path}: {len(v)} items out of range")
+        if isinstance(s.get("items"), dict):
+            for i, x in enumerate(v):
+                errs += _subset_errors(x, s["items"], f"{path}[{i}]")
+    if isinstance(v, dict):
+        props = s.get("properties") or {}
+        errs += [f"{path}: missing '{k}'" for k in s.get("required", []) if k not in v]
+        for k, x in v.items():
+            if k in props:
+                errs += _subset_errors(x, props[k], f"{path}.{k}")
+            elif s.get("additionalProperties") is False:
+                errs.append(f"{path}: unexpected '{k}'")
+            elif isinstance(s.get("additionalProperties"), dict):
+                errs += _subset_errors(x, s["additionalProperties"], f"{path}.{k}")
+    return errs
+
+
+def normalise(text: str) -> str:
+    """Compare meaning, not formatting: canonical JSON when it parses, else casefolded words."""
+    j = parse_json(text)
+    if j is not _INVALID:
+        return "json:" + json.dumps(j, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    t = unicodedata.normalize("NFKC", text).casefold()
+    return " ".join(re.sub(r"[^\w\s]", " ", t).split())
+
+
+def score(answers: list[str], references: list[str | None], schema: dict | None) -> dict:
+    n = len(answers)
+    out: dict = {"n": n}
+    pairs = [(a, r) for a, r in zip(answers, references, strict=True) if r is not None]
+    if pairs:
+        out["exact_match"] = sum(a.strip() == r.strip() for a, r in pairs) / len(pairs)
+        out["normalized_match"] = sum(normalise(a) == normalise(r) for a, r in pairs) / len(pairs)
+    parsed = [parse_json(a) for a in answers]
+    out["json_valid"] = sum(p is not _INVALID for p in parsed) / max(n, 1)
+    if schema is not None:
+        out["schema_valid"] = sum(p is not _INVALID and not schema_errors(p, schema) for p in parsed) / max(n, 1)
+    out["mean_answer_chars"] = round(sum(len(a) for a in answers) / max(n, 1), 1)
+    return out
+
+
+# ---- prompts -----------------------------------------------------------------------------------
+
+def prompts_from_eval_split(path: Path, tok, n: int) -> list[Prompt]:
+    """The first n eval examples, cut before their last trained span (the reference answer)."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path, columns=["input_ids", "labels"]).slice(0, n).to_pydict()
+    out = []
+    for ids, labels in zip(table["input_ids"], table["labels"], strict=True):
+        trained = [i for i, x in enumerate(labels) if x != -100]
+        if not trained:
+            continue
+        end = trained[-1] + 1
+        start = end - 1
+        while start > 0 and labels[start - 1] != -100:
+            start -= 1
+        out.append(Prompt(ids[:start], tok.decode(ids[:start]), tok.decode(ids[start:end], skip_special_tokens=True).strip()))
+    return out
+
+
+def prompts_from_file(spec, tok) -> list[Prompt]:
+    """Rows with `messages` (a trailing assistant turn is the reference) or `prompt` [+ `completion`]."""
+    files = formats.expand(spec.eval.prompts, spec.cache_root() / "inputs")
+    roles = {**formats.DEFAULT_ROLES, **spec.data.roles}
+    out = []
+    for display, path in files:
+        for where, raw in formats.iter_file(display, path):
+            obj = formats.parse_line(raw) if isinstance(raw, bytes) else raw
+            msgs, ref = _prompt_row(obj, roles, where)
+            msgs = formats.apply_system_prompt(msgs, spec.model.system_prompt, spec.model.system_prompt_mode)
+            text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+            out.append(Prompt(tok(text, add_special_tokens=False)["input_ids"], text, ref))
+            if spec.eval.num_prompts and len(out) >= spec.eval.num_prompts:
+                return out
+    return out
+
+
+def _prompt_row(obj, roles: dict, where: str) -> tuple[list[dict], str | None]:
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object with messages or prompt", hint="see examples/README.md")
+    ref = obj.get("completion", obj.get("reference"))
+    if isinstance(obj.get("prompt"), str):
+        msgs = [{"role": "user", "content": obj["prompt"]}]
+    elif isinstance(obj.get("messages"), list) and obj["messages"]:
+        msgs = []
+        for m in obj["messages"]:
+            role = roles.get(m.get("role"), m.get("role")) if isinstance(m, dict) else None
+            if role not in formats.ROLES or not isinstance(m.get("content"), str):
+                raise DataError(f"{where}: messages: each needs a role (system/user/assistant) and string content",
+                                hint="fix the prompts file")
+            msgs.append({"role": role, "content": m["content"]})
+        if msgs[-1]["role"] == "assistant":
+            ref = msgs.pop()["content"]
+    else:
+        raise DataError(f"{where}: a prompt row needs `prompt` (string) or `messages` (list)", hint="fix the prompts file")
+    return msgs, ref if isinstance(ref, str) else None
+
+
+# ---- generation ----------------------------------------------------------------------------------
+
+def generate(model, tok, prompts: list[Prompt], max_new_tokens: int, stop_ids: list[int]) -> list[str]:
+    """Greedy, batched (left padded, similar lengths together), decoded without special tokens."""
+    import torch
+    from transformers import GenerationConfig
+
+    device = next(model.parameters()).device
+    pad = tok.pad_token_id if tok.pad_token_id is not None else stop_ids[0]
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_ids, pad_token_id=pad)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].ids))
+    answers: list[str] = [""] * len(prompts)
+    for s in range(0, len(order), BATCH):
+        idx = order[s:s + BATCH]
+        width = max(len(prompts[i].ids) for i in idx)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for r, i in enumerate(idx):
+            p = prompts[i].ids
+            ids[r, width - len(p):] = torch.tensor(p)
+            mask[r, width - len(p):] = 1
+        with torch.inference_mode():
+            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=cfg)
+        for r, i in enumerate(idx):
+            answers[i] = tok.decode(gen[r, width:], skip_special_tokens=True).strip()
+    return answers
+
+
+def _load_base(spec, model_dir: str, vocab: int):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    cuda = torch.cuda.is_available()
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(spec.model.torch_dtype)
+    if dtype is None:
+        dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else torch.float32
+    kwargs: dict = {"dtype": dtype, "trust_remote_code": spec.model.trust_remote_code}
+    if spec.train.method == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                           bnb_4bit_compute_dtype=dtype)
+        kwargs["device_map"] = {"": 0}
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    if cuda and spec.train.method != "qlora":
+        model.to("cuda")
+    if model.get_input_embeddings().weight.shape[0] < vocab:  # the run added tokens (saved via modules_to_save)
+        model.resize_token_embeddings(vocab)
+    return model.eval()
+
+
+def _with_adapter(spec, base, adapter_dir: str):
+    if spec.train.method == "full":
+        from transformers import AutoModelForCausalLM
+
+        device, dtype = next(base.parameters()).device, next(base.parameters()).dtype
+        del base
+        return AutoModelForCausalLM.from_pretrained(adapter_dir, dtype=dtype).to(device).eval()
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base, adapter_dir).eval()
+
+
+# ---- the entry point -----------------------------------------------------------------------------
+
+def evaluate(spec, prepared, model_dir: str, adapter_dir: str, workdir: Path) -> Evaluation:
+    """Loss from the trainer, generation eval of base vs adapter, eval.json + eval.md, gate failures."""
+    t0 = time.time()
+    workdir = Path(workdir)
+    e = spec.eval
+    report: dict = {"format": FORMAT, "loss": _loss(workdir, prepared)}
+    schema = load_schema(e.json_schema) if e.json_schema else None
+    if e.prompts or e.num_prompts:
+        report["generation"] = _generation(spec, prepared, model_dir, adapter_dir, schema)
+    failures = gate(spec, report)
+    report["gate"] = {"min_json_valid": e.min_json_valid, "max_loss": e.max_loss,
+                      "checked": e.min_json_valid is not None or e.max_loss is not None,
+                      "passed": not failures, "failures": failures}
+    report["seconds"] = round(time.time() - t0, 1)
+    (workdir / "eval.json").write_text(json.dumps(report, indent=1, ensure_ascii=False))
+    (workdir / "eval.md").write_text(markdown(report))
+    ev = Evaluation(report, summary(report), failures)
+    log.info("evaluation: %s", json.dumps(ev.summary))
+    return ev
+
+
+def _loss(workdir: Path, prepared) -> dict | None:
+    f = workdir / "eval_loss.json"
+    if prepared.eval_path is None or not f.exists():
+        return None
+    final = json.loads(f.read_text())
+    loss = final.get("eval_loss")
+    history = []
+    if (workdir / "metrics.jsonl").exists():
+        for line in (workdir / "metrics.jsonl").read_text().splitlines():
+            rec = json.loads(line) if line.startswith("{") else {}
+            if rec.get("eval_loss") is not None:
+                history.append({"step": rec.get("step"), "eval_loss": rec["eval_loss"]})
+    return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50)) if loss is not None else None,
+            "history": history, "trainer_metrics": final}
+
+
+def _generation(spec, prepared, model_dir: str, adapter_dir: str, schema: dict | None) -> dict:
+    import torch
+    from transformers import AutoTokenizer
+
+    tok_dir = adapter_dir if (Path(adapter_dir) / "tokenizer_config.json").exists() else model_dir
+    tok = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=spec.model.trust_remote_code)
+    tok.chat_template = prepared.chat_template
+    e = spec.eval
+    if e.prompts:
+        prompts, source = prompts_from_file(spec, tok), e.prompts
+    else:
+        if prepared.eval_path is None:
+            raise DataError("eval.num_prompts: the eval split is empty", hint="raise data.eval_split or give eval.prompts")
+        prompts, source = prompts_from_eval_split(prepared.eval_path, tok, e.num_prompts), f"eval split (first {e.num_prompts})"
+    if not prompts:
+        raise DataError(f"no generation prompts found in {source}", hint="check eval.prompts / eval.num_prompts")
+    stop = [tok.convert_tokens_to_ids(t) for t in prepared.eos_tokens if t in tok.get_vocab()]
+    stop = list(dict.fromkeys(stop + ([tok.eos_token_id] if tok.eos_token_id is not None else [])))
+    t0 = time.time()
+    model = _load_base(spec, model_dir, len(tok))
+    before = generate(model, tok, prompts, e.max_new_tokens, stop)
+    t1 = time.time()
+    model = _with_adapter(spec, model, adapter_dir)
+    after = generate(model, tok, prompts, e.max_new_tokens, stop)
+    t2 = time.time()
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    refs = [p.reference for p in prompts]
+    return {
+        "source": source, "prompts": len(prompts), "max_new_tokens": e.max_new_tokens,
+        "json_schema": e.json_schema, "seconds": {"base": round(t1 - t0, 1), "adapter": round(t2 - t1, 1)},
+        "before": score(before, refs, schema), "after": score(after, refs, schema),
+        "samples": [{"prompt": p.text, "reference": p.reference, "before": b, "after": a}
+                    for p, b, a in list(zip(prompts, before, after, strict=True))[:SAMPLES]],
+    }
+
+
+def gate(spec, report: dict) -> list[str]:
+    """Why the adapter misses eval.min_json_valid / eval.max_loss ([] when it passes or no gate is set)."""
+    e, out = spec.eval, []
+    if e.min_json_valid is not None:
+        after = (report.get("generation") or {}).get("after", {})
+        key = "schema_valid" if "schema_valid" in after else "json_valid"
+        got = after.get(key, 0.0)
+        if got < e.min_json_valid:
+            out.append(f"{key} {got:.1%} < eval.min_json_valid {e.min_json_valid:.1%}")
+    if e.max_loss is not None:
+        loss = (report.get("loss") or {}).get("eval_loss")
+        if loss is None:
+            out.append("eval.max_loss is set but no eval loss was measured")
+        elif loss > e.max_loss:
+            out.append(f"eval_loss {loss:.4f} > eval.max_loss {e.max_loss}")
+    return out
+
+
+def summary(report: dict) -> dict:
+    """The few numbers status.json and the final log line carry."""
+    out: dict = {}
+    loss = report.get("loss") or {}
+    if loss.get("eval_loss") is not None:
+        out["eval_loss"] = round(loss["eval_loss"], 4)
+        out["perplexity"] = round(loss["perplexity"], 3)
+    g = report.get("generation")
+    if g:
+        out["prompts"] = g["prompts"]
+        for k in ("exact_match", "normalized_match", "json_valid", "schema_valid"):
+            if k in g["after"]:
+                out[k] = [round(g["before"][k], 4), round(g["after"][k], 4)]  # [before, after]
+    if report.get("gate", {}).get("checked"):
+        out["gate"] = "passed" if report["gate"]["passed"] else "failed"
+    return out
+
+
+_LABELS = {"exact_match": "exact match", "normalized_match": "normalised match", "json_valid": "valid JSON",
+           "schema_valid": "valid against schema"}
+
+
+def markdown(report: dict) -> str:
+    lines = ["# Evaluation: base model → adapter", ""]
+    g, loss = report.get("generation"), report.get("loss") or {}
+    lines += ["| metric | base | adapter | change |", "|---|---|---|---|"]
+    if g:
+        for k, label in _LABELS.items():
+            if k in g["after"]:
+                b, a = g["before"][k], g["after"][k]
+                lines.append(f"| {label} | {b:.1%} | {a:.1%} | {100 * (a - b):+.1f} pts |")
+    if loss.get("eval_loss") is not None:
+        lines.append(f"| eval loss | — | {loss['eval_loss']:.4f} | |")
+        lines.append(f"| perplexity | — | {loss['perplexity']:.3f} | |")
+    lines.append("")
+    if g:
+        lines.append(f"{g['prompts']} prompts from {g['source']}, greedy, max_new_tokens {g['max_new_tokens']}.")
+    gt = report.get("gate") or {}
+    if gt.get("checked"):
+        lines.append(f"Gate: **{'passed' if gt['passed'] else 'failed'}**" + ("" if gt["passed"] else ": " + "; ".join(gt["failures"])))
+    for i, s in enumerate((g or {}).get("samples", []), 1):
+        lines += ["", f"## Sample {i}", "", "Prompt:", _fence(s["prompt"]), "Reference:", _fence(s["reference"] or "(none)"),
+                  "Base:", _fence(s["before"]), "Adapter:", _fence(s["after"])]
+    return "\n".join(lines) + "\n"
+
+
+def _fence(text: str) -> str:
+    return "````text\n" + text.replace("````", "` ` ` `") + "\n````"
