@@ -1,12 +1,16 @@
 """Storage by URI scheme: ``s3://bucket/key`` → s3.py, anything else → local.py.
 
-Every other module reads and writes through these functions; only s3.py imports boto3.
+Every other module reads and writes through these functions; only this package imports boto3.
 URIs name objects/files; a "prefix" is a directory-like URI (trailing slash optional).
+Errors are project errors with exit codes: NotFoundError 66, UnavailableError 69,
+AlreadyPublishedError 73, PermissionDeniedError 77 (see job/errors.py).
+Integrity: ``sha256=`` (hex) on writes/uploads is the digest the stored bytes must have; S3 sends it as
+ChecksumSHA256 so the server rejects a body that does not match, the local backend checks it itself.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from job.storage import local
 
@@ -60,9 +64,24 @@ def read_bytes(uri: str) -> bytes:
     return backend(uri).read_bytes(uri)
 
 
-def write_bytes(uri: str, data: bytes, *, if_none_match: bool = False) -> None:
+def open(uri: str):  # noqa: A001 - storage.open reads like io.open
+    """A binary file object for reading (local file or S3 stream); close it (or use `with`)."""
+    return backend(uri).open_read(uri)
+
+
+def write_bytes(uri: str, data: bytes, *, if_none_match: bool = False, sha256: str | None = None) -> None:
     """Write an object; with if_none_match the write fails (AlreadyPublishedError) if it exists."""
-    backend(uri).write_bytes(uri, data, if_none_match=if_none_match)
+    backend(uri).write_bytes(uri, data, if_none_match=if_none_match, sha256=sha256)
+
+
+def sha256(uri: str) -> str:
+    """Hex SHA256 of an object/file, streamed."""
+    return backend(uri).sha256(uri)
+
+
+def check_access(prefix: str) -> None:
+    """Fail fast before long work: missing bucket → 66, denied → 77, endpoint down → 69."""
+    backend(prefix).check_access(prefix)
 
 
 def exists(uri: str) -> bool:
@@ -86,8 +105,8 @@ def download_file(uri: str, dest: Path) -> Path:
     return backend(uri).download_file(uri, Path(dest))
 
 
-def upload_file(src: Path, uri: str) -> None:
-    backend(uri).upload_file(Path(src), uri)
+def upload_file(src: Path, uri: str, *, sha256: str | None = None) -> None:
+    backend(uri).upload_file(Path(src), uri, sha256=sha256)
 
 
 def download_tree(prefix: str, dest: Path) -> list[Path]:
@@ -95,11 +114,19 @@ def download_tree(prefix: str, dest: Path) -> list[Path]:
     return backend(prefix).download_tree(prefix, Path(dest))
 
 
-def upload_tree(src: Path, prefix: str, *, files: Iterable[Path] | None = None) -> list[str]:
-    """Copy a local directory (or the given files in it) under prefix; returns URIs."""
-    return backend(prefix).upload_tree(Path(src), prefix, files=files)
+def upload_tree(src: Path, prefix: str, *, files: Iterable[Path] | None = None,
+                sha256: dict[str, str] | None = None) -> list[str]:
+    """Copy a local directory (or the given files in it) under prefix, in parallel; returns URIs.
+
+    sha256 maps a relative path (posix) to the hex digest its stored copy must have.
+    """
+    return backend(prefix).upload_tree(Path(src), prefix, files=files, sha256=sha256)
 
 
 def fetch(uri: str, cache_dir: Path) -> Path:
-    """A local path for uri: local paths as they are, remote files/prefixes cached under cache_dir."""
+    """A local path for uri: local paths as they are, remote files/prefixes cached under cache_dir.
+
+    Remote copies are keyed by ETag/size, guarded by a lock and a completion marker, so the ranks
+    (and pods sharing a PVC) of a node download once and a restarted download resumes.
+    """
     return backend(uri).fetch(uri, Path(cache_dir))

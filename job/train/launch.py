@@ -290,5 +290,6 @@ def train(spec, prepared, model_dir: str, workdir: Path, status, *, started: flo
 def _last_metrics(path: Path) -> dict:
     if not path.exists():
         return {}
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    return json.loads(lines[-1]) if lines else {}
+    recs = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    train = [r for r in recs if r.get("loss") is not None]
+    return train[-1] if train else {}

@@ -122,7 +122,15 @@ def _callbacks(plan: dict, collator: Collator, stop: StopFlag, mirror, status):
             return control
 
         def on_log(self, args, state, control, logs=None, **kw):
-            if not state.is_world_process_zero or not logs or "loss" not in logs:
+            if not state.is_world_process_zero or not logs:
+                return
+            if "eval_loss" in logs and "loss" not in logs:
+                rec = {"step": state.global_step, "eval_loss": logs["eval_loss"], "time": time.time()}
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                print(json.dumps({"event": "eval", **rec}), flush=True)
+                return
+            if "loss" not in logs:
                 return
             elapsed = max(time.time() - self.t0, 1e-6)
             done = max(state.global_step - self.step0, 1)
@@ -138,9 +146,6 @@ def _callbacks(plan: dict, collator: Collator, stop: StopFlag, mirror, status):
 
             if torch.cuda.is_available():
                 rec["gpu_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-            for k in ("eval_loss",):
-                if k in logs:
-                    rec[k] = logs[k]
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
             print(json.dumps({"event": "progress", **rec}), flush=True)
