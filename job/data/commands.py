@@ -1,0 +1,182 @@
+"""`sftjob prepare | validate | preview`: thin wrappers that print what the data stage found.
+
+validate checks every row structurally, then (with a tokenizer) renders and tokenizes it exactly as
+training would; with only --chat-template it still renders (so templates that reject a role order
+are caught) but skips the token checks and says so. Bad rows are listed as FILE:LINE: field: problem.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from job.data import formats
+from job.data.formats import BadRow, Row
+from job.data.masks import IGNORE, Encoder, check_encoder
+from job.data.prepare import MAX_LISTED, bad_rows_message, encode_stream, prepare
+from job.data.templates import (
+    describe,
+    load_tokenizer,
+    plain_tokenizer,
+    read_template_source,
+    resolve_template,
+)
+from job.errors import ConfigError, ExitCode
+
+
+def prepare_command(spec) -> int:
+    p = prepare(spec)
+    r = p.report
+    state = "cache hit (inputs unchanged, nothing re-tokenized)" if p.cache_hit else "prepared"
+    print(f"{state}: {p.dir}")
+    print(f"  train: {p.train_path} ({r['examples']['train']} examples, {r['tokens']['total']} tokens, "
+          f"{r['tokens']['trained']} trained)")
+    if p.eval_path:
+        print(f"  eval:  {p.eval_path} ({r['examples']['eval']} examples)")
+    dropped = r["rows"]["dropped"]
+    print(f"  rows read {r['rows']['read']}, kept {r['rows']['kept']}, dropped {sum(dropped.values())}"
+          + (f" ({', '.join(f'{k}: {v}' for k, v in dropped.items())})" if dropped else "")
+          + f", truncated {r['truncation']['truncated']}")
+    if r["packing"]["enabled"]:
+        print(f"  packing efficiency {r['packing']['efficiency']:.1%}")
+    print(f"  template {r['chat_template']['name']} sha256 {p.template_sha256[:12]}…; report {p.dir / 'data_report.json'}")
+    return 0
+
+
+def _sources(spec):
+    inputs = spec.cache_root() / "inputs"
+    if not spec.data_sources():
+        spec.require("data.path")
+    files = [f for s in spec.data_sources() for f in formats.expand(s.path, inputs)]
+    if spec.data.eval_data:
+        files += formats.expand(spec.data.eval_data, inputs)
+    return files
+
+
+def validate_command(spec) -> int:
+    files = _sources(spec)
+    tok, _ = load_tokenizer(spec)
+    notes = []
+    if tok is not None:
+        chat = resolve_template(spec, tok)
+    elif spec.model.chat_template:
+        name, text = read_template_source(spec.model.chat_template)
+        chat = describe(name, text, None)
+        notes.append("no tokenizer given: rendering checked, token checks (lengths, masks) skipped")
+    else:
+        chat = None
+        notes.append("no tokenizer or chat template given: structural checks only")
+    bad: list[BadRow] = []
+    n_read = n_tokens = n_trained = n_long = 0
+    if chat is not None and tok is not None:
+        enc = Encoder(tok, chat, spec.data.max_length, spec.data.truncation, spec.data.train_on_eos)
+        check_encoder(enc)
+        ex, bad, n_read = encode_stream(enc, formats.iter_records(files, spec.data), spec.data, spec.model,
+                                        spec.data.num_proc or os.cpu_count() or 1)
+        for e in ex:
+            n_tokens += int(e.lengths.sum())
+            n_trained += int((e.labels != IGNORE).sum())
+            bad += e.too_long
+            n_long += e.truncated
+        bad.sort(key=lambda b: (b.where.rpartition(":")[0], int(b.where.rpartition(":")[2] or 0)))
+    else:
+        enc = Encoder(plain_tokenizer(), chat, spec.data.max_length, spec.data.truncation, spec.data.train_on_eos) if chat else None
+        if enc is not None:
+            check_encoder(enc)
+        chunk: list[Row] = []
+        for it in formats.read_rows(files, spec.data, spec.model):
+            n_read += 1
+            if isinstance(it, BadRow):
+                bad.append(it)
+            elif enc is not None:
+                chunk.append(it)
+                if len(chunk) >= 512:
+                    enc._render_each(chunk, [enc.messages_for(r) for r in chunk], bad)
+                    chunk = []
+        if enc is not None and chunk:
+            enc._render_each(chunk, [enc.messages_for(r) for r in chunk], bad)
+    for n in notes + (chat.notes if chat else []):
+        print(f"note: {n}")
+    if bad:
+        print(bad_rows_message(bad).split("\n", 1)[1])
+        print(f"validate: {len(bad)} of {n_read} rows are bad ({len(files)} file(s))")
+        return int(ExitCode.DATA)
+    summary = f"validate: OK, {n_read} rows in {len(files)} file(s)"
+    if chat is not None:
+        summary += f"; template {chat.name} ({chat.sha256[:12]}…, system {chat.system})"
+    if tok is not None:
+        summary += f"; {n_tokens} tokens, {n_trained} trained; {n_long} longer than max_length {spec.data.max_length} ({spec.data.truncation})"
+    print(summary)
+    return 0
+
+
+def preview_command(spec, limit: int, as_json: bool) -> int:
+    files = _sources(spec)
+    tok, _ = load_tokenizer(spec)
+    if tok is None:
+        raise ConfigError("preview needs a tokenizer", hint="pass --tokenizer DIR (or --model DIR)")
+    chat = resolve_template(spec, tok)
+    enc = Encoder(tok, chat, spec.data.max_length, spec.data.truncation, spec.data.train_on_eos)
+    check_encoder(enc)
+    recs = formats.iter_records(files, spec.data, limit=max(limit, 0))
+    ex, bad, _ = encode_stream(enc, recs, spec.data, spec.model, 1, keep_text=True)
+    for b in bad[:MAX_LISTED]:
+        print(f"skipped bad row: {b}", file=sys.stderr)
+    color = sys.stdout.isatty() and not as_json
+    console = None
+    if color:
+        from rich.console import Console
+
+        console = Console(highlight=False)
+    try:
+        _show(ex, console, as_json)
+    except BrokenPipeError:  # `sftjob preview --json | head`: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
+def _show(ex, console, as_json: bool) -> None:
+    for e in ex:
+        starts = 0
+        for k, where in enumerate(e.wheres):
+            n = int(e.lengths[k])
+            ids, labels = e.ids[starts:starts + n], e.labels[starts:starts + n]
+            starts += n
+            if as_json:
+                print(json.dumps({"input_ids": ids.tolist(), "labels": labels.tolist(), "source": where,
+                                  "trained_tokens": int((labels != IGNORE).sum())}))
+                continue
+            text, offsets, _ = e.rendered[k]
+            header = f"── {where}: {n} tokens, {int((labels != IGNORE).sum())} trained ──"
+            segs = _segments(text, offsets, labels != IGNORE)
+            if console is not None:
+                from rich.text import Text
+
+                t = Text()
+                for s, trained in segs:
+                    t.append(s, style="bold green on grey15" if trained else "dim")
+                console.print(header, style="cyan", markup=False)
+                console.print(t)
+            else:
+                print(header)
+                print("".join(f"[[{s}]]" if trained else s for s, trained in segs))
+
+
+def _segments(text: str, offsets, trained) -> list[tuple[str, bool]]:
+    """Rendered text cut into (piece, trained) runs, using the tokens' character offsets."""
+    if not offsets:
+        return [(text, False)]
+    out: list[tuple[str, bool]] = []
+    pos = offsets[0][0]
+    for (a, b), t in zip(offsets, trained.tolist(), strict=False):
+        a = max(a, pos)
+        if b <= a:
+            continue
+        piece = text[pos:b]
+        pos = b
+        if out and out[-1][1] == t:
+            out[-1] = (out[-1][0] + piece, t)
+        else:
+            out.append((piece, t))
+    return out
+

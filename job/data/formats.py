@@ -1,0 +1,369 @@
+"""Input files and row formats → one normal form: a list of {role, content[, train]} messages + a weight.
+
+Files are streamed (jsonl, jsonl.gz line by line; parquet by record batch); a .json array is parsed
+whole but each element keeps its line number, so every problem is reported as FILE:LINE: field: what.
+Formats: OpenAI ``messages``, ShareGPT ``conversations``, Alpaca, prompt/completion (plain strings
+become one user/assistant exchange rendered by the chat template; conversational lists are joined and
+only the completion is trained). The format is detected per file from its first rows unless forced.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from job import storage
+from job.errors import DataError, NotFoundError
+
+EXTENSIONS = (".jsonl.gz", ".jsonl", ".json", ".parquet")
+ROLES = ("system", "user", "assistant")
+DEFAULT_ROLES = {"system": "system", "user": "user", "assistant": "assistant", "human": "user", "gpt": "assistant"}
+CANONICAL = {  # canonical column name → default column name in the file
+    "messages": "messages", "conversations": "conversations", "role": "role", "content": "content",
+    "instruction": "instruction", "input": "input", "output": "output", "system": "system",
+    "prompt": "prompt", "completion": "completion", "weight": "weight",
+}
+DETECT_ROWS = 20
+
+
+class RowIssue(Exception):
+    """A problem with one row: field + what is wrong (the caller adds FILE:LINE)."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"{field}: {problem}")
+        self.field, self.problem = field, problem
+
+
+@dataclass
+class Row:
+    where: str  # FILE:LINE
+    messages: list[dict]
+    weight: float = 1.0
+
+
+@dataclass
+class BadRow:
+    where: str
+    field: str
+    problem: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.field}: {self.problem}"
+
+
+# ---- files ---------------------------------------------------------------------------------
+
+def supported(name: str) -> bool:
+    return name.lower().endswith(EXTENSIONS)
+
+
+def expand(uri: str, cache_dir: Path) -> list[tuple[str, Path]]:
+    """(display name, local path) for every data file a source names (file, directory or S3 prefix)."""
+    uri = str(uri)
+    if storage.is_remote(uri):
+        files = [u for u in storage.list_files(uri) if supported(u) and not _hidden(u)]
+        if not files:
+            raise NotFoundError(f"no data files ({', '.join(EXTENSIONS)}) under {uri}",
+                                hint="check the S3 prefix and the file extensions")
+        return [(u, storage.fetch(u, cache_dir)) for u in files]
+    p = Path(uri[len("file://"):] if uri.startswith("file://") else uri)
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file() and supported(f.name) and not _hidden(str(f.relative_to(p))))
+        if not files:
+            raise DataError(f"{uri}: no data files ({', '.join(EXTENSIONS)}) in this directory",
+                            hint="put .jsonl/.jsonl.gz/.json/.parquet files there or point data at a file")
+        return [(str(f), f) for f in files]
+    if not p.exists():
+        raise NotFoundError(f"data not found: {uri}", hint="check the path (file, directory or s3:// prefix)")
+    if not supported(p.name):
+        raise DataError(f"{uri}: unsupported file extension '{''.join(p.suffixes) or '(none)'}'",
+                        hint=f"use one of {', '.join(EXTENSIONS)}")
+    return [(uri, p)]
+
+
+def _hidden(rel: str) -> bool:
+    return any(part.startswith((".", "_")) for part in Path(rel).parts)
+
+
+def iter_file(display: str, path: Path) -> Iterator[tuple[str, Any]]:
+    """(FILE:LINE, object or RowIssue) for every row; file-level problems raise DataError."""
+    name = path.name.lower()
+    n = 0
+    try:
+        if name.endswith(".parquet"):
+            it = _iter_parquet(path)
+        elif name.endswith(".json"):
+            it = _iter_json_array(path)
+        else:
+            it = _iter_jsonl(path, gz=name.endswith(".gz"))
+        for line, obj in it:
+            n += 1
+            yield f"{display}:{line}", obj
+    except (OSError, EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise DataError(f"{display}: unreadable file ({type(e).__name__}: {e})",
+                        hint="re-create the file; a .gz must be a complete gzip stream") from None
+    if n == 0:
+        raise DataError(f"{display}: empty file (no rows)", hint="remove the file or add rows to it")
+
+
+def _iter_jsonl(path: Path, gz: bool) -> Iterator[tuple[int, Any]]:
+    f = gzip.open(path, "rb") if gz else open(path, "rb")
+    with f:
+        for i, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            yield i, raw  # parsed by the worker that normalises it (to_row), not here
+
+
+def _iter_json_array(path: Path) -> Iterator[tuple[int, Any]]:
+    text = path.read_bytes().decode("utf-8", errors="replace")
+    dec = json.JSONDecoder()
+    i = _skip_ws(text, 0)
+    if i < len(text) and text[i] != "[":  # a JSON-lines file named .json
+        yield from _iter_jsonl(path, gz=False)
+        return
+    i = _skip_ws(text, i + 1)
+    while i < len(text) and text[i] != "]":
+        line = text.count("\n", 0, i) + 1
+        try:
+            obj, i = dec.raw_decode(text, i)
+        except json.JSONDecodeError as e:
+            yield text.count("\n", 0, e.pos) + 1, RowIssue("(row)", f"invalid JSON: {e.msg}; the rest of the array is unreadable")
+            return
+        yield line, obj
+        i = _skip_ws(text, i)
+        if i < len(text) and text[i] == ",":
+            i = _skip_ws(text, i + 1)
+
+
+def _skip_ws(text: str, i: int) -> int:
+    while i < len(text) and text[i] in " \t\r\n":
+        i += 1
+    return i
+
+
+def _iter_parquet(path: Path) -> Iterator[tuple[int, Any]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowInvalid, pa.ArrowIOError) as e:
+        raise DataError(f"{path}: not a readable parquet file ({e})", hint="re-write the file with pyarrow/pandas") from None
+    i = 0
+    for batch in pf.iter_batches(batch_size=4096):
+        for obj in batch.to_pylist():
+            i += 1
+            yield i, obj
+
+
+# ---- formats -------------------------------------------------------------------------------
+
+def parse_line(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RowIssue("(row)", f"invalid JSON: {getattr(e, 'msg', None) or e}") from None
+
+
+def _parsed(obj: Any) -> Any:
+    try:
+        return parse_line(obj) if isinstance(obj, bytes) else obj
+    except RowIssue:
+        return None
+
+
+def detect(objs: list[Any], columns: dict[str, str]) -> str | None:
+    col = {**CANONICAL, **columns}.get
+    votes: dict[str, int] = {}
+    for o in objs:
+        if not isinstance(o, dict):
+            continue
+        for fmt, keys in (("messages", ["messages"]), ("sharegpt", ["conversations"]),
+                          ("alpaca", ["instruction", "output"]), ("prompt_completion", ["prompt", "completion"])):
+            if all(col(k) in o for k in keys):
+                votes[fmt] = votes.get(fmt, 0) + 1
+                break
+    return max(votes, key=votes.get) if votes else None
+
+
+def normalize(obj: Any, fmt: str, columns: dict[str, str], roles: dict[str, str]) -> tuple[list[dict], float]:
+    """(messages, weight) or RowIssue. Messages are {role, content[, train]} with roles mapped."""
+    if isinstance(obj, RowIssue):
+        raise obj
+    if isinstance(obj, bytes):  # a JSON line, parsed late so workers do it in parallel
+        obj = parse_line(obj)
+    if not isinstance(obj, dict):
+        raise RowIssue("(row)", f"expected a JSON object, got {type(obj).__name__}")
+    col = {**CANONICAL, **columns}
+    if fmt in ("messages", "sharegpt"):
+        key = col["messages"] if fmt == "messages" else col["conversations"]
+        rk, ck = (col["role"], col["content"]) if fmt == "messages" else (columns.get("role", "from"), columns.get("content", "value"))
+        msgs = _messages(obj, key, rk, ck, roles)
+    elif fmt == "alpaca":
+        instr, inp, out = (_text(obj, col[k], required=k != "input") for k in ("instruction", "input", "output"))
+        msgs = [{"role": "user", "content": instr + (f"\n\n{inp}" if inp.strip() else "")},
+                {"role": "assistant", "content": out}]
+        if isinstance(obj.get(col["system"]), str) and obj[col["system"]].strip():
+            msgs.insert(0, {"role": "system", "content": obj[col["system"]]})
+    elif fmt == "prompt_completion":
+        p, c = obj.get(col["prompt"]), obj.get(col["completion"])
+        if isinstance(p, list) or isinstance(c, list):
+            pm = _messages(obj, col["prompt"], col["role"], col["content"], roles, need_assistant=False)
+            cm = _messages(obj, col["completion"], col["role"], col["content"], roles)
+            msgs = [{**m, "train": m.get("train", False)} if m["role"] == "assistant" else m for m in pm] + cm
+        else:
+            msgs = [{"role": "user", "content": _text(obj, col["prompt"])},
+                    {"role": "assistant", "content": _text(obj, col["completion"])}]
+    else:
+        raise RowIssue("(row)", f"unknown format '{fmt}'")
+    return msgs, _weight(obj, col["weight"])
+
+
+def _messages(obj: dict, key: str, rk: str, ck: str, roles: dict[str, str], need_assistant: bool = True) -> list[dict]:
+    if key not in obj:
+        raise RowIssue(key, f"missing (row has: {', '.join(map(str, list(obj)[:8])) or 'no fields'})")
+    raw = obj[key]
+    if not isinstance(raw, list) or not raw:
+        raise RowIssue(key, "must be a non-empty list of messages" if isinstance(raw, list) else f"must be a list, got {type(raw).__name__}")
+    rmap = _role_map(tuple(sorted(roles.items())))
+    out = []
+    has_assistant = False
+    for i, m in enumerate(raw):  # hot loop: the common case takes no slow path
+        if type(m) is not dict:
+            raise RowIssue(f"{key}[{i}]", f"must be an object with {rk}/{ck}, got {type(m).__name__}")
+        role = m.get(rk)
+        mapped = rmap.get(role) if type(role) is str else None
+        if mapped is None:
+            mapped = _slow_role(role, rmap, f"{key}[{i}].{rk}")
+        c = m.get(ck)
+        if type(c) is not str or not c or c.isspace():
+            c = _content(c, f"{key}[{i}].{ck}")
+        msg = {"role": mapped, "content": c}
+        t = m.get("train")
+        if t is not None:
+            if type(t) is not bool:
+                raise RowIssue(f"{key}[{i}].train", f"must be true or false, got {t!r}")
+            if t and mapped != "assistant":
+                raise RowIssue(f"{key}[{i}].train", f"only assistant messages can be trained (role is {mapped})")
+            msg["train"] = t
+        has_assistant = has_assistant or mapped == "assistant"
+        out.append(msg)
+    if need_assistant and not has_assistant:
+        raise RowIssue(key, "no assistant turn")
+    return out
+
+
+@lru_cache(maxsize=64)
+def _role_map(roles: tuple) -> dict[str, str]:
+    rmap = {**DEFAULT_ROLES, **dict(roles)}
+    return {k: v for k, v in rmap.items() if v in ROLES}
+
+
+def _slow_role(role: Any, rmap: dict[str, str], where: str) -> str:
+    if not isinstance(role, str):
+        raise RowIssue(where, "missing role" if role is None else f"role must be a string, got {type(role).__name__}")
+    mapped = rmap.get(role.lower())
+    if mapped is None:
+        raise RowIssue(where, f"unknown role '{role}' (expected system, user or assistant; map others with data.roles)")
+    return mapped
+
+
+def _content(c: Any, where: str) -> str:
+    if isinstance(c, list):  # OpenAI content parts
+        parts = []
+        for p in c:
+            if not (isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)):
+                raise RowIssue(where, "only text content parts ({type: text, text: ...}) are supported")
+            parts.append(p["text"])
+        c = "".join(parts)
+    if c is None:
+        raise RowIssue(where, "missing content")
+    if not isinstance(c, str):
+        raise RowIssue(where, f"content must be a string, got {type(c).__name__}")
+    if not c.strip():
+        raise RowIssue(where, "empty content")
+    return c
+
+
+def _text(obj: dict, key: str, required: bool = True) -> str:
+    v = obj.get(key)
+    if v is None and not required:
+        return ""
+    if v is None:
+        raise RowIssue(key, f"missing (row has: {', '.join(map(str, list(obj)[:8]))})")
+    if not isinstance(v, str):
+        raise RowIssue(key, f"must be a string, got {type(v).__name__}")
+    if required and not v.strip():
+        raise RowIssue(key, "empty content")
+    return v
+
+
+def _weight(obj: dict, key: str) -> float:
+    w = obj.get(key, 1.0)
+    if w is None:
+        return 1.0
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0 or w != w:
+        raise RowIssue(key, f"must be a number >= 0, got {w!r}")
+    return float(w)
+
+
+def apply_system_prompt(messages: list[dict], prompt: str | None, mode: str) -> list[dict]:
+    """default: add prompt where a row has no system message; override: replace it; none: leave rows alone."""
+    if not prompt or mode == "none":
+        return messages
+    has = bool(messages) and messages[0]["role"] == "system"
+    if mode == "override":
+        return [{"role": "system", "content": prompt}] + (messages[1:] if has else messages)
+    return messages if has else [{"role": "system", "content": prompt}] + messages
+
+
+def iter_records(files: list[tuple[str, Path]], data_spec, limit: int | None = None,
+                 ) -> Iterator[tuple[str, Any, str]]:
+    """(FILE:LINE, raw row, format) for every row of the files (from expand), in order; cheap, unparsed."""
+    n = 0
+    for display, path in files:
+        it = iter_file(display, path)
+        head: list[tuple[str, Any]] = []
+        fmt = data_spec.format
+        if fmt == "auto":
+            for item in it:
+                head.append(item)
+                if len(head) >= DETECT_ROWS:
+                    break
+            objs = [_parsed(o) for _, o in head]
+            fmt = detect(objs, data_spec.columns)
+            if fmt is None:
+                keys = sorted({k for o in objs if isinstance(o, dict) for k in o})[:10]
+                raise DataError(f"{display}: cannot detect the row format from the first rows (fields: {', '.join(keys) or 'none'})",
+                                hint="set data.format (messages, sharegpt, alpaca, prompt_completion) and data.columns")
+        for where, obj in _chain(head, it):
+            yield where, obj, fmt
+            n += 1
+            if limit is not None and n >= limit:
+                return
+
+
+def to_row(where: str, raw: Any, fmt: str, data_spec, model_spec) -> Row | BadRow:
+    try:
+        msgs, weight = normalize(raw, fmt, data_spec.columns, data_spec.roles)
+    except RowIssue as e:
+        return BadRow(where, e.field, e.problem)
+    return Row(where, apply_system_prompt(msgs, model_spec.system_prompt, model_spec.system_prompt_mode), weight)
+
+
+def read_rows(files: list[tuple[str, Path]], data_spec, model_spec, limit: int | None = None,
+              ) -> Iterator[Row | BadRow]:
+    """Every row of the files, normalised (Row) or what is wrong with it (BadRow), in order."""
+    for where, raw, fmt in iter_records(files, data_spec, limit):
+        yield to_row(where, raw, fmt, data_spec, model_spec)
+
+
+def _chain(head, it):
+    yield from head
+    yield from it

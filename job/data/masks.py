@@ -1,0 +1,376 @@
+"""Render, tokenize and mask: input_ids exactly as apply_chat_template(tokenize=True), labels on assistant turns.
+
+How assistant spans are found for ANY template, without {% generation %} markers:
+1. The template is rendered once per *role sequence* with placeholder contents (cached), which splits
+   its output into literal scaffolding and numbered content slots, whatever the template does with
+   the order (system folded into the last user turn, roles renamed, BOS in front, ...).
+2. Each real rendering is walked against that skeleton; a slot matches the content as is or trimmed
+   (templates that ``| trim``). That gives exact character spans of every message. When the walk
+   fails (content-dependent templates) the contents are searched in order instead.
+3. The full text is tokenized in one batched fast-tokenizer call (add_special_tokens=False, as
+   transformers does inside apply_chat_template) and character spans become token labels through the
+   tokenizer's offsets, so SentencePiece merges across a boundary never shift anything.
+With generation markers the template's own spans are used and both ways are checked to agree.
+The end-of-turn token(s) right after assistant content are trained too (train_on_eos).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from itertools import chain
+
+import numpy as np
+
+from job.data.formats import BadRow, Row, to_row
+from job.data.templates import ChatTemplate, sentinel
+from job.errors import ConfigError
+
+_SLOT = re.compile("\ue000(\\d+)\ue001")
+_GEN = re.compile(r"\{%-?\s*generation\s*-?%\}")
+IGNORE = -100
+
+
+@dataclass
+class Encoded:
+    """A batch of examples as flat arrays (cheap to pickle across processes, no per-token lists)."""
+
+    ids: np.ndarray
+    labels: np.ndarray
+    lengths: np.ndarray
+    weights: np.ndarray
+    turns: np.ndarray
+    wheres: list[str]
+    bad: list[BadRow] = field(default_factory=list)  # rows the template rejects or that cannot be masked
+    dropped: dict[str, int] = field(default_factory=dict)  # reason → rows (too_long, no_trained_tokens)
+    too_long: list[BadRow] = field(default_factory=list)
+    truncated: int = 0
+    rendered: list[tuple[str, list[tuple[int, int]], list[dict]]] | None = None  # preview: text, offsets, messages
+
+
+@dataclass
+class _Pending:
+    """One chunk between the stages of Encoder (rendered, spans located, maybe tokenized)."""
+
+    rows: list[Row]
+    bad: list[BadRow]
+    keep_text: bool
+    keep: list[int] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    intervals: list = field(default_factory=list)
+    turns: list[int] = field(default_factory=list)
+    convs: list = field(default_factory=list)
+    ids: list | None = None
+    ranges: list | None = None
+    offsets: list | None = None
+
+
+def fold_system(messages: list[dict]) -> list[dict]:
+    """For templates without a system role: "system\\n\\nuser" as the first user turn."""
+    if not messages or messages[0]["role"] != "system":
+        return messages
+    sys_text, rest = messages[0]["content"], messages[1:]
+    for i, m in enumerate(rest):
+        if m["role"] == "user":
+            return rest[:i] + [{**m, "content": f"{sys_text}\n\n{m['content']}"}] + rest[i + 1:]
+    return [{"role": "user", "content": sys_text}] + rest
+
+
+class Encoder:
+    def __init__(self, tokenizer, chat: ChatTemplate, max_length: int, truncation: str, train_on_eos: str):
+        self.tok, self.chat = tokenizer, chat
+        self.max_length, self.truncation, self.train_on_eos = max_length, truncation, train_on_eos
+        self.markers = bool(_GEN.search(chat.text))
+        self._compiled, self._kwargs, self._checked = None, {}, False
+        try:  # the same compiled template and kwargs apply_chat_template uses, minus its per-call copying
+            from transformers.utils.chat_template_utils import _compile_jinja_template, _plain_template_data
+
+            self._compiled = _compile_jinja_template(chat.text)
+            self._kwargs = _plain_template_data(dict(getattr(tokenizer, "special_tokens_map", {}) or {}))
+        except Exception:  # noqa: BLE001 - fall back to apply_chat_template for every row
+            self._compiled = None
+        self._skeletons: dict[tuple, list | Exception] = {}
+        eos = sorted({e for e in chat.eos_tokens if e}, key=len, reverse=True)
+        self._eos = re.compile(r"\s*(?:" + "|".join(map(re.escape, eos)) + ")") if eos else None
+
+    # ---- rendering ---------------------------------------------------------------------
+    def messages_for(self, row: Row) -> list[dict]:
+        """The messages the template sees (train flags removed; system folded where unsupported)."""
+        msgs = fold_system(row.messages) if self.chat.system == "folded" else row.messages
+        return msgs
+
+    def _render(self, convs: list[list[dict]]) -> tuple[list[str], list | None]:
+        plain = [[{"role": m["role"], "content": m["content"]} for m in c] for c in convs]
+        if self.markers:
+            from transformers.utils.chat_template_utils import render_jinja_template
+
+            return render_jinja_template(conversations=plain, chat_template=self.chat.text,
+                                         return_assistant_tokens_mask=True, **self.tok.special_tokens_map)
+        if self._compiled is None:
+            return self.tok.apply_chat_template(plain, chat_template=self.chat.text, tokenize=False), None
+        texts = [self._compiled.render(messages=c, tools=None, documents=None, add_generation_prompt=False,
+                                       **self._kwargs) for c in plain]
+        if not self._checked:  # the fast path must be byte-identical to apply_chat_template
+            ref = self.tok.apply_chat_template(plain[0], chat_template=self.chat.text, tokenize=False)
+            if ref != texts[0]:
+                self._compiled = None
+                return self._render(convs)
+            self._checked = True
+        return texts, None
+
+    def _skeleton(self, roles: tuple) -> list:
+        if roles not in self._skeletons:
+            try:
+                text = self._render([[{"role": r, "content": sentinel(i)} for i, r in enumerate(roles)]])[0][0]
+                parts = _SLOT.split(text)
+                self._skeletons[roles] = [int(p) if k % 2 else p for k, p in enumerate(parts)]
+            except Exception as e:  # noqa: BLE001 - raise_exception in templates
+                self._skeletons[roles] = e
+        return self._skeletons[roles]
+
+    def spans(self, text: str, msgs: list[dict]) -> dict[int, tuple[int, int]] | None:
+        """Character span of every message's content in the rendered text (None if not locatable)."""
+        sk = self._skeleton(tuple(m["role"] for m in msgs))
+        if isinstance(sk, list):
+            out = _walk(text, sk, msgs)
+            if out is not None:
+                return out
+        return _search(text, msgs)
+
+    # ---- the batch ---------------------------------------------------------------------
+    def encode_records(self, recs: list[tuple], data_spec, model_spec, keep_text: bool = False) -> Encoded:
+        """Raw records (from formats.iter_records) → normalised rows → Encoded; bad rows reported in it."""
+        return self.finish(self.tokenize(self.stage(recs, data_spec, model_spec, keep_text)))
+
+    def encode(self, rows: list[Row], keep_text: bool = False) -> Encoded:
+        return self.finish(self.tokenize(self._stage_rows(rows, [], keep_text)))
+
+    # Three stages so a caller can overlap them: stage (Python: parse, render, locate spans),
+    # tokenize (Rust, releases the GIL, parallel inside), finish (array ops).
+    def stage(self, recs: list[tuple], data_spec, model_spec, keep_text: bool = False) -> _Pending:
+        rows, bad = [], []
+        for where, raw, fmt in recs:
+            r = to_row(where, raw, fmt, data_spec, model_spec)
+            (bad if isinstance(r, BadRow) else rows).append(r)
+        return self._stage_rows(rows, bad, keep_text)
+
+    def _stage_rows(self, rows: list[Row], bad: list[BadRow], keep_text: bool) -> _Pending:
+        convs = [self.messages_for(r) for r in rows]
+        texts, gens = self._render_each(rows, convs, bad)
+        p = _Pending(rows=rows, bad=bad, keep_text=keep_text)
+        for i, t in enumerate(texts):
+            if t is None:
+                continue
+            try:
+                iv, nt = self._trained(t, convs[i], rows[i], gens[i] if gens else None)
+            except _Unmaskable as e:
+                bad.append(BadRow(rows[i].where, "messages", str(e)))
+                continue
+            p.keep.append(i)
+            p.texts.append(t)
+            p.intervals.append(iv)
+            p.turns.append(nt)
+            if keep_text:
+                p.convs.append(convs[i])
+        return p
+
+    def tokenize(self, p: _Pending) -> _Pending:
+        p.ids, p.ranges, p.offsets = self._tokenize(p.texts, p.intervals, p.keep_text)
+        return p
+
+    def finish(self, p: _Pending) -> Encoded:
+        return self._finish(p.rows, p.keep, p.texts, p.ids, p.ranges, p.offsets, p.turns, p.bad,
+                            p.convs if p.keep_text else None)
+
+    def _render_each(self, rows, convs, bad):
+        try:
+            texts, gens = self._render(convs)
+            return list(texts), gens
+        except Exception:  # noqa: BLE001 - find the rows the template rejects, one by one
+            pass
+        texts, gens = [], []
+        for r, c in zip(rows, convs, strict=False):
+            try:
+                t, g = self._render([c])
+                texts.append(t[0])
+                gens.append(g[0] if g else None)
+            except Exception as e:  # noqa: BLE001
+                msg = (str(e).splitlines() or [type(e).__name__])[0][:200]
+                roles = "/".join(m["role"] for m in c)
+                bad.append(BadRow(r.where, "messages", f"the chat template rejects this conversation ({roles}): {msg}"))
+                texts.append(None)
+                gens.append(None)
+        return texts, (gens if self.markers else None)
+
+    def _trained(self, text: str, msgs: list[dict], row: Row, gen) -> tuple[list[tuple[int, int]], int]:
+        spans = self.spans(text, msgs)
+        if spans is None:
+            raise _Unmaskable("cannot locate the message contents in the rendered template text")
+        asst = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
+        last = asst[-1] if asst else -1
+        out, nt = [], 0
+        for k, i in enumerate(asst):
+            if i not in spans:
+                raise _Unmaskable(f"the chat template does not render assistant message {i}")
+            s, e = spans[i]
+            if gen is not None:
+                if k >= len(gen) or not (gen[k][0] <= s and e <= gen[k][1]):
+                    raise _Unmaskable("the template's {% generation %} spans and the located assistant contents disagree")
+            if msgs[i].get("train") is False:
+                continue
+            nt += 1
+            with_eos = self.train_on_eos == "turn" or (self.train_on_eos == "last" and i == last)
+            if gen is not None and with_eos:
+                s, e = gen[k]
+            elif with_eos and self._eos is not None:
+                m = self._eos.match(text, e)
+                if m:
+                    e = m.end()
+            out.append((s, e))
+        return out, nt
+
+    def _tokenize(self, texts: list[str], intervals, keep_offsets: bool):
+        """(ids per row, trained token ranges per row, offsets per row or None).
+
+        Fast tokenizers: one batched Rust call, then char_to_token at span edges only (no per-token
+        Python). Slow tokenizers: token boundaries from tokenizing text prefixes.
+        """
+        if not texts:
+            return [], [], None
+        tok = self.tok
+        if getattr(tok, "is_fast", False) and hasattr(tok, "_tokenizer"):
+            first = tok(texts[0], add_special_tokens=False)["input_ids"]  # also resets truncation/padding state
+            encs = tok._tokenizer.encode_batch(texts, add_special_tokens=False)
+            if encs[0].ids == first:
+                ranges = [[r for s, e in iv if (r := _token_range(enc, s, e))] for enc, iv in zip(encs, intervals, strict=False)]
+                return [e.ids for e in encs], ranges, [e.offsets for e in encs] if keep_offsets else None
+        ids_l = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+        ranges = [[(len(tok(t[:s], add_special_tokens=False)["input_ids"]), len(tok(t[:e], add_special_tokens=False)["input_ids"]))
+                   for s, e in iv] for t, iv in zip(texts, intervals, strict=False)]
+        return ids_l, ranges, None
+
+    def _finish(self, rows, keep, texts, ids_l, ranges, offs_l, turns, bad, convs) -> Encoded:
+        """Labels, truncation and drops for the whole batch with array ops; only over-long rows loop."""
+        lengths = np.fromiter((len(x) for x in ids_l), dtype=np.int64, count=len(ids_l))
+        ids = np.fromiter(chain.from_iterable(ids_l), dtype=np.int32, count=int(lengths.sum()))
+        trained = _ranges_mask(lengths, ranges)
+        labels = np.where(trained, ids, IGNORE).astype(np.int32)
+        starts = np.concatenate([[0], np.cumsum(lengths)])
+        lo, hi = starts[:-1].copy(), starts[1:].copy()
+        ok = np.ones(len(keep), bool)
+        dropped: dict[str, int] = {}
+        too_long: list[BadRow] = []
+        long_rows = np.flatnonzero(lengths > self.max_length)
+        for j in long_rows.tolist():
+            if self.truncation == "drop":
+                ok[j] = False
+                too_long.append(BadRow(rows[keep[j]].where, "(row)",
+                                       f"{lengths[j]} tokens > max_length {self.max_length} with truncation: drop"))
+            elif self.truncation == "truncate_right":
+                hi[j] = lo[j] + self.max_length
+            else:
+                lo[j] = hi[j] - self.max_length
+        if len(long_rows) and self.truncation == "drop":
+            dropped["too_long"] = len(long_rows)
+        cum = np.concatenate([[0], np.cumsum(trained)])
+        none = ok & (cum[hi] - cum[lo] == 0)
+        if none.any():
+            dropped["no_trained_tokens"] = int(none.sum())
+        ok &= ~none
+        sel = np.flatnonzero(ok)
+        lo, hi = lo[sel], hi[sel]
+        n = hi - lo
+        tok_idx = np.repeat(lo - np.concatenate([[0], np.cumsum(n)])[:-1], n) + np.arange(int(n.sum()))
+        kept = [keep[j] for j in sel.tolist()]
+        rendered = None
+        if convs is not None:
+            rendered = [(texts[j], list(offs_l[j][lo[k] - starts[j]:hi[k] - starts[j]]) if offs_l else [], convs[j])
+                        for k, j in enumerate(sel.tolist())]
+        return Encoded(ids=ids[tok_idx], labels=labels[tok_idx], lengths=n.astype(np.int32),
+                       weights=np.asarray([rows[i].weight for i in kept], np.float32),
+                       turns=np.asarray(turns, np.int32)[sel] if len(sel) else np.zeros(0, np.int32),
+                       wheres=[rows[i].where for i in kept], bad=bad, dropped=dropped, too_long=too_long,
+                       truncated=int(self.truncation != "drop") * len(long_rows) - int(none[long_rows].sum()),
+                       rendered=rendered)
+
+
+class _Unmaskable(Exception):
+    pass
+
+
+def _walk(text: str, sk: list, msgs: list[dict]) -> dict[int, tuple[int, int]] | None:
+    """Match text against the skeleton [literal, slot, literal, slot, ..., literal]; spans per slot."""
+    first = sk[0]
+    if not text.startswith(first):
+        return None
+    pos, out = len(first), {}
+    for k in range(1, len(sk), 2):
+        part, nxt = sk[k], sk[k + 1]
+        c = msgs[part]["content"]
+        end = pos + len(c)
+        if not (text.startswith(c, pos) and text.startswith(nxt, end)):
+            for cand in (c.strip(), c.rstrip(), c.lstrip()):  # templates that trim
+                end = pos + len(cand)
+                if text.startswith(cand, pos) and text.startswith(nxt, end):
+                    break
+            else:
+                return None
+        if part not in out:
+            out[part] = (pos, end)
+        pos = end + len(nxt)
+    return out if pos == len(text) else None
+
+
+def _search(text: str, msgs: list[dict]) -> dict[int, tuple[int, int]] | None:
+    pos, out = 0, {}
+    for i, m in enumerate(msgs):
+        if m["role"] == "system":
+            continue
+        for cand in (m["content"], m["content"].strip()):
+            j = text.find(cand, pos)
+            if j >= 0:
+                out[i] = (j, j + len(cand))
+                pos = j + len(cand)
+                break
+        else:
+            return None
+    return out
+
+
+def _token_range(enc, s: int, e: int) -> tuple[int, int] | None:
+    """Tokens overlapping chars [s, e): first token holding a char at/after s, last holding one before e."""
+    a = None
+    for c in range(s, e):
+        a = enc.char_to_token(c)
+        if a is not None:
+            break
+    b = None
+    for c in range(e - 1, s - 1, -1):
+        b = enc.char_to_token(c)
+        if b is not None:
+            break
+    if a is None or b is None:
+        return None
+    n = len(enc)
+    while b + 1 < n and (nxt := enc.token_to_chars(b + 1)) is not None and nxt[0] < e:
+        b += 1  # several tokens for one char (byte fallback): take them all
+    return a, b + 1
+
+
+def _ranges_mask(lengths: np.ndarray, ranges) -> np.ndarray:
+    """Boolean per token of the batch: inside any trained token range (vectorised, no per-token Python)."""
+    n_tok = int(lengths.sum())
+    base = np.concatenate([[0], np.cumsum(lengths)])
+    s = np.fromiter((base[r] + a for r, rr in enumerate(ranges) for a, _ in rr), dtype=np.int64)
+    e = np.fromiter((base[r] + b for r, rr in enumerate(ranges) for _, b in rr), dtype=np.int64)
+    diff = np.zeros(n_tok + 1, np.int64)
+    np.add.at(diff, s, 1)
+    np.add.at(diff, e, -1)
+    return np.cumsum(diff[:-1]) > 0
+
+
+def check_encoder(enc: Encoder) -> None:
+    """Fail early (not per row) when the template cannot be rendered at all."""
+    sk = enc._skeleton(("user", "assistant"))
+    if isinstance(sk, Exception):
+        raise ConfigError(f"chat template '{enc.chat.name}' fails on a plain user/assistant exchange: {sk}",
+                        hint="fix the Jinja template or pick a built-in chat_template")

@@ -1,0 +1,384 @@
+"""prepare(spec) → a cached directory of train/eval parquet the trainer loads without tokenizing.
+
+Runs before any process group exists (the entrypoint, or local rank 0); ranks only ``Prepared.load``.
+The cache key hashes everything that changes the output: file contents, template, tokenizer, the
+spec fields that matter and the code version, so a second run with the same inputs is a cache hit.
+Writes go to a temp directory renamed into place, so a killed or concurrent prepare never leaves a
+half cache that looks complete.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from job.data import formats, packing, report
+from job.data.formats import BadRow
+from job.data.masks import Encoded, Encoder, check_encoder
+from job.data.templates import (
+    describe,
+    load_tokenizer_from,
+    locate_tokenizer,
+    read_template_source,
+    resolve_template,
+    tokenizer_files_sha256,
+)
+from job.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+PREP_VERSION = "1"
+CHUNK_ROWS = 512
+MAX_LISTED = 20
+
+
+@dataclass
+class Prepared:
+    dir: Path
+    train_path: Path
+    eval_path: Path | None
+    report: dict
+    cache_hit: bool
+    chat_template: str
+    template_sha256: str
+    eos_tokens: list[str]
+
+    @classmethod
+    def load(cls, d: str | Path, cache_hit: bool = True) -> Prepared:
+        """What a training rank calls: read a finished cache dir (meta.json is its completeness mark)."""
+        d = Path(d)
+        meta = json.loads((d / "meta.json").read_text())
+        return cls(dir=d, train_path=d / "train.parquet", eval_path=(d / "eval.parquet") if meta["eval"] else None,
+                   report=json.loads((d / "data_report.json").read_text()), cache_hit=cache_hit,
+                   chat_template=(d / "chat_template.jinja").read_text(), template_sha256=meta["template_sha256"],
+                   eos_tokens=meta["eos_tokens"])
+
+
+def prepare(spec, tokenizer_dir: Path | None = None) -> Prepared:
+    t0 = time.time()
+    if not spec.data_sources():
+        spec.require("data.path")
+    tdir = locate_tokenizer(spec, tokenizer_dir)
+    if tdir is None:
+        raise ConfigError("prepare needs a tokenizer", hint="pass --model DIR or --tokenizer DIR")
+    template_src = read_template_source(spec.model.chat_template) if spec.model.chat_template else None
+    inputs = spec.cache_root() / "inputs"
+    sources = [(s, formats.expand(s.path, inputs)) for s in spec.data_sources()]
+    eval_files = formats.expand(spec.data.eval_data, inputs) if spec.data.eval_data else []
+    key = cache_key(spec, template_src, tdir, sources, eval_files)
+    root = spec.cache_root() / "prepared"
+    dest = root / key
+    if (dest / "meta.json").exists():  # checked before loading transformers: a hit takes well under a second
+        log.info("prepared data: cache hit %s", dest)
+        return Prepared.load(dest, cache_hit=True)
+
+    marks = {"inputs": time.time()}
+    tok = load_tokenizer_from(tdir, spec.model.trust_remote_code)
+    chat = describe(*template_src, tok) if template_src else resolve_template(spec, tok)
+    encoder = Encoder(tok, chat, spec.data.max_length, spec.data.truncation, spec.data.train_on_eos)
+    check_encoder(encoder)
+    marks["tokenizer_and_template"] = time.time()
+    nproc = spec.data.num_proc or os.cpu_count() or 1
+    rng = np.random.default_rng(spec.train.seed)
+    per_source, pools, train_idx, eval_idx, read_total, bad_all, dropped, truncated = [], [], [], [], 0, [], {}, 0
+    offset = 0
+    with worker_pool(encoder, spec.data, spec.model, nproc) as pool:
+        report.preload_matplotlib()  # a thread, started only after the fork (never inherited mid-import)
+        encoded = [(src, files, *encode_stream(encoder, formats.iter_records(files, spec.data), spec.data, spec.model,
+                                               pool=pool))
+                   for src, files in sources + ([(None, eval_files)] if eval_files else [])]
+    marks["encode"] = time.time()
+    for src, files, ex, bad, read in encoded:
+        bad_all += bad
+        read_total += read
+        truncated += sum(e.truncated for e in ex)
+        _merge(dropped, ex)
+        part = concat(ex)
+        n = len(part["lengths"])
+        if src is None:  # the separate eval source
+            eval_idx.append(np.arange(n) + offset)
+        else:
+            tr, ev = split(n, spec.data.eval_split, spec.data.shuffle, rng)
+            tr = repeat(tr, part["weights"], src.weight, rng)
+            train_idx.append(tr + offset)
+            eval_idx.append(ev + offset)
+            per_source.append({"path": src.path, "files": len(files), "weight": src.weight, "rows_read": read,
+                               "examples": n, "train": len(tr), "eval": len(ev)})
+        zero = int((part["weights"] == 0).sum())
+        if zero:
+            dropped["weight_zero"] = dropped.get("weight_zero", 0) + zero
+        pools.append(part)
+        offset += n
+    if bad_all:
+        raise DataError(bad_rows_message(bad_all),
+                        hint="fix or remove these rows (`sftjob validate --data ...` lists them all)")
+    every = _cat_parts(pools)
+    order = np.concatenate(train_idx)
+    if not len(order):
+        raise DataError("no training examples left after preparation", hint=f"dropped: {dropped or 'none'}")
+    train = take(every, rng.permutation(order) if spec.data.shuffle else order)  # one gather per split
+    evald = take(every, np.concatenate(eval_idx))
+    rep = report.build(spec, chat, tok, per_source, read_total, dropped, truncated, train, evald, key)
+    marks["split_and_mix"] = time.time()
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=_mkdir(root)))
+    try:
+        bins_eff, n_rows = write_split(tmp / "train.parquet", train, spec.data.packing, spec.data.max_length)
+        if len(evald["lengths"]):
+            write_split(tmp / "eval.parquet", evald, False, spec.data.max_length)
+        rep["packing"].update(efficiency=bins_eff, bins=n_rows if spec.data.packing else None)
+        # flat summary for the planner (job/train/plan.py): rows of train.parquet per epoch
+        rep.update(rows_kept=len(train["lengths"]), tokens_total=rep["tokens"]["total"],
+                   packed_bins=n_rows if spec.data.packing else None)
+        marks["parquet"] = time.time()
+        report.plot_lengths(tmp / "token_lengths.png", train["lengths"], spec.data.max_length)
+        marks["plot"] = time.time()
+        rep["prep_seconds"] = round(time.time() - t0, 3)
+        rep["tokens_per_second"] = round(rep["tokens"]["total"] / max(rep["prep_seconds"], 1e-9))
+        prev, rep["timings"] = t0, {}
+        for name, t in marks.items():
+            rep["timings"][name] = round(t - prev, 3)
+            prev = t
+        report.write(tmp, rep)
+        (tmp / "chat_template.jinja").write_text(chat.text)
+        meta = {"key": key, "version": PREP_VERSION, "template_sha256": chat.sha256, "template_name": chat.name,
+                "eos_tokens": chat.eos_tokens, "system": chat.system, "eval": bool(len(evald["lengths"])),
+                "packing": spec.data.packing, "max_length": spec.data.max_length}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        try:
+            os.rename(tmp, dest)
+        except OSError:  # another prepare finished first: same key, same content
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("prepared data: %s", dest)
+    return Prepared.load(dest, cache_hit=False)
+
+
+# ---- encoding, in parallel -------------------------------------------------------------------
+
+_WORKER: tuple | None = None  # (encoder, data spec, model spec), inherited by forked workers
+
+
+def _init_worker(state: tuple) -> None:
+    global _WORKER
+    _WORKER = state
+
+
+def _encode_chunks(chunks: list[list[tuple]]) -> list[Encoded]:
+    enc, d, m = _WORKER
+    return pipelined(enc, iter(chunks), d, m)
+
+
+def pipelined(encoder: Encoder, chunks: Iterator[list[tuple]], data_spec, model_spec) -> list[Encoded]:
+    """Overlap Python (parse, render, spans) of chunk k+1 with the Rust tokenization of chunk k.
+
+    The fast tokenizer releases the GIL and runs its batch on every core (rayon), so one process
+    keeps two cores busy without forking; per-token work never runs in Python.
+    """
+    out: list[Encoded] = []
+    with ThreadPoolExecutor(1, thread_name_prefix="tokenize") as pool:
+        pending = None
+        for c in chunks:
+            staged = encoder.stage(c, data_spec, model_spec)
+            nxt = pool.submit(encoder.tokenize, staged)
+            if pending is not None:
+                out.append(encoder.finish(pending.result()))
+            pending = nxt
+        if pending is not None:
+            out.append(encoder.finish(pending.result()))
+    return out
+
+
+@contextmanager
+def worker_pool(encoder: Encoder, data_spec, model_spec, num_proc: int):
+    """Forked workers for many-core machines (each runs the threaded pipeline); None up to 2 cores.
+
+    On <= 2 cores one process with a tokenizer thread is faster than forking (measured: less CPU,
+    no pickling). Workers are forked before this process ever tokenizes, so the Rust thread pool
+    is never inherited half-initialised.
+    """
+    if num_proc <= 2:
+        yield None
+        return
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(num_proc // 2, initializer=_init_worker, initargs=((encoder, data_spec, model_spec),)) as pool:
+        yield pool
+
+
+def encode_stream(encoder: Encoder, records: Iterable[tuple], data_spec, model_spec, num_proc: int = 1,
+                  keep_text: bool = False, pool=None) -> tuple[list[Encoded], list[BadRow], int]:
+    """Parse, normalise and encode raw records in chunks, in order (pipelined; forked workers if given a pool)."""
+    read = 0
+
+    def chunks():
+        nonlocal read
+        buf: list[tuple] = []
+        for rec in records:
+            read += 1
+            buf.append(rec)
+            if len(buf) >= CHUNK_ROWS:
+                yield buf
+                buf = []
+        if buf:
+            yield buf
+
+    if keep_text:
+        out = [encoder.encode_records(c, data_spec, model_spec, keep_text=True) for c in chunks()]
+    elif pool is not None:  # groups of chunks per worker task: each runs the pipeline
+        out = [e for group in pool.imap(_encode_chunks, _grouped(chunks(), 4)) for e in group]
+    elif num_proc > 2:
+        with worker_pool(encoder, data_spec, model_spec, num_proc) as p:
+            out = [e for group in p.imap(_encode_chunks, _grouped(chunks(), 4)) for e in group]
+    else:
+        out = pipelined(encoder, chunks(), data_spec, model_spec)
+    bad = sorted((b for e in out for b in e.bad), key=_where_key)
+    return out, bad, read
+
+
+def _grouped(it, n: int):
+    buf = []
+    for x in it:
+        buf.append(x)
+        if len(buf) == n:
+            yield buf
+            buf = []
+    if buf:
+        yield buf
+
+
+def _where_key(b: BadRow):
+    f, _, line = b.where.rpartition(":")
+    return (f, int(line) if line.isdigit() else 0)
+
+
+def bad_rows_message(bad: list[BadRow]) -> str:
+    lines = [str(b) for b in bad[:MAX_LISTED]]
+    if len(bad) > MAX_LISTED:
+        lines.append(f"... and {len(bad) - MAX_LISTED} more bad rows")
+    return f"{len(bad)} bad row(s):\n" + "\n".join(lines)
+
+
+def _merge(dropped: dict, ex: list[Encoded]) -> None:
+    for e in ex:
+        for k, v in e.dropped.items():
+            dropped[k] = dropped.get(k, 0) + v
+
+
+# ---- example sets as flat arrays -------------------------------------------------------------
+
+def concat(ex: list[Encoded]) -> dict:
+    if not ex:
+        return _empty()
+    return {"ids": np.concatenate([e.ids for e in ex]), "labels": np.concatenate([e.labels for e in ex]),
+            "lengths": np.concatenate([e.lengths for e in ex]).astype(np.int64),
+            "weights": np.concatenate([e.weights for e in ex]), "turns": np.concatenate([e.turns for e in ex])}
+
+
+def _empty() -> dict:
+    z = np.zeros(0, np.int32)
+    return {"ids": z, "labels": z, "lengths": np.zeros(0, np.int64), "weights": np.zeros(0, np.float32), "turns": z}
+
+
+def _cat_parts(parts: list[dict]) -> dict:
+    parts = [p for p in parts if len(p["lengths"])]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else _empty()
+
+
+def take(d: dict, idx: np.ndarray) -> dict:
+    """Examples idx (in that order, repeats allowed), vectorised over the flat token arrays."""
+    idx = np.asarray(idx, np.int64)
+    starts = np.concatenate([[0], np.cumsum(d["lengths"])])[:-1]
+    lens = d["lengths"][idx]
+    tok = np.repeat(starts[idx] - np.concatenate([[0], np.cumsum(lens)])[:-1], lens) + np.arange(int(lens.sum()))
+    return {"ids": d["ids"][tok], "labels": d["labels"][tok], "lengths": lens,
+            "weights": d["weights"][idx], "turns": d["turns"][idx]}
+
+
+def split(n: int, fraction: float, shuffle: bool, rng) -> tuple[np.ndarray, np.ndarray]:
+    """(train, eval) example indices; eval is a random `fraction` of the source (at least one row)."""
+    order = rng.permutation(n) if shuffle else np.arange(n)
+    n_eval = min(n - 1, max(1, round(n * fraction))) if fraction > 0 and n > 1 else 0
+    return np.sort(order[n_eval:]), np.sort(order[:n_eval])
+
+
+def repeat(idx: np.ndarray, row_weights: np.ndarray, source_weight: float, rng) -> np.ndarray:
+    """Mixture weight x row weight → copies per example: integer part, plus one more with the fraction's probability."""
+    w = row_weights[idx].astype(np.float64) * source_weight
+    copies = np.floor(w).astype(np.int64) + (rng.random(len(w)) < (w - np.floor(w)))
+    return np.repeat(idx, copies)
+
+
+def write_split(path: Path, d: dict, pack: bool, max_length: int) -> tuple[float | None, int]:
+    """One parquet file; rows = examples, or packed bins. Returns (packing efficiency or None, rows written)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    lengths = d["lengths"]
+    eff = None
+    if pack:
+        starts = np.concatenate([[0], np.cumsum(lengths)])
+        ids = [d["ids"][starts[i]:starts[i + 1]] for i in range(len(lengths))]
+        labels = [d["labels"][starts[i]:starts[i + 1]] for i in range(len(lengths))]
+        b_ids, b_labels, b_pos, eff = packing.pack(ids, labels, max_length)
+        flat_ids, flat_labels, flat_pos = np.concatenate(b_ids), np.concatenate(b_labels), np.concatenate(b_pos)
+        lengths = np.fromiter((len(x) for x in b_ids), dtype=np.int64, count=len(b_ids))
+    else:
+        flat_ids, flat_labels = d["ids"], d["labels"]
+        starts = np.concatenate([[0], np.cumsum(lengths)])[:-1]
+        flat_pos = (np.arange(int(lengths.sum())) - np.repeat(starts, lengths)).astype(np.int32)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+
+    def col(v):
+        return pa.ListArray.from_arrays(offsets, pa.array(np.asarray(v, np.int32)))
+
+    table = pa.table({"input_ids": col(flat_ids), "labels": col(flat_labels), "position_ids": col(flat_pos)})
+    pq.write_table(table, path, use_dictionary=False, compression="zstd")
+    return eff, len(lengths)
+
+
+# ---- cache key -------------------------------------------------------------------------------
+
+def cache_key(spec, template_src: tuple[str, str] | None, tdir: Path, sources, eval_files) -> str:
+    """Hash of what changes the output; computed without loading the tokenizer (file hashes instead)."""
+    h = hashlib.sha256()
+
+    def add(obj):
+        h.update(json.dumps(obj, sort_keys=True, default=str).encode())
+        h.update(b"\0")
+
+    d, m = spec.data, spec.model
+    add({"v": PREP_VERSION, "format": d.format, "columns": d.columns, "roles": d.roles, "eval_split": d.eval_split,
+         "max_length": d.max_length, "truncation": d.truncation, "train_on_eos": d.train_on_eos,
+         "packing": d.packing, "shuffle": d.shuffle, "seed": spec.train.seed,
+         "system_prompt": m.system_prompt, "system_prompt_mode": m.system_prompt_mode,
+         "template": template_src[1] if template_src else "(tokenizer's own)",
+         "tokenizer": tokenizer_files_sha256(tdir)})
+    for src, files in sources:
+        add({"weight": src.weight, "files": [file_sha256(p) for _, p in files]})
+    add({"eval": [file_sha256(p) for _, p in eval_files]})
+    return h.hexdigest()[:24]
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _mkdir(p: Path) -> Path:
+    p.mkdir(parents=True, exist_ok=True)
+    return p

@@ -1,0 +1,146 @@
+"""Publish a run's outputs: every file first, then manifest.json, then _SUCCESS — last and create-only.
+
+Why this order: a reader that sees ``_SUCCESS`` may trust the manifest, and a reader of the manifest
+may trust every file in it (each upload carried the manifest's SHA256, so the store holds exactly
+those bytes). A publish killed halfway leaves no ``_SUCCESS``; rerunning it re-uploads and completes.
+``_SUCCESS`` is written with ``If-None-Match: *`` so two publishers racing for one prefix cannot both
+win, and a finished run is never overwritten unless the user asks (``output.overwrite``).
+Works the same for a local output directory (atomic create-if-absent instead of If-None-Match).
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import hashlib
+import json
+import os
+import platform
+import time
+import uuid
+from importlib import metadata
+from pathlib import Path
+
+from job import storage
+from job.errors import AlreadyPublishedError, NotFoundError, VerificationError
+
+MANIFEST = "manifest.json"
+SUCCESS = "_SUCCESS"
+FORMAT = "sftjob.manifest/1"
+_PACKAGES = ("sftjob", "torch", "transformers", "trl", "peft", "accelerate", "deepspeed", "datasets",
+             "tokenizers", "boto3")
+_SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "HF_TOKEN",
+               "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "MLFLOW_TRACKING_PASSWORD")
+
+
+def check_output(output_uri: str, overwrite: bool) -> None:
+    """Fail fast, before any training: output reachable and writable-looking, and not already published."""
+    storage.check_access(output_uri)
+    if not overwrite and storage.exists(storage.join(output_uri, SUCCESS)):
+        raise AlreadyPublishedError(
+            f"{output_uri} is already published ({SUCCESS} exists); refusing to overwrite a finished run",
+            hint="choose a new output prefix, or set output.overwrite: true (--overwrite) to replace it")
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def _hash_files(root: Path, files: list[Path]) -> list[dict]:
+    def one(p: Path) -> dict:
+        return {"path": p.relative_to(root).as_posix(), "size": p.stat().st_size, "sha256": storage.sha256(str(p))}
+
+    with cf.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 2)) as pool:  # hashlib drops the GIL
+        return list(pool.map(one, files))
+
+
+def _redact(text: str) -> str:
+    for var in _SECRET_ENV:
+        v = os.environ.get(var)
+        if v and len(v) >= 8:
+            text = text.replace(v, "***")
+    return text
+
+
+def publish(local_dir: Path, output_uri: str, *, run_info: dict, overwrite: bool = False,
+            partial: bool = False) -> dict:
+    """Upload local_dir under output_uri, then the manifest, then _SUCCESS (unless partial); return the manifest."""
+    root = Path(local_dir)
+    if not root.is_dir():
+        raise NotFoundError(f"nothing to publish: {root} is not a directory")
+    check_output(output_uri, overwrite)
+    success_uri = storage.join(output_uri, SUCCESS)
+    if overwrite and storage.exists(success_uri):
+        storage.delete(success_uri)  # while files change underneath, the prefix must not look complete
+    files = sorted(p for p in root.rglob("*") if p.is_file()
+                   and p.relative_to(root).as_posix() not in (MANIFEST, SUCCESS))
+    entries = _hash_files(root, files)
+    storage.upload_tree(root, output_uri, files=files, sha256={e["path"]: e["sha256"] for e in entries})
+
+    info = dict(run_info or {})
+    manifest = {
+        "format": FORMAT,
+        "run_id": info.pop("run_id", None) or uuid.uuid4().hex[:12],
+        "spec_hash": info.pop("spec_hash", None),
+        "base_model": info.pop("base_model", None),
+        "versions": {**versions(), **(info.pop("versions", None) or {})},
+        "metrics": info.pop("metrics", None) or {},
+        "output": output_uri,
+        **{k: v for k, v in info.items() if k not in ("files", "partial", "created_at")},
+        "partial": bool(partial),
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "files": entries,
+    }
+    body = _redact(json.dumps(manifest, indent=2, default=str)).encode()
+    manifest = json.loads(body)
+    digest = hashlib.sha256(body).hexdigest()
+    storage.write_bytes(storage.join(output_uri, MANIFEST), body, sha256=digest)
+    if not partial:
+        marker = json.dumps({"run_id": manifest["run_id"], "manifest_sha256": digest,
+                             "files": len(entries), "created_at": manifest["created_at"]}).encode()
+        try:
+            storage.write_bytes(success_uri, marker, if_none_match=not overwrite)
+        except AlreadyPublishedError:
+            raise AlreadyPublishedError(
+                f"{output_uri} was published by another run while this one was uploading "
+                f"({SUCCESS} appeared; If-None-Match refused the write)",
+                hint="use a unique output prefix per run, or set output.overwrite: true") from None
+    return manifest
+
+
+def verify_published(output_uri: str) -> dict:
+    """Download manifest.json and check every listed file's size and sha256; returns the manifest."""
+    try:
+        body = storage.read_bytes(storage.join(output_uri, MANIFEST))
+    except NotFoundError:
+        raise NotFoundError(f"{output_uri} is not published: no {MANIFEST}",
+                            hint="run the job (or rerun it: publishing completes an interrupted upload)") from None
+    manifest = json.loads(body)
+    if not manifest.get("partial"):
+        try:
+            marker = json.loads(storage.read_bytes(storage.join(output_uri, SUCCESS)))
+        except NotFoundError:
+            raise VerificationError(f"{output_uri} has {MANIFEST} but no {SUCCESS}: the publish did not finish",
+                                    hint="rerun the job; publishing completes it") from None
+        if marker.get("manifest_sha256") != hashlib.sha256(body).hexdigest():
+            raise VerificationError(f"{output_uri}: {MANIFEST} does not match the one {SUCCESS} sealed",
+                                    hint="the prefix was modified after publishing; republish with overwrite")
+
+    def check(entry: dict) -> str | None:
+        uri = storage.join(output_uri, entry["path"])
+        try:
+            got = storage.sha256(uri)
+        except NotFoundError:
+            return f"{entry['path']}: missing"
+        return None if got == entry["sha256"] else f"{entry['path']}: sha256 {got[:12]}… != {entry['sha256'][:12]}…"
+
+    with cf.ThreadPoolExecutor(max_workers=8) as pool:
+        bad = [b for b in pool.map(check, manifest.get("files", [])) if b]
+    if bad:
+        raise VerificationError(f"{output_uri}: {len(bad)} file(s) differ from {MANIFEST}: " + "; ".join(bad[:5]),
+                                hint="republish (output.overwrite: true) from the run's local output")
+    return manifest

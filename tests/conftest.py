@@ -1,0 +1,64 @@
+"""Shared test fixtures: an offline, isolated environment and one real S3 server per session.
+
+``s3`` (session): a SeaweedFS server (job/storage/devserver.py, re-exported as tests/s3server.py) whose admin credentials and endpoint are put
+into ``os.environ`` for the whole session (so code under test and subprocesses use the ordinary boto3
+chain), restored and the server SIGKILLed at teardown. Use ``s3.bucket("name")`` to create buckets,
+``s3.client()`` for assertions, ``s3.env`` / ``s3.reader_env`` for subprocess environments.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+
+# Before anything imports transformers/tokenizers: never touch the network, no fork warnings.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+os.environ.setdefault("SFTJOB_PROGRESS", "0")
+_CACHE = tempfile.TemporaryDirectory(prefix="sftjob-test-cache-")
+os.environ["SFTJOB_CACHE_DIR"] = _CACHE.name
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(_CACHE.name, "torch_extensions"))
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    from s3server import S3Server, weed_binary  # tests/ is on sys.path (pytest rootdir conftest)
+
+    try:
+        weed_binary()
+    except RuntimeError as e:
+        pytest.fail(str(e), pytrace=False)
+    server = S3Server(root=tmp_path_factory.mktemp("seaweedfs")).start()
+    saved = {k: os.environ.get(k) for k in server.env}
+    os.environ.update(server.env)
+    _reset_storage()
+    try:
+        yield server
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        _reset_storage()
+
+
+def _reset_storage() -> None:
+    import sys
+
+    if "job.storage" in sys.modules:
+        sys.modules["job.storage"].configure(None)
+
+
+@pytest.fixture(autouse=True)
+def _storage_settings_restored():
+    """Tests may call job.storage.configure(); never let one test's settings leak into the next."""
+    import job.storage as storage
+
+    before = storage.settings()
+    yield
+    if storage.settings() is not before:
+        storage.configure(before)

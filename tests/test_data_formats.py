@@ -1,0 +1,127 @@
+"""Input formats and files → normalised messages, with FILE:LINE on every problem."""
+from __future__ import annotations
+
+import gzip
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from job import spec as specmod
+from job.data import formats
+from job.data.formats import BadRow, Row
+from job.errors import DataError, NotFoundError
+
+
+def rows_of(path, **overrides):
+    spec = specmod.build(overrides={"data.path": str(path), **overrides})
+    files = formats.expand(str(path), path.parent)
+    return list(formats.read_rows(files, spec.data, spec.model))
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def test_sharegpt_rows_are_detected_and_mapped_to_chat_roles(tmp_path):
+    f = write_jsonl(tmp_path / "s.jsonl", [{"conversations": [
+        {"from": "system", "value": "S"}, {"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]}])
+    [row] = rows_of(f)
+    assert [(m["role"], m["content"]) for m in row.messages] == [("system", "S"), ("user", "Q"), ("assistant", "A")]
+
+
+def test_alpaca_rows_join_instruction_and_input_into_the_user_turn(tmp_path):
+    f = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "Traduce", "input": "cat", "output": "gato"},
+                                           {"instruction": "Saluda", "input": "", "output": "hola"}])
+    r1, r2 = rows_of(f)
+    assert r1.messages == [{"role": "user", "content": "Traduce\n\ncat"}, {"role": "assistant", "content": "gato"}]
+    assert r2.messages[0]["content"] == "Saluda"
+
+
+def test_prompt_completion_plain_and_conversational_train_only_the_completion(tmp_path):
+    f = write_jsonl(tmp_path / "p.jsonl", [
+        {"prompt": "2+2?", "completion": "4"},
+        {"prompt": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}],
+         "completion": [{"role": "assistant", "content": "d"}]}])
+    r1, r2 = rows_of(f)
+    assert r1.messages == [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+    assert [m.get("train") for m in r2.messages] == [None, False, None, None]
+
+
+def test_column_and_role_maps_read_custom_layouts(tmp_path):
+    f = write_jsonl(tmp_path / "c.jsonl", [{"dialog": [{"role": "human", "content": "hi"}, {"role": "bot", "content": "yo"}]}])
+    [row] = rows_of(f, **{"data.format": "messages", "data.columns": {"messages": "dialog"}, "data.roles": {"bot": "assistant"}})
+    assert [m["role"] for m in row.messages] == ["user", "assistant"]
+
+
+def test_per_message_train_flag_and_row_weight_are_kept(tmp_path):
+    f = write_jsonl(tmp_path / "w.jsonl", [{"weight": 2.5, "messages": [
+        {"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "train": False},
+        {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]}])
+    [row] = rows_of(f)
+    assert row.weight == 2.5 and row.messages[1]["train"] is False
+
+
+@pytest.mark.parametrize("mode,expected", [("default", ["DEF", "OWN"]), ("override", ["DEF", "DEF"]), ("none", [None, "OWN"])])
+def test_system_prompt_modes(tmp_path, mode, expected):
+    f = write_jsonl(tmp_path / "s.jsonl", [
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+        {"messages": [{"role": "system", "content": "OWN"}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}])
+    rows = rows_of(f, **{"model.system_prompt": "DEF", "model.system_prompt_mode": mode})
+    got = [r.messages[0]["content"] if r.messages[0]["role"] == "system" else None for r in rows]
+    assert got == expected
+
+
+def test_jsonl_gz_json_array_parquet_and_directories_are_read_with_line_numbers(tmp_path):
+    ok = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    d = tmp_path / "dir"
+    d.mkdir()
+    with gzip.open(d / "a.jsonl.gz", "wt") as f:
+        f.write(json.dumps(ok) + "\n")
+    (d / "b.json").write_text("[\n  " + json.dumps(ok) + ",\n  {\"messages\": []}\n]\n")
+    pq.write_table(pa.Table.from_pylist([ok, ok]), d / "c.parquet")
+    (d / "_SUCCESS").write_text("")
+    rows = rows_of(d)
+    assert [type(r) for r in rows] == [Row, Row, BadRow, Row, Row]
+    assert rows[2].where.endswith("b.json:3") and rows[2].field == "messages"
+    assert rows[4].where.endswith("c.parquet:2")
+
+
+def test_bad_rows_name_the_line_the_field_and_the_problem(tmp_path):
+    f = write_jsonl(tmp_path / "bad.jsonl", [
+        '{"messages": [',
+        {"text": "no messages"},
+        {"messages": [{"role": "user", "content": "q"}, {"role": "robot", "content": "a"}]},
+        {"messages": [{"role": "user", "content": "  "}, {"role": "assistant", "content": "a"}]},
+        {"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "a"}]},
+        {"messages": [{"role": "user", "content": "q"}]},
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+    ])
+    rows = rows_of(f, **{"data.format": "messages"})
+    bad = [str(r).split("bad.jsonl", 1)[1] for r in rows if isinstance(r, BadRow)]
+    assert bad == [
+        ":1: (row): invalid JSON: Expecting value",
+        ":2: messages: missing (row has: text)",
+        ":3: messages[1].role: unknown role 'robot' (expected system, user or assistant; map others with data.roles)",
+        ":4: messages[0].content: empty content",
+        ":5: messages[0].content: content must be a string, got int",
+        ":6: messages: no assistant turn",
+    ]
+
+
+def test_file_level_problems_are_clear_errors(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "x.csv").write_text("a,b\n")
+    (tmp_path / "broken.jsonl.gz").write_bytes(b"not gzip at all")
+    for name, err, msg in [("empty.jsonl", DataError, "empty file"), ("x.csv", DataError, "unsupported file extension"),
+                           ("broken.jsonl.gz", DataError, "unreadable file"), ("missing.jsonl", NotFoundError, "not found")]:
+        with pytest.raises(err, match=msg):
+            rows_of(tmp_path / name)
+
+
+def test_undetectable_format_asks_for_data_format(tmp_path):
+    f = write_jsonl(tmp_path / "u.jsonl", [{"foo": 1}])
+    with pytest.raises(DataError, match="cannot detect the row format"):
+        rows_of(f)

@@ -1,0 +1,171 @@
+"""Publishing: files, then manifest.json, then _SUCCESS; never over a finished run; a killed publish reruns."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from job import publish, storage
+from job.errors import AlreadyPublishedError, VerificationError
+from job.spec import StorageSpec
+from job.storage import s3 as s3backend
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_output(d: Path, n_small: int = 3, big_bytes: int = 0) -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "adapter_config.json").write_text(json.dumps({"r": 8}))
+    (d / "adapter_model.safetensors").write_bytes(os.urandom(big_bytes or 4096))
+    (d / "checkpoints" / "step-2").mkdir(parents=True)
+    for i in range(n_small):
+        (d / "checkpoints" / "step-2" / f"shard-{i:03d}.bin").write_bytes(os.urandom(1000 + i))
+    return d
+
+
+def test_publish_uploads_files_then_manifest_then_success_last(s3, tmp_path):
+    storage.configure(StorageSpec(multipart_chunksize_mb=5, max_concurrency=4))
+    b = s3.bucket("publish")
+    out = make_output(tmp_path / "out", big_bytes=6 * 1024 * 1024)
+    order: list[str] = []
+    for op in ("PutObject", "CompleteMultipartUpload"):
+        s3backend.client().meta.events.register(f"before-parameter-build.s3.{op}",
+                                                lambda params, **_: order.append(params["Key"]))
+    run_info = {"run_id": "r42", "spec_hash": "abc123", "base_model": "s3://models/llama/",
+                "metrics": {"train_loss": 1.25}}
+    manifest = publish.publish(out, f"s3://{b}/runs/r42/", run_info=run_info)
+
+    assert order[-2:] == ["runs/r42/manifest.json", "runs/r42/_SUCCESS"]
+    assert sorted(order[:-2]) == sorted(f"runs/r42/{e['path']}" for e in manifest["files"])
+    remote = json.loads(storage.read_bytes(f"s3://{b}/runs/r42/manifest.json"))
+    assert remote == manifest
+    assert {e["path"] for e in manifest["files"]} == {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert manifest["run_id"] == "r42" and manifest["spec_hash"] == "abc123" and manifest["partial"] is False
+    assert manifest["metrics"] == {"train_loss": 1.25} and manifest["base_model"] == "s3://models/llama/"
+    assert "boto3" in manifest["versions"] and "python" in manifest["versions"]
+    assert publish.verify_published(f"s3://{b}/runs/r42/")["run_id"] == "r42"
+
+
+def test_republish_is_refused_with_73_and_changes_nothing(s3, tmp_path):
+    b = s3.bucket("publish")
+    out = make_output(tmp_path / "out")
+    publish.publish(out, f"s3://{b}/runs/again", run_info={"run_id": "first"})
+    before = s3.keys(b, "runs/again/")
+    (out / "adapter_model.safetensors").write_bytes(b"different weights")
+    with pytest.raises(AlreadyPublishedError) as e:
+        publish.publish(out, f"s3://{b}/runs/again", run_info={"run_id": "second"})
+    assert e.value.exit_code == 73
+    assert f"s3://{b}/runs/again" in str(e.value) and "output.overwrite: true" in str(e.value)
+    assert s3.keys(b, "runs/again/") == before
+    with pytest.raises(AlreadyPublishedError):
+        publish.check_output(f"s3://{b}/runs/again", overwrite=False)
+
+
+def test_concurrent_publisher_loses_on_the_server_side_412(s3, tmp_path, monkeypatch):
+    b = s3.bucket("publish")
+    out = make_output(tmp_path / "out")
+    publish.publish(out, f"s3://{b}/runs/race", run_info={"run_id": "winner"})
+    monkeypatch.setattr(publish, "check_output", lambda *a, **k: None)  # as if _SUCCESS appeared after the check
+    with pytest.raises(AlreadyPublishedError) as e:
+        publish.publish(out, f"s3://{b}/runs/race", run_info={"run_id": "loser"})
+    assert e.value.exit_code == 73 and "If-None-Match" in str(e.value)
+    assert json.loads(storage.read_bytes(f"s3://{b}/runs/race/_SUCCESS"))["run_id"] == "winner"
+
+
+def test_overwrite_true_republishes(s3, tmp_path):
+    b = s3.bucket("publish")
+    out = make_output(tmp_path / "out")
+    publish.publish(out, f"s3://{b}/runs/ow", run_info={"run_id": "one"})
+    (out / "adapter_model.safetensors").write_bytes(b"v2")
+    m = publish.publish(out, f"s3://{b}/runs/ow", run_info={"run_id": "two"}, overwrite=True)
+    assert publish.verify_published(f"s3://{b}/runs/ow")["run_id"] == "two" == m["run_id"]
+    assert storage.read_bytes(f"s3://{b}/runs/ow/adapter_model.safetensors") == b"v2"
+
+
+def test_republish_sends_only_files_whose_checksum_changed(s3, tmp_path):
+    storage.configure(StorageSpec(multipart_chunksize_mb=5, max_concurrency=4))
+    b = s3.bucket("publish")
+    out = make_output(tmp_path / "out", big_bytes=6 * 1024 * 1024)  # multipart: composite checksum
+    publish.publish(out, f"s3://{b}/runs/delta", run_info={}, partial=True)
+    (out / "checkpoints" / "step-2" / "shard-000.bin").write_bytes(b"changed, other size")
+    (out / "checkpoints" / "step-2" / "shard-001.bin").write_bytes(os.urandom(1001))  # same size
+    sent: list = []
+    for op in ("PutObject", "UploadPart"):
+        s3backend.client().meta.events.register(f"before-parameter-build.s3.{op}",
+                                                lambda params, **_: sent.append(params["Key"]))
+    publish.publish(out, f"s3://{b}/runs/delta", run_info={})
+    assert sorted(set(sent)) == ["runs/delta/_SUCCESS", "runs/delta/checkpoints/step-2/shard-000.bin",
+                                 "runs/delta/checkpoints/step-2/shard-001.bin", "runs/delta/manifest.json"]
+    publish.verify_published(f"s3://{b}/runs/delta")
+
+
+def test_partial_publish_writes_manifest_but_no_success(s3, tmp_path):
+    b = s3.bucket("publish")
+    out = make_output(tmp_path / "out")
+    m = publish.publish(out, f"s3://{b}/runs/partial", run_info={}, partial=True)
+    assert m["partial"] is True and not storage.exists(f"s3://{b}/runs/partial/_SUCCESS")
+    publish.check_output(f"s3://{b}/runs/partial", overwrite=False)  # not finished: a rerun may publish
+
+
+def test_verify_published_detects_a_tampered_file(s3, tmp_path):
+    b = s3.bucket("publish")
+    publish.publish(make_output(tmp_path / "out"), f"s3://{b}/runs/tamper", run_info={})
+    s3.client().put_object(Bucket=b, Key="runs/tamper/adapter_config.json", Body=b"{}")
+    with pytest.raises(VerificationError) as e:
+        publish.verify_published(f"s3://{b}/runs/tamper")
+    assert "adapter_config.json" in str(e.value)
+
+
+def test_publish_to_a_missing_bucket_fails_fast_with_66(s3, tmp_path):
+    with pytest.raises(Exception) as e:
+        publish.check_output("s3://no-such-output-bucket/runs/x", overwrite=False)
+    assert getattr(e.value, "exit_code", None) == 66
+
+
+CHILD = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from job import publish, storage
+    from job.spec import StorageSpec
+    from job.storage import s3
+    storage.configure(StorageSpec(max_concurrency=1))
+    s3.client().meta.events.register("before-send.s3.PutObject", lambda **kw: time.sleep(0.05))
+    publish.publish(Path(sys.argv[1]), sys.argv[2], run_info={"run_id": "killed"})
+    print("PUBLISHED")
+""")
+
+
+def test_publish_killed_midway_leaves_no_success_and_a_rerun_completes_it(s3, tmp_path):
+    b = s3.bucket("killed")
+    out = make_output(tmp_path / "out", n_small=80)
+    uri = f"s3://{b}/runs/k1"
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(out), uri], cwd=ROOT, env=os.environ.copy(),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and len(s3.keys(b, "runs/k1/")) < 10:
+        assert child.poll() is None, child.stderr.read().decode()[-2000:]
+        time.sleep(0.05)
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    keys = s3.keys(b, "runs/k1/")
+    assert 10 <= len(keys) < 82
+    assert "runs/k1/_SUCCESS" not in keys and "runs/k1/manifest.json" not in keys
+
+    publish.check_output(uri, overwrite=False)  # an unfinished prefix is not "published"
+    (out / "adapter_config.json").write_text(json.dumps({"r": 16}))  # changed since the killed attempt
+    puts: list = []
+    s3backend.client().meta.events.register("before-parameter-build.s3.PutObject",
+                                            lambda params, **_: puts.append(params["Key"]))
+    manifest = publish.publish(out, uri, run_info={"run_id": "rerun"})
+    assert len(manifest["files"]) == 82
+    already = {k for k in keys if k.endswith((".bin", ".safetensors"))} - {"runs/k1/adapter_config.json"}
+    assert not already & set(puts), "files stored intact by the killed attempt are not sent again"
+    assert "runs/k1/adapter_config.json" in puts
+    assert publish.verify_published(uri)["run_id"] == "rerun"
