@@ -133,6 +133,10 @@ def make_plan(spec, *, model_config: str | None = None, tokens_per_second: float
     return plan
 
 
+def _count_str(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
+
+
 def plan_command(spec, *, tokens_per_second: float | None = None, as_json: bool = False,
                  model_config: str | None = None) -> int:
     report = None
@@ -152,7 +156,7 @@ def plan_command(spec, *, tokens_per_second: float | None = None, as_json: bool 
         return 0
     mem = plan["memory_gb_per_gpu"]
     lines = [
-        f"model            {plan['model']}  ({plan['base_params'] / 1e9:.2f}B params, {plan['method']}, "
+        f"model            {plan['model']}  ({_count_str(plan['base_params'])} params, {plan['method']}, "
         f"{plan['trainable_params'] / 1e6:.2f}M trainable)",
         f"processes        {plan['nodes']} node(s) x {plan['gpus_per_node']} = {plan['processes']}  ({plan['strategy']}"
         + (f", ZeRO-{plan['zero_stage']})" if plan["zero_stage"] else ")"),
