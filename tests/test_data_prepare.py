@@ -182,3 +182,12 @@ def test_tokenizer_location_prefers_model_tokenizer_then_the_fetched_model_dir(t
     assert locate_tokenizer(specmod.build()) is None
     with pytest.raises(NotFoundError, match="tokenizer not found"):
         locate_tokenizer(specmod.build(overrides={"model.path": str(tmp_path / "absent")}))
+
+
+@pytest.mark.parametrize("num_proc", [2, 4])
+def test_parallel_preparation_gives_the_same_examples_as_one_process(tmp_path, tok_dir, num_proc):
+    data = write_rows(tmp_path / "t.jsonl", conversations(1200, seed=4))  # > 2 chunks
+    one = prepare(make_spec(tmp_path / "a", tok_dir, data, **{"data.num_proc": 1}))
+    many = prepare(make_spec(tmp_path / "b", tok_dir, data, **{"data.num_proc": num_proc}))
+    assert read(one.train_path) == read(many.train_path)
+    assert one.report["tokens"] == many.report["tokens"]

@@ -155,6 +155,8 @@ def prepare(spec, tokenizer_dir: Path | None = None) -> Prepared:
                 "eos_tokens": chat.eos_tokens, "system": chat.system, "eval": bool(len(evald["lengths"])),
                 "packing": spec.data.packing, "max_length": spec.data.max_length}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        if dest.exists() and not (dest / "meta.json").exists():  # not ours: renames are atomic, so incomplete
+            shutil.rmtree(dest, ignore_errors=True)
         try:
             os.rename(tmp, dest)
         except OSError:  # another prepare finished first: same key, same content
@@ -171,9 +173,14 @@ def prepare(spec, tokenizer_dir: Path | None = None) -> Prepared:
 _WORKER: tuple | None = None  # (encoder, data spec, model spec), inherited by forked workers
 
 
-def _init_worker(state: tuple) -> None:
+_TOKENIZED_HERE = False  # this process has run the tokenizer's thread pool (not fork-safe afterwards)
+
+
+def _init_worker(state: tuple, serial_tokenizer: bool) -> None:
     global _WORKER
     _WORKER = state
+    if serial_tokenizer:  # a Rust thread pool inherited through fork would deadlock
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 
 def _encode_chunks(chunks: list[list[tuple]]) -> list[Encoded]:
@@ -187,6 +194,8 @@ def pipelined(encoder: Encoder, chunks: Iterator[list[tuple]], data_spec, model_
     The fast tokenizer releases the GIL and runs its batch on every core (rayon), so one process
     keeps two cores busy without forking; per-token work never runs in Python.
     """
+    global _TOKENIZED_HERE
+    _TOKENIZED_HERE = True
     out: list[Encoded] = []
     with ThreadPoolExecutor(1, thread_name_prefix="tokenize") as pool:
         pending = None
@@ -213,7 +222,8 @@ def worker_pool(encoder: Encoder, data_spec, model_spec, num_proc: int):
         yield None
         return
     ctx = multiprocessing.get_context("fork")
-    with ctx.Pool(num_proc // 2, initializer=_init_worker, initargs=((encoder, data_spec, model_spec),)) as pool:
+    with ctx.Pool(num_proc // 2, initializer=_init_worker,
+                  initargs=((encoder, data_spec, model_spec), _TOKENIZED_HERE)) as pool:
         yield pool
 
 
