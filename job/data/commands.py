@@ -13,7 +13,7 @@ import sys
 from job.data import formats
 from job.data.formats import BadRow, Row
 from job.data.masks import IGNORE, Encoder, check_encoder
-from job.data.prepare import MAX_LISTED, bad_rows_message, encode_stream, prepare
+from job.data.prepare import MAX_LISTED, _where_key, bad_rows_message, encode_stream, prepare
 from job.data.templates import (
     describe,
     load_tokenizer,
@@ -67,7 +67,7 @@ def validate_command(spec) -> int:
         chat = None
         notes.append("no tokenizer or chat template given: structural checks only")
     bad: list[BadRow] = []
-    n_read = n_tokens = n_trained = n_long = 0
+    n_read = n_tokens = n_trained = n_long = n_untrained = 0
     if chat is not None and tok is not None:
         enc = Encoder(tok, chat, spec.data.max_length, spec.data.truncation, spec.data.train_on_eos)
         check_encoder(enc)
@@ -78,7 +78,7 @@ def validate_command(spec) -> int:
             n_trained += int((e.labels != IGNORE).sum())
             bad += e.too_long
             n_long += e.truncated
-        bad.sort(key=lambda b: (b.where.rpartition(":")[0], int(b.where.rpartition(":")[2] or 0)))
+            n_untrained += e.dropped.get("no_trained_tokens", 0)
     else:
         enc = Encoder(plain_tokenizer(), chat, spec.data.max_length, spec.data.truncation, spec.data.train_on_eos) if chat else None
         if enc is not None:
@@ -97,6 +97,7 @@ def validate_command(spec) -> int:
             enc._render_each(chunk, [enc.messages_for(r) for r in chunk], bad)
     for n in notes + (chat.notes if chat else []):
         print(f"note: {n}")
+    bad.sort(key=_where_key)
     if bad:
         print(bad_rows_message(bad).split("\n", 1)[1])
         print(f"validate: {len(bad)} of {n_read} rows are bad ({len(files)} file(s))")
@@ -105,7 +106,8 @@ def validate_command(spec) -> int:
     if chat is not None:
         summary += f"; template {chat.name} ({chat.sha256[:12]}…, system {chat.system})"
     if tok is not None:
-        summary += f"; {n_tokens} tokens, {n_trained} trained; {n_long} longer than max_length {spec.data.max_length} ({spec.data.truncation})"
+        summary += (f"; {n_tokens} tokens, {n_trained} trained; {n_long} longer than max_length {spec.data.max_length}"
+                    f" ({spec.data.truncation}); {n_untrained} with no trained tokens (prepare drops them)")
     print(summary)
     return 0
 

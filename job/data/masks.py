@@ -59,6 +59,7 @@ class _Pending:
     intervals: list = field(default_factory=list)
     turns: list[int] = field(default_factory=list)
     convs: list = field(default_factory=list)
+    encs: list | None = None
     ids: list | None = None
     ranges: list | None = None
     offsets: list | None = None
@@ -174,10 +175,12 @@ class Encoder:
         return p
 
     def tokenize(self, p: _Pending) -> _Pending:
-        p.ids, p.ranges, p.offsets = self._tokenize(p.texts, p.intervals, p.keep_text)
+        """Only the Rust batch call (GIL released): what a tokenizer thread runs."""
+        p.encs = self._encode_batch(p.texts)
         return p
 
     def finish(self, p: _Pending) -> Encoded:
+        p.ids, p.ranges, p.offsets = self._spans_to_tokens(p.texts, p.intervals, p.keep_text, p.encs)
         return self._finish(p.rows, p.keep, p.texts, p.ids, p.ranges, p.offsets, p.turns, p.bad,
                             p.convs if p.keep_text else None)
 
@@ -228,24 +231,30 @@ class Encoder:
             out.append((s, e))
         return out, nt
 
-    def _tokenize(self, texts: list[str], intervals, keep_offsets: bool):
+    def _encode_batch(self, texts: list[str]):
+        """Rust encodings of the texts, exactly as tokenizer(texts, add_special_tokens=False); None if unusable."""
+        tok = self.tok
+        if not texts or not (getattr(tok, "is_fast", False) and hasattr(tok, "_tokenizer")):
+            return None
+        first = tok(texts[0], add_special_tokens=False)["input_ids"]  # also resets truncation/padding state
+        encs = tok._tokenizer.encode_batch(texts, add_special_tokens=False)
+        return encs if encs[0].ids == first else None
+
+    def _spans_to_tokens(self, texts: list[str], intervals, keep_offsets: bool, encs):
         """(ids per row, trained token ranges per row, offsets per row or None).
 
-        Fast tokenizers: one batched Rust call, then char_to_token at span edges only (no per-token
-        Python). Slow tokenizers: token boundaries from tokenizing text prefixes.
+        Fast tokenizers: char_to_token at span edges only (no per-token Python). Slow tokenizers (or
+        a wrapper that does more than the Rust call): token boundaries from tokenizing text prefixes.
         """
         if not texts:
             return [], [], None
+        if encs is not None:
+            ranges = [[r for s, e in iv if (r := _token_range(enc, s, e))] for enc, iv in zip(encs, intervals, strict=True)]
+            return [e.ids for e in encs], ranges, [e.offsets for e in encs] if keep_offsets else None
         tok = self.tok
-        if getattr(tok, "is_fast", False) and hasattr(tok, "_tokenizer"):
-            first = tok(texts[0], add_special_tokens=False)["input_ids"]  # also resets truncation/padding state
-            encs = tok._tokenizer.encode_batch(texts, add_special_tokens=False)
-            if encs[0].ids == first:
-                ranges = [[r for s, e in iv if (r := _token_range(enc, s, e))] for enc, iv in zip(encs, intervals, strict=False)]
-                return [e.ids for e in encs], ranges, [e.offsets for e in encs] if keep_offsets else None
         ids_l = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
         ranges = [[(len(tok(t[:s], add_special_tokens=False)["input_ids"]), len(tok(t[:e], add_special_tokens=False)["input_ids"]))
-                   for s, e in iv] for t, iv in zip(texts, intervals, strict=False)]
+                   for s, e in iv] for t, iv in zip(texts, intervals, strict=True)]
         return ids_l, ranges, None
 
     def _finish(self, rows, keep, texts, ids_l, ranges, offs_l, turns, bad, convs) -> Encoded:

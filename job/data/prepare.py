@@ -269,6 +269,7 @@ def _grouped(it, n: int):
 
 
 def _where_key(b: BadRow):
+    """Sort bad rows by file, then line number."""
     f, _, line = b.where.rpartition(":")
     return (f, int(line) if line.isdigit() else 0)
 
