@@ -69,6 +69,7 @@ class ModelSpec(Section):
     tokenizer: str | None = Field(None, description="Tokenizer location when it differs from the model.")
     chat_template: str | None = Field(None, description="Chat template: unset = the tokenizer's own; a built-in name (chatml, llama3, gemma, mistral, phi3, zephyr, alpaca, ...); or a Jinja file (local or S3).")
     system_prompt: str | None = Field(None, description="Default system message.")
+    add_special_tokens: list[str] = Field(default_factory=list, description="Tokens added to the tokenizer as special tokens (e.g. <|im_start|>, <|im_end|> to teach a base model ChatML); embeddings are resized — train them with modules_to_save: [embed_tokens, lm_head].")
     system_prompt_mode: Literal["default", "override", "none"] = Field(
         "default", description="default: add system_prompt where a row has none; override: replace every row's; none: never add.")
     torch_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="Weights dtype (auto: bf16 on GPUs that support it, else fp32).")

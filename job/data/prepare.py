@@ -374,6 +374,7 @@ def cache_key(spec, template_src: tuple[str, str] | None, tdir: Path, sources, e
          "max_length": d.max_length, "truncation": d.truncation, "train_on_eos": d.train_on_eos,
          "packing": d.packing, "shuffle": d.shuffle, "seed": spec.train.seed,
          "system_prompt": m.system_prompt, "system_prompt_mode": m.system_prompt_mode,
+         "add_special_tokens": m.add_special_tokens,
          "template": template_src[1] if template_src else "(tokenizer's own)",
          "tokenizer": tokenizer_files_sha256(tdir)})
     for src, files in sources:

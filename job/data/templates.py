@@ -132,7 +132,15 @@ def load_tokenizer(spec, tokenizer_dir: Path | str | None = None):
     local = locate_tokenizer(spec, tokenizer_dir)
     if local is None:
         return None, None
-    return load_tokenizer_from(local, spec.model.trust_remote_code), local
+    return add_tokens(load_tokenizer_from(local, spec.model.trust_remote_code), spec.model.add_special_tokens), local
+
+
+def add_tokens(tok, tokens: list[str]):
+    """model.add_special_tokens: the same call in data prep and in training, so the ids agree."""
+    missing = [t for t in tokens if t not in tok.get_vocab()]
+    if missing:
+        tok.add_tokens(missing, special_tokens=True)
+    return tok
 
 
 def load_tokenizer_from(local: Path, trust_remote_code: bool = False):

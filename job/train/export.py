@@ -77,13 +77,24 @@ def verify_adapter(adapter_dir: Path, base_dir: str, *, forward: bool = True,
     return {"tensors": len(tensors), "lora_tensors": n_lora, "rank": r, "forward_checked": forward}
 
 
+def load_base_for(adapter_dir: Path, base_dir: str, dtype, trust_remote_code: bool = False):
+    """The base model, with embeddings resized when the adapter's tokenizer added special tokens."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype, trust_remote_code=trust_remote_code)
+    if (Path(adapter_dir) / "tokenizer_config.json").is_file():
+        n = len(AutoTokenizer.from_pretrained(str(adapter_dir), trust_remote_code=trust_remote_code))
+        if n > base.get_input_embeddings().weight.shape[0]:
+            base.resize_token_embeddings(n)
+    return base
+
+
 def _load_and_forward(adapter_dir: Path, base_dir: str, trust_remote_code: bool) -> None:
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
     try:
-        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, trust_remote_code=trust_remote_code)
+        base = load_base_for(adapter_dir, base_dir, torch.float32, trust_remote_code)
         model = PeftModel.from_pretrained(base, str(adapter_dir))
         with torch.no_grad():
             ids = torch.tensor([[1, 2, 3, 4]]) % base.config.vocab_size
@@ -100,9 +111,8 @@ def merge(adapter_dir: Path, base_dir: str, dest: Path, *, trust_remote_code: bo
     """Merged full weights (sharded safetensors) for runtimes that don't load adapters."""
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16, trust_remote_code=trust_remote_code)
+    base = load_base_for(adapter_dir, base_dir, torch.bfloat16, trust_remote_code)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     merged.save_pretrained(dest, max_shard_size="2GB")
     return dest

@@ -225,6 +225,7 @@ def train(plan: dict) -> int:
     from trl import SFTTrainer
 
     from job import checkpoints, storage
+    from job.data.templates import add_tokens, apply_template
     from job.spec import RunSpec
     from job.status import Status
 
@@ -236,7 +237,8 @@ def train(plan: dict) -> int:
     stop = StopFlag(plan.get("deadline"))
 
     tok = AutoTokenizer.from_pretrained(plan["model_dir"], trust_remote_code=spec.model.trust_remote_code)
-    tok.chat_template = Path(plan["chat_template_path"]).read_text()
+    add_tokens(tok, spec.model.add_special_tokens)
+    apply_template(tok, Path(plan["chat_template_path"]).read_text())
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     train_ds = Dataset.from_parquet(plan["train_path"])
@@ -245,6 +247,8 @@ def train(plan: dict) -> int:
                         flatten=plan["attn_implementation"] == "flash_attention_2")
 
     model = _load_model(spec, plan)
+    if len(tok) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tok))  # new special tokens; consumers resize the base the same way
     peft_config = None
     if spec.train.method in ("lora", "qlora"):
         peft_config = LoraConfig(
