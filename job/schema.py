@@ -79,7 +79,7 @@ def knobs_markdown() -> str:
         kinds = [a.get("type") or ("enum" if "enum" in a else a.get("$ref", "").rsplit("/", 1)[-1])
                  for a in node.get("anyOf", [node])]
         typ = " \\| ".join(
-            ("/".join(map(str, a["enum"])) if "enum" in a else k) for a, k in zip(node.get("anyOf", [node]), kinds))
+            ("/".join(map(str, a["enum"])) if "enum" in a else k) for a, k in zip(node.get("anyOf", [node]), kinds, strict=True))
         default = f.get_default(call_default_factory=True)
         rows.append(f"| `{path}` | `--{flag}` | `SFTJOB_{flag.replace('-', '_').upper()}` | {typ} | "
                     f"`{json.dumps(default)}` | {(f.description or '').replace('|', '/')} |")

@@ -5,7 +5,6 @@ import re
 import socket
 
 import pytest
-
 import trainkit
 
 pytestmark = pytest.mark.slow

@@ -6,7 +6,6 @@ import signal
 from pathlib import Path
 
 import pytest
-
 import trainkit
 
 pytestmark = pytest.mark.slow

@@ -4,9 +4,9 @@ import shutil
 
 import pytest
 import torch
+import trainkit
 from safetensors.torch import load_file, save_file
 
-import trainkit
 from job.errors import VerificationError
 from job.train.export import verify_adapter
 

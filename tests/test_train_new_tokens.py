@@ -1,9 +1,9 @@
 """Teaching a base model a new chat format: new special tokens, resized embeddings saved with the adapter."""
 import pytest
+import trainkit
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-import trainkit
 from job.train.export import verify_adapter
 
 pytestmark = pytest.mark.slow

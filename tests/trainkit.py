@@ -17,12 +17,12 @@ from job import demo_data, tiny
 _DIR = Path(tempfile.mkdtemp(prefix="sftjob-trainkit-"))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny_model() -> Path:
     return tiny.write(_DIR / "tiny-model")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def chat_data(n: int = 200) -> Path:
     return demo_data.write_jsonl(_DIR / f"chat-{n}.jsonl", n=n)
 

@@ -18,9 +18,9 @@ def plot_loss(metrics_jsonl: Path, png: Path) -> Path | None:
         return None
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     if train:
-        ax.plot(*zip(*train), label="train loss")
+        ax.plot(*zip(*train, strict=True), label="train loss")
     if evals:
-        ax.plot(*zip(*evals), "o-", label="eval loss")
+        ax.plot(*zip(*evals, strict=True), "o-", label="eval loss")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
