@@ -1,0 +1,74 @@
+"""Checkpoint mirroring across nodes, COMPLETE last, newest complete wins, incomplete cleaned."""
+import json
+
+from job import checkpoints
+
+
+def _ckpt(root, step, files):
+    d = root / f"checkpoint-{step}"
+    d.mkdir(parents=True)
+    for name, body in files.items():
+        (d / name).parent.mkdir(parents=True, exist_ok=True)
+        (d / name).write_text(body)
+    return d
+
+
+def test_two_nodes_mirror_one_checkpoint_and_complete_lists_both_parts(tmp_path):
+    out = str(tmp_path / "out")
+    n0 = checkpoints.Mirror(out, node_rank=0, num_nodes=2, is_main=True, keep=2)
+    n1 = checkpoints.Mirror(out, node_rank=1, num_nodes=2, is_main=False, keep=2)
+    n0.submit(_ckpt(tmp_path / "node0", 5, {"trainer_state.json": "{}", "global_step5/rank0.pt": "a"}), 5)
+    n1.submit(_ckpt(tmp_path / "node1", 5, {"global_step5/rank1.pt": "b"}), 5)
+    assert n0.wait(30) and n1.wait(30)
+    marker = json.loads((tmp_path / "out/checkpoints/step-5/COMPLETE").read_text())
+    assert sorted(f["path"] for f in marker["files"]) == ["global_step5/rank0.pt", "global_step5/rank1.pt",
+                                                           "trainer_state.json"]
+    assert checkpoints.complete_steps(out) == [5]
+
+
+def test_complete_is_not_written_until_every_node_has_uploaded(tmp_path):
+    out = str(tmp_path / "out")
+    main = checkpoints.Mirror(out, node_rank=0, num_nodes=2, is_main=True, keep=2)
+    main.submit(_ckpt(tmp_path / "node0", 7, {"a.pt": "a"}), 7)
+    assert not main.wait(1.5)  # waiting for node 1
+    assert checkpoints.complete_steps(out) == []
+    checkpoints.Mirror(out, node_rank=1, num_nodes=2, is_main=False, keep=2).submit(
+        _ckpt(tmp_path / "node1", 7, {"b.pt": "b"}), 7)
+    assert main.wait(30)
+    assert checkpoints.complete_steps(out) == [7]
+
+
+def test_find_and_fetch_takes_the_newest_complete_and_removes_incomplete(tmp_path, caplog):
+    out = str(tmp_path / "out")
+    m = checkpoints.Mirror(out, node_rank=0, num_nodes=1, is_main=True, keep=3)
+    for step in (2, 4):
+        m.submit(_ckpt(tmp_path / "local", step, {"optimizer.pt": f"opt{step}"}), step)
+    assert m.wait(30)
+    partial = tmp_path / "out/checkpoints/step-6"
+    partial.mkdir(parents=True)
+    (partial / "optimizer.pt").write_text("half")
+    found = checkpoints.find_and_fetch(out, tmp_path / "resume")
+    assert found.step == 4 and (found.path / "optimizer.pt").read_text() == "opt4"
+    assert not partial.exists()
+    assert "skipping incomplete checkpoint step-6" in caplog.text
+
+
+def test_a_corrupted_checkpoint_is_skipped_for_the_previous_one(tmp_path):
+    out = str(tmp_path / "out")
+    m = checkpoints.Mirror(out, node_rank=0, num_nodes=1, is_main=True, keep=3)
+    for step in (2, 4):
+        m.submit(_ckpt(tmp_path / "local", step, {"optimizer.pt": f"opt{step}"}), step)
+    assert m.wait(30)
+    (tmp_path / "out/checkpoints/step-4/optimizer.pt").write_text("bitrot")
+    found = checkpoints.find_and_fetch(out, tmp_path / "resume")
+    assert found.step == 2
+
+
+def test_only_the_last_save_total_limit_checkpoints_are_kept(tmp_path):
+    out = str(tmp_path / "out")
+    m = checkpoints.Mirror(out, node_rank=0, num_nodes=1, is_main=True, keep=2)
+    for step in (1, 2, 3, 4):
+        m.submit(_ckpt(tmp_path / "local", step, {"x": str(step)}), step)
+    assert m.wait(30)
+    assert checkpoints.complete_steps(out) == [3, 4]
+    assert sorted(p.name for p in (tmp_path / "local").iterdir()) == ["checkpoint-3", "checkpoint-4"]
