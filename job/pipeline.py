@@ -50,9 +50,7 @@ def run(spec: RunSpec) -> int:
         prepared = prepare(spec, Path(model_dir) if Path(model_dir).exists() else None)
         log.info("prepared data %s (%s)", prepared.dir, "cache hit" if prepared.cache_hit else "new")
 
-        from job.train.launch import train
-
-        outcome = train(spec, prepared, model_dir, workdir, status, started=started)
+        outcome = launch.train(spec, prepared, model_dir, workdir, status, started=started)
         if outcome.node_rank != 0:
             return 0
         if outcome.stopped == "sigterm":
