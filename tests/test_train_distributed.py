@@ -48,6 +48,8 @@ def test_two_processes_train_and_publish_a_verified_adapter(tmp_path, single, mo
     first = trainkit.losses((out / "metrics.jsonl").read_text().splitlines())[1]
     first_ref = trainkit.losses((single[0] / "metrics.jsonl").read_text().splitlines())[1]
     assert first == pytest.approx(first_ref, abs=2e-3)
+    print(f"{mode}: first-step loss 2x(bs=1) {first:.5f} vs 1x(bs=2) {first_ref:.5f}; "
+          f"final {trainkit.losses((out / 'metrics.jsonl').read_text().splitlines())[4]:.5f}")
 
 
 def test_adapter_with_zeroed_lora_b_is_refused(tmp_path, single):
