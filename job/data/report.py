@@ -51,10 +51,18 @@ def preload_matplotlib() -> None:
     global _PRELOADED
     if not _PRELOADED:
         _PRELOADED = True
-        threading.Thread(target=_import_plotting, daemon=True).start()
+        threading.Thread(target=_quiet_import, daemon=True).start()
 
 
 _PRELOADED = False
+
+
+def _quiet_import() -> None:
+    """A bad-data exit can end the process mid-import: never let this warm-up print a traceback."""
+    try:
+        _import_plotting()
+    except BaseException:  # noqa: BLE001 - the real import at the end reports real problems
+        pass
 
 
 def _import_plotting():
