@@ -70,8 +70,23 @@ def spec_from_args(args: argparse.Namespace):
     return specmod.build(getattr(args, "config", None), overrides)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that suggests the closest flag for a typo (the spec loader does the same for keys)."""
+
+    def error(self, message: str):
+        if "unrecognized arguments" in message:
+            import difflib
+
+            known = [f"--{f}" for f in specmod.ALL_FLAGS] + ["--config", "--debug", "--json", "--limit"]
+            for tok in message.split(":", 1)[1].split():
+                close = difflib.get_close_matches(tok.split("=")[0], known, n=1, cutoff=0.6) if tok.startswith("--") else []
+                if close:
+                    message += f" (did you mean {close[0]}?)"
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sftjob", description="Instruction tuning of chat models as a batch job.")
+    p = _Parser(prog="sftjob", description="Instruction tuning of chat models as a batch job.")
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     helps = {
@@ -172,7 +187,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(_dispatch(args) or 0)
     except SftjobError as e:
         if debug:
-            raise
+            import traceback
+
+            traceback.print_exc()
         print(f"sftjob: error: {e}", file=sys.stderr)
         return int(e.exit_code)
     except KeyboardInterrupt:  # Ctrl-C by a person: not a preemption, so not 75

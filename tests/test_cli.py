@@ -92,3 +92,15 @@ def test_every_spec_command_takes_every_flag(cmd):
     assert r.returncode == 0
     for flag in ("--max-steps", "--zero-stage", "--save-steps", "--chat-template", "--data", "--model"):
         assert flag in r.stdout, (cmd, flag)
+
+
+def test_flag_typo_suggests_the_closest_flag():
+    r = sftjob("run", "--learnin-rate", "1")
+    assert r.returncode == 64 and "did you mean --learning-rate" in r.stderr
+
+
+def test_debug_shows_the_traceback_and_keeps_the_exit_code(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("learnig_rate: 0.1\n")
+    r = sftjob("--debug", "run", "--config", str(cfg))
+    assert r.returncode == 64 and "Traceback" in r.stderr and "learning_rate" in r.stderr
