@@ -23,6 +23,8 @@ import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import jsonschema
+
 from job import storage
 from job.data import formats
 from job.errors import ConfigError, DataError, NotFoundError
@@ -32,10 +34,7 @@ FORMAT = "sftjob.eval/1"
 BATCH = 16
 SAMPLES = 5
 _INVALID = object()
-#: JSON Schema keywords the built-in checker understands (used when the jsonschema package is absent)
-SUBSET = {"$schema", "$id", "title", "description", "type", "properties", "required", "additionalProperties",
-          "items", "enum", "const", "minimum", "maximum", "minLength", "maxLength", "pattern", "minItems",
-          "maxItems", "examples", "default"}
+
 
 
 @dataclass
@@ -96,25 +95,11 @@ def load_schema(uri: str) -> dict:
     if not isinstance(schema, dict):
         raise ConfigError(f"eval.json_schema {uri} must be a JSON object", hint="see https://json-schema.org")
     try:
-        import jsonschema
-
         jsonschema.validators.validator_for(schema).check_schema(schema)
-    except ImportError:
-        unknown = sorted(_keywords(schema) - SUBSET)
-        if unknown:
-            raise ConfigError(f"eval.json_schema uses keywords the built-in checker does not support: {', '.join(unknown)}",
-                              hint=f"use only {', '.join(sorted(SUBSET))}, or install jsonschema") from None
-    except Exception as e:  # noqa: BLE001 - jsonschema.SchemaError
+    except jsonschema.SchemaError as e:
         raise ConfigError(f"eval.json_schema {uri} is not a valid JSON Schema: {str(e).splitlines()[0]}",
                           hint="fix the schema file") from None
     return schema
-
-
-def _keywords(schema) -> set[str]:
-    if not isinstance(schema, dict):
-        return set()
-    subs = [*(schema.get("properties") or {}).values(), schema.get("items"), schema.get("additionalProperties")]
-    return set(schema).union(*(_keywords(v) for v in subs))
 
 
 # ---- scoring -----------------------------------------------------------------------------------
@@ -131,64 +116,10 @@ def parse_json(text: str):
         return _INVALID
 
 
-def schema_errors(value, schema: dict, path: str = "$") -> list[str]:
-    """Why value does not satisfy schema ([] when it does): jsonschema when installed, else SUBSET."""
-    try:
-        import jsonschema
-    except ImportError:
-        return _subset_errors(value, schema, path)
+def schema_errors(value, schema: dict) -> list[str]:
+    """Why value does not satisfy schema ([] when it does), each as `path: message`."""
     return [f"{'/'.join(map(str, e.absolute_path)) or '$'}: {e.message}"
             for e in jsonschema.validators.validator_for(schema)(schema).iter_errors(value)]
-
-
-_TYPES = {"object": dict, "array": list, "string": str, "boolean": bool, "null": type(None)}
-
-
-def _is(value, t: str) -> bool:
-    if t == "integer":
-        return isinstance(value, int) and not isinstance(value, bool)
-    if t == "number":
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    return isinstance(value, _TYPES[t])
-
-
-def _subset_errors(v, s: dict, path: str) -> list[str]:
-    if "type" in s:
-        types = s["type"] if isinstance(s["type"], list) else [s["type"]]
-        if not any(_is(v, t) for t in types):
-            return [f"{path}: expected {'/'.join(types)}"]
-    errs = []
-    if "enum" in s and v not in s["enum"]:
-        errs.append(f"{path}: not one of {s['enum']}")
-    if "const" in s and v != s["const"]:
-        errs.append(f"{path}: must be {s['const']!r}")
-    if isinstance(v, (int, float)) and not isinstance(v, bool):
-        if "minimum" in s and v < s["minimum"]:
-            errs.append(f"{path}: below {s['minimum']}")
-        if "maximum" in s and v > s["maximum"]:
-            errs.append(f"{path}: above {s['maximum']}")
-    if isinstance(v, str):
-        if len(v) < s.get("minLength", 0) or len(v) > s.get("maxLength", math.inf):
-            errs.append(f"{path}: length {len(v)} out of range")
-        if "pattern" in s and not re.search(s["pattern"], v):
-            errs.append(f"{path}: does not match {s['pattern']}")
-    if isinstance(v, list):
-        if len(v) < s.get("minItems", 0) or len(v) > s.get("maxItems", math.inf):
-            errs.append(f"{path}: {len(v)} items out of range")
-        if isinstance(s.get("items"), dict):
-            for i, x in enumerate(v):
-                errs += _subset_errors(x, s["items"], f"{path}[{i}]")
-    if isinstance(v, dict):
-        props = s.get("properties") or {}
-        errs += [f"{path}: missing '{k}'" for k in s.get("required", []) if k not in v]
-        for k, x in v.items():
-            if k in props:
-                errs += _subset_errors(x, props[k], f"{path}.{k}")
-            elif s.get("additionalProperties") is False:
-                errs.append(f"{path}: unexpected '{k}'")
-            elif isinstance(s.get("additionalProperties"), dict):
-                errs += _subset_errors(x, s["additionalProperties"], f"{path}.{k}")
-    return errs
 
 
 def normalise(text: str) -> str:
