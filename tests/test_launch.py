@@ -87,3 +87,10 @@ def test_qlora_with_zero3_is_refused():
         launch.topology(spec(**{"train.method": "qlora", "distributed.strategy": "deepspeed",
                                 "distributed.zero_stage": 3, "distributed.num_processes": 2}),
                         environ={}, cuda_devices=2, bf16_ok=True)
+
+
+def test_operator_style_env_is_honoured_too():
+    """Kubeflow's training operator sets PET_* (torchrun) variables instead of an Indexed Job's index."""
+    env = {"PET_NODE_RANK": "1", "PET_MASTER_ADDR": "job-master-0", "PET_MASTER_PORT": "23456"}
+    t = launch.topology(spec(**{"distributed.num_machines": 2}), environ=env, cuda_devices=4, bf16_ok=True)
+    assert (t.machine_rank, t.main_process_ip, t.main_process_port, t.num_processes) == (1, "job-master-0", 23456, 8)

@@ -46,11 +46,12 @@ def _free_port() -> int:
 
 
 def node_rank(spec, environ: dict[str, str] | None = None) -> int:
-    """This node's rank: the spec, else the Indexed Job's JOB_COMPLETION_INDEX, else NODE_RANK, else 0."""
+    """This node's rank: the spec, else the Indexed Job's JOB_COMPLETION_INDEX, else what an operator sets
+    (Kubeflow's PET_NODE_RANK, torchrun-style NODE_RANK), else 0."""
     env = os.environ if environ is None else environ
     if spec.distributed.node_rank is not None:
         return spec.distributed.node_rank
-    return int(env.get("JOB_COMPLETION_INDEX") or env.get("NODE_RANK") or 0)
+    return int(env.get("JOB_COMPLETION_INDEX") or env.get("PET_NODE_RANK") or env.get("NODE_RANK") or 0)
 
 
 def topology(spec, environ: dict[str, str] | None = None, cuda_devices: int | None = None,
@@ -81,11 +82,11 @@ def topology(spec, environ: dict[str, str] | None = None, cuda_devices: int | No
     if rank >= machines:
         raise ConfigError(f"node rank {rank} >= num_machines {machines}",
                           hint="set num_machines to the number of pods (the chart sets SFTJOB_NUM_MACHINES)")
-    ip = d.main_process_ip or env.get("MASTER_ADDR") or "127.0.0.1"
+    ip = d.main_process_ip or env.get("MASTER_ADDR") or env.get("PET_MASTER_ADDR") or "127.0.0.1"
     if machines > 1 and ip in ("127.0.0.1", "localhost"):
         raise ConfigError("multi-node run without a rank-0 address",
                           hint="set MASTER_ADDR (the chart sets <release>-0.<headless service>) or main_process_ip")
-    port = d.main_process_port or int(env.get("MASTER_PORT", "0")) or (29500 if machines > 1 else _free_port())
+    port = d.main_process_port or int(env.get("MASTER_PORT") or env.get("PET_MASTER_PORT") or 0) or (29500 if machines > 1 else _free_port())
     mp = d.mixed_precision
     if mp == "auto":
         mp = ("bf16" if bf16_ok else "fp16") if cuda_devices else "no"
