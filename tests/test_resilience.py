@@ -132,7 +132,7 @@ def test_deadline_publishes_a_partial_adapter_without_success(tmp_path):
 
 def test_save_minutes_checkpoints_on_a_clock(tmp_path):
     out = tmp_path / "clock"
-    r = trainkit.run(*_args(str(out), 16, "--save-minutes", "0.01", "--save-total-limit", "50"),
+    r = trainkit.run(*_args(str(out), 40, "--save-minutes", "0.005", "--save-total-limit", "50"),
                      env={"SFTJOB_CACHE_DIR": str(tmp_path / "c")})
     assert r.returncode == 0, r.stderr[-3000:]
     complete = [p for p in (out / "checkpoints").iterdir() if (p / "COMPLETE").exists()]
