@@ -27,8 +27,8 @@ def single(tmp_path_factory):
     return _train(tmp_path_factory.mktemp("single"), "single", "--per-device-train-batch-size", "2")
 
 
-@pytest.mark.parametrize("mode", [["deepspeed", "--zero-stage", "3"], ["deepspeed", "--zero-stage", "2"], ["ddp"]],
-                         ids=["zero3", "zero2", "ddp"])
+@pytest.mark.parametrize("mode", [["deepspeed", "--zero-stage", "3"], ["deepspeed", "--zero-stage", "2"], ["ddp"],
+                                  ["fsdp"]], ids=["zero3", "zero2", "ddp", "fsdp"])
 def test_two_processes_train_and_publish_a_verified_adapter(tmp_path, single, mode):
     out, r = _train(tmp_path, mode[0], "--distributed", *mode, "--num-processes", "2",
                     "--per-device-train-batch-size", "1")
