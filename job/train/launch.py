@@ -82,10 +82,11 @@ def topology(spec, environ: dict[str, str] | None = None, cuda_devices: int | No
     if rank >= machines:
         raise ConfigError(f"node rank {rank} >= num_machines {machines}",
                           hint="set num_machines to the number of pods (the chart sets SFTJOB_NUM_MACHINES)")
-    ip = d.main_process_ip or env.get("MASTER_ADDR") or env.get("PET_MASTER_ADDR") or "127.0.0.1"
-    if machines > 1 and ip in ("127.0.0.1", "localhost"):
+    ip = d.main_process_ip or env.get("MASTER_ADDR") or env.get("PET_MASTER_ADDR")
+    if machines > 1 and not ip:
         raise ConfigError("multi-node run without a rank-0 address",
                           hint="set MASTER_ADDR (the chart sets <release>-0.<headless service>) or main_process_ip")
+    ip = ip or "127.0.0.1"
     port = d.main_process_port or int(env.get("MASTER_PORT") or env.get("PET_MASTER_PORT") or 0) or (29500 if machines > 1 else _free_port())
     mp = d.mixed_precision
     if mp == "auto":
