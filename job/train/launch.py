@@ -168,8 +168,8 @@ def command(topo: Topology, configs: dict, plan_path: Path) -> list[str]:
 def spawn(cmd: list[str], *, grace_seconds: int, env: dict | None = None) -> tuple[int, bool]:
     """Run the ranks; on SIGTERM forward it and wait up to the grace period. → (returncode, signalled)."""
     child_env = {**os.environ, **(env or {})}
+    child_env = {k: v for k, v in child_env.items() if v is not None}
     child_env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = str(max(grace_seconds - 5, 5))
-    child_env.setdefault("OMP_NUM_THREADS", "1" if "accelerate" in " ".join(cmd) else child_env.get("OMP_NUM_THREADS", "2"))
     proc = subprocess.Popen(cmd, env=child_env, start_new_session=True)
     signalled = {"at": None}
 
@@ -272,7 +272,9 @@ def train(spec, prepared, model_dir: str, workdir: Path, status, *, started: flo
              topo.num_machines, topo.strategy, " ".join(cmd[1:]))
     status.phase("training", f"{topo.num_processes} process(es) on {topo.num_machines} node(s), {topo.strategy}"
                  + (f", resuming from step {found.step}" if found else ""))
-    rc, signalled = spawn(cmd, grace_seconds=spec.resilience.grace_seconds)
+    # CPU ranks share the cores: one all-core thread pool per rank would oversubscribe them
+    threads = None if topo.cuda or "OMP_NUM_THREADS" in os.environ else str(max(1, (os.cpu_count() or 1) // topo.per_node))
+    rc, signalled = spawn(cmd, grace_seconds=spec.resilience.grace_seconds, env={"OMP_NUM_THREADS": threads})
     stopped_file = workdir / "stopped.json"
     stopped = json.loads(stopped_file.read_text()) if stopped_file.exists() else {}
     metrics = _last_metrics(workdir / "metrics.jsonl")
