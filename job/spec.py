@@ -287,10 +287,13 @@ def env_overrides(environ: dict[str, str] | None = None) -> dict[str, Any]:
     return out
 
 
-def load_yaml(path: str | Path) -> dict:
+def read_yaml_mapping(path: str | Path, *, missing: str = "config file not found",
+                      missing_hint: str = "check the --config path",
+                      not_mapping: str = "the run spec must be a YAML mapping") -> dict:
+    """A YAML file that must hold a mapping; errors name the file (and line) and say how to fix it."""
     p = Path(path)
     if not p.exists():
-        raise ConfigError(f"config file not found: {p}", hint="check the --config path")
+        raise ConfigError(f"{missing}: {p}", hint=missing_hint)
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
@@ -299,7 +302,12 @@ def load_yaml(path: str | Path) -> dict:
         raise ConfigError(f"{where}: invalid YAML: {getattr(e, 'problem', e)}",
                           hint="fix the YAML syntax") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{p}: the run spec must be a YAML mapping", hint="see `sftjob schema`")
+        raise ConfigError(f"{p}: {not_mapping}", hint="see `sftjob schema`")
+    return data
+
+
+def load_yaml(path: str | Path) -> dict:
+    data = read_yaml_mapping(path)
     # Helm-style files carry the spec under `run:`
     if set(data) == {"run"} and isinstance(data["run"], dict):
         data = data["run"]
@@ -358,10 +366,12 @@ def _relocate_bare_keys(tree: dict) -> dict:
 
 
 def build(config: str | Path | None = None, overrides: dict[str, Any] | None = None,
-          environ: dict[str, str] | None = None) -> RunSpec:
-    """defaults < YAML < env < flags (overrides: dotted path → value)."""
-    tree = _relocate_bare_keys(load_yaml(config)) if config else {}
-    source = str(config) if config else "flags"
+          environ: dict[str, str] | None = None, *, tree: dict | None = None, source: str | None = None) -> RunSpec:
+    """defaults < YAML (a file, or an already loaded tree) < env < flags (overrides: dotted path → value)."""
+    if tree is None:
+        tree = load_yaml(config) if config else {}
+    tree = _relocate_bare_keys(tree)
+    source = source or (str(config) if config else "flags")
     for path, value in {**env_overrides(environ), **(overrides or {})}.items():
         _set(tree, path, value)
     try:

@@ -44,25 +44,11 @@ def load_values(path: str) -> dict:
     """A Helm values file (RunSpec under `run:`) or a bare RunSpec, wrapped under `run:`;
     the RunSpec is validated with the same rules `sftjob run` applies."""
     p = Path(path)
-    if not p.exists():
-        raise ConfigError(f"values file not found: {p}", hint="pass -f my-run.yaml")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        raise ConfigError(f"{p}{f':{mark.line + 1}' if mark else ''}: invalid YAML: {getattr(e, 'problem', e)}",
-                          hint="fix the YAML syntax") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{p}: expected a mapping (Helm values with `run:`, or a run spec)")
+    data = specmod.read_yaml_mapping(p, missing="values file not found", missing_hint="pass -f my-run.yaml",
+                                     not_mapping="expected a mapping (Helm values with `run:`, or a run spec)")
     values = data if isinstance(data.get("run"), dict) else {"run": data}
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as tmp:
-        yaml.safe_dump(values["run"], tmp)
-        tmp.flush()
-        try:
-            spec = specmod.build(tmp.name, environ={})  # the operator's SFTJOB_* env doesn't reach the pods
-        except ConfigError as e:
-            msg = e.message.replace(tmp.name, f"{p}, under run:" if values is data else str(p))
-            raise ConfigError(msg, hint=e.hint) from None
+    # the operator's SFTJOB_* env doesn't reach the pods, so it must not shape this check either
+    spec = specmod.build(tree=values["run"], source=f"{p}, under run:" if values is data else str(p), environ={})
     # the canonical nested form (flat keys and shorthands resolved) is what the chart's schema checks
     return {**values, "run": spec.model_dump(mode="json", exclude_unset=True)}
 
