@@ -100,11 +100,11 @@ def _callbacks(plan: dict, collator: Collator, stop: StopFlag, mirror, status):
     class Progress(TrainerCallback):
         t0 = time.time()
         last_step_t = time.time()
+        last_save = time.time()
         step_seconds = 1.0
-        tokens0 = 0
 
         def on_train_begin(self, args, state, control, **kw):
-            self.t0 = self.last_step_t = time.time()
+            self.t0 = self.last_step_t = self.last_save = time.time()
             self.step0 = state.global_step
 
         def on_step_end(self, args, state, control, **kw):
@@ -115,10 +115,10 @@ def _callbacks(plan: dict, collator: Collator, stop: StopFlag, mirror, status):
             if reason:
                 control.should_save = True
                 control.should_training_stop = True
-            elif plan.get("save_minutes") and now - plan.setdefault("_last_save", self.t0) > plan["save_minutes"] * 60:
+            elif plan.get("save_minutes") and now - self.last_save > plan["save_minutes"] * 60:
                 control.should_save = True
             if control.should_save:
-                plan["_last_save"] = now
+                self.last_save = now
             return control
 
         def on_log(self, args, state, control, logs=None, **kw):
