@@ -71,14 +71,22 @@ def test_kill_9_resumes_from_the_last_complete_checkpoint_and_cleans_an_incomple
     out = f"s3://{bucket}/runs/oom"
     env = {"SFTJOB_CACHE_DIR": str(tmp_path / "c")}
     log = tmp_path / "first.log"
-    proc = trainkit.start(*_args(out, 40, "--save-steps", "5"), env=env, log=log)
+    # a long first run, so the kill always lands mid-training however slow the machine is
+    proc = trainkit.start(*_args(out, 400, "--save-steps", "5"), env=env, log=log)
     trainkit.wait_for_step(log, proc, 12)
+
+    def complete_steps():
+        keys = s3.keys(bucket, "runs/oom/checkpoints/")
+        return sorted(int(k.split("/")[3][5:]) for k in keys if k.endswith("/COMPLETE"))
+
+    # checkpoints are mirrored in the background: kill once one from step >= 10 is fully in S3
+    trainkit.wait_until(lambda: (complete_steps() or [0])[-1] >= 10, proc, "a COMPLETE checkpoint at step >= 10")
     _kill_tree(proc.pid)
     proc.wait(timeout=30)
     c = s3.client()
     keys = s3.keys(bucket, "runs/oom/checkpoints/")
-    complete = sorted(int(k.split("/")[3][5:]) for k in keys if k.endswith("/COMPLETE"))
-    assert complete and complete[-1] >= 10
+    complete = complete_steps()
+    assert complete and 10 <= complete[-1] < 40
     last = complete[-1]
     # what a kill mid-upload leaves: a newer step with some files and no COMPLETE marker
     for k in keys:

@@ -57,6 +57,18 @@ def wait_for_step(log: Path, proc: subprocess.Popen, step: int, timeout: float =
     raise AssertionError(f"step {step} not reached in {timeout}s:\n{log.read_text()[-3000:]}")
 
 
+def wait_until(predicate, proc: subprocess.Popen, what: str, timeout: float = 240) -> None:
+    """Poll `predicate` while the run is alive: for effects that happen in the background."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended (rc={proc.returncode}) before {what}")
+        time.sleep(0.1)
+    raise AssertionError(f"no {what} within {timeout}s")
+
+
 def sigterm_and_wait(proc: subprocess.Popen, timeout: float = 120) -> int:
     proc.send_signal(signal.SIGTERM)
     return proc.wait(timeout=timeout)
