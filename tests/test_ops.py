@@ -81,6 +81,15 @@ def wait_for(cond, timeout: float = 10.0):
     raise AssertionError("condition not met in time")
 
 
+def seen_by_waiter(fake: FakeKube, name: str, polls: int = 2) -> None:
+    """Block the fake controller until the waiter has polled the Job `polls` more times, so it has
+    read what was just written whatever the machine's load (a fixed sleep is not enough in CI)."""
+    def gets():
+        return sum(1 for m, p in list(fake.requests) if m == "GET" and p.split("?")[0].endswith(f"/jobs/{name}"))
+    start = gets()
+    wait_for(lambda: gets() >= start + polls, timeout=60)
+
+
 def complete(fake: FakeKube, name: str) -> None:
     fake.set_condition(NS, name, "SuccessCriteriaMet", "CompletionsReached")
     fake.set_condition(NS, name, "Complete", "CompletionsReached")
@@ -92,7 +101,7 @@ def test_submit_wait_returns_0_when_the_run_completes(kube, out, tmp_path, capsy
         name = job["metadata"]["name"]
         pod = fake.run_pod(NS, name, 0, log="training...\n")
         write_status(out, step=50, loss=1.25, tokens_per_second=2100.0, eta_seconds=60)
-        time.sleep(0.2)
+        seen_by_waiter(fake, name)
         write_status(out, state="succeeded", step=100, loss=0.9)
         fake.finish_pod(NS, pod, 0)
         complete(fake, name)
@@ -138,10 +147,10 @@ def test_submit_wait_returns_0_when_a_run_exits_75_and_its_replacement_resumes(k
         write_status(out, step=20, loss=1.5)
         fake.finish_pod(NS, first, 75, message="interrupted: SIGTERM; saved checkpoints/step-20",
                         disruption=disruption)
-        time.sleep(0.15)  # the waiter sees the 75 and keeps waiting
+        seen_by_waiter(fake, name)  # the waiter sees the 75 and keeps waiting
         second = fake.run_pod(NS, name, 0)
         write_status(out, step=60, attempt=2, resumed_from=20, loss=1.1)
-        time.sleep(0.15)
+        seen_by_waiter(fake, name)
         write_status(out, state="succeeded", step=100, attempt=2, resumed_from=20)
         fake.finish_pod(NS, second, 0)
         complete(fake, name)
