@@ -9,7 +9,6 @@ import os
 import random
 import subprocess
 import sys
-import time
 from itertools import pairwise
 from pathlib import Path
 
@@ -36,17 +35,16 @@ def _bench_module():
 @pytest.fixture(scope="module")
 def tiny_run():
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    t = time.perf_counter()
     p = subprocess.run([sys.executable, str(BENCH), "--tiny", "--peak-tflops", "0.5"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=180)
     assert p.returncode == 0, p.stderr[-3000:]
     lines = [ln for ln in p.stdout.splitlines() if ln.strip()]
     assert len(lines) == 1, f"stdout must be exactly one JSON object, got: {p.stdout[-2000:]}"
-    return json.loads(lines[0]), time.perf_counter() - t
+    return json.loads(lines[0])
 
 
 def test_tiny_json_shape_and_numbers(tiny_run):
-    r, _ = tiny_run
+    r = tiny_run
     assert KEYS <= r.keys(), KEYS - r.keys()
     assert (r["mode"], r["device"], r["seq_len"], r["micro_batch"]) == ("tiny", "cpu", 256, 2)
     assert r["attn_implementation"] == "sdpa" and r["gradient_checkpointing"] is True
@@ -63,11 +61,6 @@ def test_tiny_json_shape_and_numbers(tiny_run):
     assert "published" in r["anchor_source"]
     assert r["ratio_vs_anchor"] is None and r["peak_memory_gb"] is None
     assert r["packing_isolated"] is True and r["loss_finite"] is True
-
-
-def test_tiny_run_is_quick(tiny_run):
-    _, seconds = tiny_run
-    assert seconds < 120, f"bench/gpu.py --tiny took {seconds:.0f}s"
 
 
 def test_mfu_is_null_without_a_peak():
