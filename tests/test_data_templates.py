@@ -273,3 +273,39 @@ def test_apply_template_accepts_the_prepared_template_text(base_tokenizer):
     apply_template(tok, BUILTINS["phi3"][0])
     assert tok.chat_template == BUILTINS["phi3"][0]
     assert tok.init_kwargs["chat_template_sha256"] == describe("phi3", BUILTINS["phi3"][0], tok).sha256
+
+
+PLAIN_TEXT_MARKERS = (  # a custom template whose end-of-turn marker is ordinary text, several BPE tokens
+    "{% for message in messages %}{{ '### ' + message['role'] | upper + ':\n' + message['content'] + ' <|END|>\n\n' }}"
+    "{% endfor %}"
+)
+
+
+@pytest.mark.parametrize("template,eot", [
+    (PLAIN_TEXT_MARKERS, "<|END|>"),
+    (BUILTINS["llama3"][0], "<|eot_id|>"),  # Llama 3 on a tokenizer that lacks the Llama 3 special tokens
+    (BUILTINS["gemma"][0], "<end_of_turn>"),
+])
+def test_an_end_of_turn_marker_that_is_plain_text_is_still_trained(base_tokenizer, template, eot):
+    tok = copy.deepcopy(base_tokenizer)
+    assert eot not in tok.all_special_tokens and eot not in tok.get_vocab()
+    chat, _, out = encode(tok, "my-template.jinja", template, CONVERSATIONS)
+    assert chat.eos_tokens == [eot]
+    assert not out.bad
+    for (ids, labels), conv in zip(split_examples(out), CONVERSATIONS, strict=True):
+        rendered = fold_system(conv) if chat.system == "folded" else conv
+        assert ids == reference_ids(tok, template, rendered)
+        runs = trained_runs(tok, ids, labels)
+        assistants = [m["content"] for m in conv if m["role"] == "assistant"]
+        assert len(runs) == len(assistants)
+        for run, content in zip(runs, assistants, strict=True):
+            assert re.fullmatch(r"\s?" + re.escape(content.strip()) + r"\s*" + re.escape(eot), run), (run, content)
+
+
+def test_a_template_with_no_end_of_turn_marker_trains_the_content_only(base_tokenizer):
+    template = ("{% for message in messages %}{% if not loop.first %}{{ '\n\n' }}{% endif %}"
+                "{{ message['role'] + ': ' + message['content'] }}{% endfor %}")
+    chat, _, out = encode(copy.deepcopy(base_tokenizer), "bare.jinja", template, CONVERSATIONS[2:])
+    assert chat.eos_tokens == [] and any("no end-of-turn" in n for n in chat.notes)
+    ids, labels = next(split_examples(out))
+    assert [r.strip() for r in trained_runs(base_tokenizer, ids, labels)] == ["4", "6", "Sí: 6."]

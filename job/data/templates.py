@@ -232,7 +232,20 @@ def _eos_for(name: str, text: str, tok) -> list[str]:
     for s in specials:
         if s and after.startswith(s):
             return [s]
-    return [eos_token] if eos_token and after.startswith(eos_token) else []
+    if eos_token and after.startswith(eos_token):
+        return [eos_token]
+    return _literal_end_of_turn(after, out.split(sentinel(3), 1)[1].lstrip())
+
+
+def _literal_end_of_turn(after_middle: str, after_last: str) -> list[str]:
+    """An end-of-turn marker that is plain text, not one special token (a custom "<|END|>", a
+    tokenizer without the family's specials): what the template writes after *every* assistant
+    turn, the middle ones and the last one alike; trailing whitespace is not part of it."""
+    n = 0
+    while n < min(len(after_middle), len(after_last)) and after_middle[n] == after_last[n]:
+        n += 1
+    marker = after_middle[:n].rstrip()
+    return [marker] if marker else []
 
 
 def _special_strings(tok) -> list[str]:
