@@ -1,7 +1,8 @@
 """Evaluation: did the adapter get better than the base model it was trained from, on the same prompts?
 
 Two measures, because loss alone does not tell a user whether the answers are usable:
-- eval loss / perplexity on the eval split, measured by the trainer (eval_steps and at the end);
+- eval loss / perplexity on the eval split, measured by the trainer (eval_steps and at the end), and
+  the base model's, recomputed here the way the trainer does it (``eval.base_loss``);
 - generation eval: the same held-out prompts, rendered with the run's chat template and the
   generation prompt, answered greedily by the base model and then by the adapter loaded on it.
   Scored by exact match, normalised match and — for structured output — valid JSON and valid
@@ -276,8 +277,19 @@ def evaluate(spec, prepared, model_dir: str, adapter_dir: str, workdir: Path) ->
     e = spec.eval
     report: dict = {"format": FORMAT, "loss": _loss(workdir, prepared)}
     schema = load_schema(e.json_schema) if e.json_schema else None
-    if e.prompts or e.num_prompts:
-        report["generation"] = _generation(spec, prepared, model_dir, adapter_dir, schema)
+    base_loss = bool(e.base_loss and report["loss"])
+    if e.prompts or e.num_prompts or base_loss:
+        tok = _tokenizer(spec, prepared, model_dir, adapter_dir)
+        model = _load_base(spec, model_dir, len(tok))
+        if base_loss:
+            t = time.time()
+            loss = eval_loss(model, prepared.eval_path, spec)
+            report["loss"].update(base_eval_loss=loss, base_perplexity=_perplexity(loss),
+                                  base_seconds=round(time.time() - t, 1))
+        if e.prompts or e.num_prompts:
+            report["generation"], model = _generation(spec, prepared, tok, model, adapter_dir, schema)
+        del model
+        _free_cuda()
     failures = gate(spec, report)
     report["gate"] = {"min_json_valid": e.min_json_valid, "max_loss": e.max_loss,
                       "checked": e.min_json_valid is not None or e.max_loss is not None,
@@ -302,17 +314,54 @@ def _loss(workdir: Path, prepared) -> dict | None:
             rec = json.loads(line) if line.startswith("{") else {}
             if rec.get("eval_loss") is not None:
                 history.append({"step": rec.get("step"), "eval_loss": rec["eval_loss"]})
-    return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50)) if loss is not None else None,
-            "history": history, "trainer_metrics": final}
+    return {"eval_loss": loss, "perplexity": _perplexity(loss), "history": history, "trainer_metrics": final}
 
 
-def _generation(spec, prepared, model_dir: str, adapter_dir: str, schema: dict | None) -> dict:
+def _perplexity(loss: float | None) -> float | None:
+    return math.exp(min(loss, 50)) if loss is not None else None
+
+
+def eval_loss(model, eval_path: Path, spec) -> float | None:
+    """The trainer's eval_loss, recomputed for another model: the same collator and batch size, the
+    mean token loss of each batch weighted by its rows (as Trainer.evaluation_loop does), so the base
+    model and the adapter compare like for like."""
     import torch
+    from datasets import Dataset
+
+    from job.train.sft import Collator
+
+    ds = Dataset.from_parquet(str(eval_path))
+    collate, bs = Collator(0, packed=spec.data.packing), spec.train.per_device_train_batch_size
+    device = next(model.parameters()).device
+    total, rows = 0.0, 0
+    with torch.inference_mode():
+        for start in range(0, len(ds), bs):
+            batch = collate([ds[i] for i in range(start, min(start + bs, len(ds)))])
+            loss = model(**{k: v.to(device) for k, v in batch.items()}).loss.float().item()
+            n = len(batch["input_ids"])
+            if math.isfinite(loss):  # as the trainer's logging_nan_inf_filter
+                total, rows = total + loss * n, rows + n
+    return total / rows if rows else None
+
+
+def _tokenizer(spec, prepared, model_dir: str, adapter_dir: str):
     from transformers import AutoTokenizer
 
     tok_dir = adapter_dir if (Path(adapter_dir) / "tokenizer_config.json").exists() else model_dir
     tok = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=spec.model.trust_remote_code)
     tok.chat_template = prepared.chat_template
+    return tok
+
+
+def _free_cuda() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _generation(spec, prepared, tok, model, adapter_dir: str, schema: dict | None) -> tuple[dict, object]:
+    """Base answers, then the adapter loaded onto the same model; returns the report and the model."""
     e = spec.eval
     if e.prompts:
         prompts, source = prompts_from_file(spec, tok), e.prompts
@@ -325,15 +374,11 @@ def _generation(spec, prepared, model_dir: str, adapter_dir: str, schema: dict |
     stop = [tok.convert_tokens_to_ids(t) for t in prepared.eos_tokens if t in tok.get_vocab()]
     stop = list(dict.fromkeys(stop + ([tok.eos_token_id] if tok.eos_token_id is not None else [])))
     t0 = time.time()
-    model = _load_base(spec, model_dir, len(tok))
     before = generate(model, tok, prompts, e.max_new_tokens, stop)
     t1 = time.time()
     model = _with_adapter(spec, model, adapter_dir)
     after = generate(model, tok, prompts, e.max_new_tokens, stop)
     t2 = time.time()
-    del model
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
     refs = [p.reference for p in prompts]
     return {
         "source": source, "prompts": len(prompts), "max_new_tokens": e.max_new_tokens,
@@ -341,7 +386,7 @@ def _generation(spec, prepared, model_dir: str, adapter_dir: str, schema: dict |
         "before": score(before, refs, schema), "after": score(after, refs, schema),
         "samples": [{"prompt": p.text, "reference": p.reference, "before": b, "after": a}
                     for p, b, a in list(zip(prompts, before, after, strict=True))[:SAMPLES]],
-    }
+    }, model
 
 
 def gate(spec, report: dict) -> list[str]:
@@ -369,6 +414,8 @@ def summary(report: dict) -> dict:
     if loss.get("eval_loss") is not None:
         out["eval_loss"] = round(loss["eval_loss"], 4)
         out["perplexity"] = round(loss["perplexity"], 3)
+        if loss.get("base_eval_loss") is not None:
+            out["base_eval_loss"] = round(loss["base_eval_loss"], 4)
     g = report.get("generation")
     if g:
         out["prompts"] = g["prompts"]
@@ -394,8 +441,9 @@ def markdown(report: dict) -> str:
                 b, a = g["before"][k], g["after"][k]
                 lines.append(f"| {label} | {b:.1%} | {a:.1%} | {100 * (a - b):+.1f} pts |")
     if loss.get("eval_loss") is not None:
-        lines.append(f"| eval loss | — | {loss['eval_loss']:.4f} | |")
-        lines.append(f"| perplexity | — | {loss['perplexity']:.3f} | |")
+        b, bp = loss.get("base_eval_loss"), loss.get("base_perplexity")
+        lines.append(f"| eval loss | {_num(b, 4)} | {loss['eval_loss']:.4f} | {_num(b and loss['eval_loss'] - b, 4, '+')} |")
+        lines.append(f"| perplexity | {_num(bp, 3)} | {loss['perplexity']:.3f} | {_num(bp and loss['perplexity'] - bp, 3, '+')} |")
     lines.append("")
     if g:
         lines.append(f"{g['prompts']} prompts from {g['source']}, greedy, max_new_tokens {g['max_new_tokens']}.")
@@ -406,6 +454,10 @@ def markdown(report: dict) -> str:
         lines += ["", f"## Sample {i}", "", "Prompt:", _fence(s["prompt"]), "Reference:", _fence(s["reference"] or "(none)"),
                   "Base:", _fence(s["before"]), "Adapter:", _fence(s["after"])]
     return "\n".join(lines) + "\n"
+
+
+def _num(x: float | None, digits: int, sign: str = "") -> str:
+    return "—" if x is None else f"{x:{sign}.{digits}f}"
 
 
 def _fence(text: str) -> str:

@@ -150,6 +150,7 @@ class EvalSpec(Section):
     prompts: str | None = Field(None, description="Held-out prompts for generation eval (file or S3 URI).")
     num_prompts: int = Field(0, ge=0, description="Use N rows of the eval split as generation prompts (0 = off unless prompts).")
     max_new_tokens: int = Field(128, ge=1, description="Generation length for the generation eval.")
+    base_loss: bool = Field(True, description="Also measure the base model's eval loss (one pass over the eval split after training), for the before column.")
     json_schema: str | None = Field(None, description="JSON Schema file the answers must satisfy (structured output).")
     min_json_valid: float | None = Field(None, ge=0, le=1, description="Gate: minimum share of the adapter's answers that are valid JSON (and valid against json_schema when set); a miss exits 78 with the adapter under rejected/.")
     max_loss: float | None = Field(None, gt=0, description="Gate: maximum final eval loss (needs an eval split); a miss exits 78 with the adapter under rejected/.")

@@ -146,10 +146,14 @@ def test_report_table_shows_base_and_adapter_side_by_side():
               "gate": {"checked": True, "passed": False, "failures": ["json_valid low"]}}
     md = evaluate.markdown(report)
     assert "| valid JSON | 0.0% | 100.0% | +100.0 pts |" in md and "| exact match | 0.0% | 50.0% | +50.0 pts |" in md
-    assert "| perplexity | — | 1.649 | |" in md and "Gate: **failed**: json_valid low" in md
+    assert "| perplexity | — | 1.649 | — |" in md and "Gate: **failed**: json_valid low" in md
     assert md.count("````text") == 4  # samples fenced, a fence inside an answer cannot break out
     assert evaluate.summary(report) == {"eval_loss": 0.5, "perplexity": 1.649, "prompts": 2,
                                         "exact_match": [0.0, 0.5], "json_valid": [0.0, 1.0], "gate": "failed"}
+    report["loss"].update(base_eval_loss=2.0, base_perplexity=7.389)
+    md = evaluate.markdown(report)
+    assert "| eval loss | 2.0000 | 0.5000 | -1.5000 |" in md and "| perplexity | 7.389 | 1.649 | -5.740 |" in md
+    assert evaluate.summary(report)["base_eval_loss"] == 2.0
 
 
 def test_shipped_catalog_prompts_file_limits_to_num_prompts_without_an_eval_split(tok, tmp_path):

@@ -35,23 +35,25 @@ def catalog(tmp_path_factory) -> Path:
     return p
 
 
-def _run(catalog: Path, out: Path, *flags: str):
+def _run(catalog: Path, out: Path, *flags: str, env: dict | None = None):
     return trainkit.run("run", "--model", str(trainkit.tiny_model()), "--data", str(catalog), "--output", str(out),
                         "--eval-split", "0.1", "--json-schema", str(SCHEMA), "--learning-rate", "5e-3",
-                        "--modules-to-save", "[embed_tokens, lm_head]", *flags)
+                        "--modules-to-save", "[embed_tokens, lm_head]", *flags, env=env)
 
 
 @pytest.fixture(scope="module")
 def trained(catalog, tmp_path_factory):
     out = tmp_path_factory.mktemp("json-run") / "out"
+    cache = out.parent / "cache"
     r = _run(catalog, out, "--max-steps", "120", "--logging-steps", "40", "--eval-steps", "60",
-             "--num-prompts", "16", "--max-new-tokens", "40", "--min-json-valid", "0.8")
+             "--num-prompts", "16", "--max-new-tokens", "40", "--min-json-valid", "0.8",
+             env={"SFTJOB_CACHE_DIR": str(cache)})
     assert r.returncode == 0, r.stderr[-3000:]
-    return out, r
+    return out, r, cache
 
 
 def test_json_finetune_raises_valid_json_rate_from_base_to_adapter(trained):
-    out, _ = trained
+    out, _, _ = trained
     ev = json.loads((out / "eval.json").read_text())
     before, after = ev["generation"]["before"], ev["generation"]["after"]
     print("\nJSON eval before → after:", json.dumps({k: [before[k], after[k]] for k in before if k in after}))
@@ -61,12 +63,14 @@ def test_json_finetune_raises_valid_json_rate_from_base_to_adapter(trained):
     assert after["normalized_match"] >= before["normalized_match"]
     assert ev["gate"] == {"min_json_valid": 0.8, "max_loss": None, "checked": True, "passed": True, "failures": []}
     assert ev["loss"]["eval_loss"] > 0 and ev["loss"]["perplexity"] == pytest.approx(2.718281828 ** ev["loss"]["eval_loss"], rel=1e-6)
+    print("eval loss base → adapter:", ev["loss"]["base_eval_loss"], "→", ev["loss"]["eval_loss"])
+    assert ev["loss"]["base_eval_loss"] > ev["loss"]["eval_loss"] + 1.0  # the base has never seen this format
     sample = ev["generation"]["samples"][0]
     assert sample["prompt"].endswith("<|im_start|>assistant\n") and sample["reference"].startswith('{"nombre"')
 
 
 def test_eval_report_is_published_and_summarised_in_status_and_final_line(trained):
-    out, r = trained
+    out, r, _ = trained
     assert (out / "_SUCCESS").exists()
     manifest = {f["path"] for f in json.loads((out / "manifest.json").read_text())["files"]}
     assert {"eval.json", "eval.md", "adapter_model.safetensors"} <= manifest
@@ -95,3 +99,23 @@ def test_under_trained_adapter_misses_the_gate_exits_78_and_is_kept_under_reject
     status = json.loads((out / "status.json").read_text())
     assert status["state"] == "failed" and status["error"]["exit_code"] == 78 and status["error"]["kind"] == "eval_gate"
     assert status["eval"]["gate"] == "failed"
+
+
+def test_the_evaluators_loss_is_the_trainers_so_base_and_adapter_compare_like_for_like(trained):
+    import yaml
+
+    from job import evaluate
+    from job.data.prepare import Prepared
+    from job.spec import RunSpec
+
+    out, _, cache = trained
+    ev = json.loads((out / "eval.json").read_text())
+    spec = RunSpec.model_validate(yaml.safe_load((out / "run.yaml").read_text()))
+    [prepared_dir] = [d for d in (cache / "prepared").iterdir() if (d / "meta.json").exists()]
+    prepared = Prepared.load(prepared_dir)
+    base = evaluate._load_base(spec, str(trainkit.tiny_model()), 0)
+    assert evaluate.eval_loss(base, prepared.eval_path, spec) == pytest.approx(ev["loss"]["base_eval_loss"], rel=1e-5)
+    adapter = evaluate._with_adapter(spec, base, str(out))
+    assert evaluate.eval_loss(adapter, prepared.eval_path, spec) == pytest.approx(ev["loss"]["eval_loss"], rel=1e-4)
+    md = (out / "eval.md").read_text()
+    assert f"| eval loss | {ev['loss']['base_eval_loss']:.4f} | {ev['loss']['eval_loss']:.4f} |" in md
