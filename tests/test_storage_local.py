@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -60,19 +64,40 @@ def test_local_missing_paths_are_not_found(tmp_path):
         assert e.value.exit_code == 66 and "nope" in str(e.value)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file modes")
-def test_local_unwritable_output_is_permission_denied(tmp_path):
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    ro.chmod(0o500)
+def _unwritable_checks(ro) -> None:
+    with pytest.raises(PermissionDeniedError) as e:
+        storage.check_access(str(ro / "runs" / "x"))
+    assert e.value.exit_code == 77
+    with pytest.raises(PermissionDeniedError):
+        storage.write_bytes(str(ro / "f"), b"x")
+
+
+def test_local_unwritable_output_is_permission_denied():
+    """A directory the job may not write to → 77. Root ignores file modes (CI runs as root), so then
+    the checks run in a forked child that has dropped to the `nobody` uid, as a pod's non-root user."""
+    top = Path(tempfile.mkdtemp(prefix="sftjob-ro-"))
     try:
-        with pytest.raises(PermissionDeniedError) as e:
-            storage.check_access(str(ro / "runs" / "x"))
-        assert e.value.exit_code == 77
-        with pytest.raises(PermissionDeniedError):
-            storage.write_bytes(str(ro / "f"), b"x")
+        top.chmod(0o755)
+        ro = top / "ro"
+        ro.mkdir(mode=0o555)
+        ro.chmod(0o555)
+        if os.geteuid() != 0:
+            return _unwritable_checks(ro)
+        pid = os.fork()
+        if pid == 0:  # child: never returns into pytest
+            code = 1
+            try:
+                os.setgid(65534)
+                os.setuid(65534)
+                _unwritable_checks(ro)
+                code = 0
+            except BaseException as e:  # noqa: BLE001 - reported through the exit status
+                print(f"child failed: {e!r}", file=sys.stderr)
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
     finally:
-        ro.chmod(0o700)
+        shutil.rmtree(top, ignore_errors=True)
 
 
 def test_unknown_scheme_is_a_config_error():
