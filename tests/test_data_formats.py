@@ -64,6 +64,31 @@ def test_per_message_train_flag_and_row_weight_are_kept(tmp_path):
     assert row.weight == 2.5 and row.messages[1]["train"] is False
 
 
+def test_sharegpt_and_axolotl_turn_flags_and_dataset_role_names(tmp_path):
+    [r1] = rows_of(write_jsonl(tmp_path / "sharegpt.jsonl", [
+        {"conversations": [{"from": "human", "value": "q", "weight": 0}, {"from": "gpt", "value": "a", "weight": 0},
+                           {"from": "human", "value": "q2", "weight": 1}, {"from": "chatgpt", "value": "a2", "weight": 1}]}]))
+    [r2] = rows_of(write_jsonl(tmp_path / "messages.jsonl", [
+        {"messages": [{"role": "prompter", "content": "q"}, {"role": "model", "content": "a", "training": False},
+                      {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2", "training": True}]}]))
+    assert [(m["role"], m.get("train")) for m in r1.messages] == [
+        ("user", False), ("assistant", False), ("user", None), ("assistant", True)]
+    assert [(m["role"], m.get("train")) for m in r2.messages] == [
+        ("user", None), ("assistant", False), ("user", None), ("assistant", True)]
+
+
+@pytest.mark.parametrize("msg,problem", [
+    ({"role": "assistant", "content": "a", "weight": 0.5}, "messages[1].weight: must be 0 or 1, got 0.5"),
+    ({"role": "assistant", "content": "a", "training": "yes"}, "messages[1].training: must be true or false"),
+    ({"role": "user", "content": "a", "train": True}, "messages[1].train: only assistant messages can be trained"),
+])
+def test_bad_turn_flags_name_the_field(tmp_path, msg, problem):
+    f = write_jsonl(tmp_path / "b.jsonl", [{"messages": [{"role": "user", "content": "q"}, msg,
+                                                         {"role": "assistant", "content": "z"}]}])
+    [row] = rows_of(f)
+    assert isinstance(row, BadRow) and problem in f"{row.field}: {row.problem}", row
+
+
 @pytest.mark.parametrize("mode,expected", [("default", ["DEF", "OWN"]), ("override", ["DEF", "DEF"]), ("none", [None, "OWN"])])
 def test_system_prompt_modes(tmp_path, mode, expected):
     f = write_jsonl(tmp_path / "s.jsonl", [

@@ -22,7 +22,14 @@ from job.errors import DataError, NotFoundError
 
 EXTENSIONS = (".jsonl.gz", ".jsonl", ".json", ".parquet")
 ROLES = ("system", "user", "assistant")
-DEFAULT_ROLES = {"system": "system", "user": "user", "assistant": "assistant", "human": "user", "gpt": "assistant"}
+DEFAULT_ROLES = {  # the role names public datasets use; anything else is mapped with data.roles
+    "system": "system", "user": "user", "assistant": "assistant",
+    "human": "user", "gpt": "assistant", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant",  # ShareGPT
+    "prompter": "user",  # OpenAssistant
+    "model": "assistant",  # Gemma
+}
+# Per-message "train this turn?" flags: ours, axolotl's, and a 0/1 per-message weight (ShareGPT exports).
+TRAIN_FLAGS = ("train", "training", "weight")
 CANONICAL = {  # canonical column name → default column name in the file
     "messages": "messages", "conversations": "conversations", "role": "role", "content": "content",
     "instruction": "instruction", "input": "input", "output": "output", "system": "system",
@@ -245,18 +252,34 @@ def _messages(obj: dict, key: str, rk: str, ck: str, roles: dict[str, str], need
         if type(c) is not str or not c or c.isspace():
             c = _content(c, f"{key}[{i}].{ck}")
         msg = {"role": mapped, "content": c}
-        t = m.get("train")
-        if t is not None:
-            if type(t) is not bool:
-                raise RowIssue(f"{key}[{i}].train", f"must be true or false, got {t!r}")
-            if t and mapped != "assistant":
-                raise RowIssue(f"{key}[{i}].train", f"only assistant messages can be trained (role is {mapped})")
-            msg["train"] = t
+        if len(m) > 2:
+            t = _train_flag(m, f"{key}[{i}]", mapped)
+            if t is not None:
+                msg["train"] = t
         has_assistant = has_assistant or mapped == "assistant"
         out.append(msg)
     if need_assistant and not has_assistant:
         raise RowIssue(key, "no assistant turn")
     return out
+
+
+def _train_flag(m: dict, where: str, role: str) -> bool | None:
+    """train: true|false, axolotl's training: true|false, or weight: 0|1 on a message."""
+    for k in TRAIN_FLAGS:
+        t = m.get(k)
+        if t is None:
+            continue
+        if k == "weight" and type(t) in (int, float) and t in (0, 1):
+            t = bool(t)
+        if type(t) is not bool:
+            want = "0 or 1" if k == "weight" else "true or false"
+            raise RowIssue(f"{where}.{k}", f"must be {want}, got {t!r}")
+        if t and role != "assistant":
+            if k == "weight":  # exports put weight 1 on every turn; only assistant turns are trained anyway
+                return None
+            raise RowIssue(f"{where}.{k}", f"only assistant messages can be trained (role is {role})")
+        return t
+    return None
 
 
 @lru_cache(maxsize=64)
