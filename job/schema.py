@@ -81,6 +81,7 @@ def knobs_markdown() -> str:
         typ = " \\| ".join(
             ("/".join(map(str, a["enum"])) if "enum" in a else k) for a, k in zip(node.get("anyOf", [node]), kinds, strict=True))
         default = f.get_default(call_default_factory=True)
+        desc = (f.description or "").replace("|", "\\|")  # a literal | inside a Markdown table cell
         rows.append(f"| `{path}` | `--{flag}` | `SFTJOB_{flag.replace('-', '_').upper()}` | {typ} | "
-                    f"`{json.dumps(default)}` | {(f.description or '').replace('|', '/')} |")
+                    f"`{json.dumps(default)}` | {desc} |")
     return "\n".join(rows) + "\n"
