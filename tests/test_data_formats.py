@@ -150,3 +150,17 @@ def test_undetectable_format_asks_for_data_format(tmp_path):
     f = write_jsonl(tmp_path / "u.jsonl", [{"foo": 1}])
     with pytest.raises(DataError, match="cannot detect the row format"):
         rows_of(f)
+
+
+def test_compact_json_array_rows_are_told_apart_and_a_mixed_format_row_says_so(tmp_path):
+    ok = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    f = tmp_path / "compact.json"
+    f.write_text(json.dumps([ok, {"messages": 3}, ok]))  # one line, three rows
+    rows = rows_of(f)
+    assert [r.where for r in rows] == [f"{f}:1 (element {k})" for k in (1, 2, 3)]
+    assert isinstance(rows[1], BadRow) and rows[1].field == "messages"
+    g = write_jsonl(tmp_path / "mixed.jsonl", [ok, ok, {"conversations": [{"from": "human", "value": "q"},
+                                                                         {"from": "gpt", "value": "a"}]}])
+    bad = rows_of(g)[2]
+    assert isinstance(bad, BadRow) and bad.where.endswith("mixed.jsonl:3")
+    assert "looks like sharegpt" in bad.problem and "one file holds one format" in bad.problem

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import json
 import zlib
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
@@ -135,17 +136,22 @@ def _iter_json_array(path: Path) -> Iterator[tuple[int, Any]]:
         yield from _iter_jsonl(path, gz=False)
         return
     i = _skip_ws(text, i + 1)
+    rows: list[tuple[int, Any]] = []
     while i < len(text) and text[i] != "]":
         line = text.count("\n", 0, i) + 1
         try:
             obj, i = dec.raw_decode(text, i)
         except json.JSONDecodeError as e:
-            yield text.count("\n", 0, e.pos) + 1, RowIssue("(row)", f"invalid JSON: {e.msg}; the rest of the array is unreadable")
-            return
-        yield line, obj
+            rows.append((text.count("\n", 0, e.pos) + 1,
+                         RowIssue("(row)", f"invalid JSON: {e.msg}; the rest of the array is unreadable")))
+            break
+        rows.append((line, obj))
         i = _skip_ws(text, i)
         if i < len(text) and text[i] == ",":
             i = _skip_ws(text, i + 1)
+    starts = Counter(line for line, _ in rows)
+    for k, (line, obj) in enumerate(rows, 1):  # elements sharing a line are told apart by position
+        yield (line if starts[line] == 1 else f"{line} (element {k})"), obj
 
 
 def _skip_ws(text: str, i: int) -> int:
@@ -234,7 +240,9 @@ def normalize(obj: Any, fmt: str, columns: dict[str, str], roles: dict[str, str]
 
 def _messages(obj: dict, key: str, rk: str, ck: str, roles: dict[str, str], need_assistant: bool = True) -> list[dict]:
     if key not in obj:
-        raise RowIssue(key, f"missing (row has: {', '.join(map(str, list(obj)[:8])) or 'no fields'})")
+        other = detect([obj], {})
+        hint = (f"; this row looks like {other} — one file holds one format: split the file" if other else "")
+        raise RowIssue(key, f"missing (row has: {', '.join(map(str, list(obj)[:8])) or 'no fields'}){hint}")
     raw = obj[key]
     if not isinstance(raw, list) or not raw:
         raise RowIssue(key, "must be a non-empty list of messages" if isinstance(raw, list) else f"must be a list, got {type(raw).__name__}")
