@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 import typing
 from typing import Any
 
+from job import logsetup
 from job import spec as specmod
 from job.errors import ExitCode, SftjobError
 
@@ -175,10 +175,9 @@ def _dispatch(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv or os.environ.get("SFTJOB_DEBUG") == "1"
-    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "filelock", "httpx", "DeepSpeed"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if debug:
+        os.environ["SFTJOB_DEBUG"] = "1"  # training ranks are child processes
+    logsetup.setup(debug)
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # argparse: usage errors are exit 64, help is 0

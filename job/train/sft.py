@@ -179,7 +179,7 @@ def _training_args(spec, plan: dict):
         per_device_train_batch_size=t.per_device_train_batch_size, per_device_eval_batch_size=t.per_device_train_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps, learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler_type, warmup_steps=t.warmup_ratio, weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm, optim=t.optim, gradient_checkpointing=t.gradient_checkpointing,
+        max_grad_norm=t.max_grad_norm, optim=t.optim, activation_checkpointing=t.gradient_checkpointing,
         logging_steps=t.logging_steps, report_to=t.report_to or "none", seed=t.seed, data_seed=t.seed,
         save_strategy="steps" if spec.resilience.save_steps else "no",
         save_steps=spec.resilience.save_steps or 500, save_total_limit=None,
@@ -189,7 +189,7 @@ def _training_args(spec, plan: dict):
         remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True},
         disable_tqdm=True, dataloader_num_workers=0, max_length=spec.data.max_length,
         ddp_find_unused_parameters=False if d.strategy == "ddp" else None,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
     )
     if plan.get("deepspeed_config"):
         kwargs["deepspeed"] = plan["deepspeed_config"]
@@ -299,9 +299,9 @@ def train(plan: dict) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("botocore", "urllib3", "s3transfer", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from job import logsetup
+
+    logsetup.setup(os.environ.get("SFTJOB_DEBUG") == "1")
     plan = json.loads(Path(argv[0]).read_text())
     return train(plan)
 
