@@ -15,10 +15,11 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 RUN python3 -m venv /opt/venv
 WORKDIR /src
-COPY requirements.lock ./
-# Same order as `make setup`: torch first, then the lockfile with DeepSpeed's ops left to JIT.
+COPY requirements.lock requirements-cuda.lock ./
+# Same order as `make setup`: torch first, then the lockfile with DeepSpeed's ops left to JIT; plus the
+# GPU-only pins (bitsandbytes for QLoRA) that the CPU venv leaves out.
 RUN /opt/venv/bin/pip install "$(grep -E '^torch==' requirements.lock)" \
- && DS_BUILD_OPS=0 /opt/venv/bin/pip install --no-build-isolation -r requirements.lock
+ && DS_BUILD_OPS=0 /opt/venv/bin/pip install --no-build-isolation -r requirements.lock -r requirements-cuda.lock
 
 # ---- runtime: base + venv + app code (last layer) ----------------------------------------------------
 FROM base AS runtime

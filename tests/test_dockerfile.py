@@ -42,12 +42,22 @@ def test_image_installs_the_lockfile_the_way_make_does():
     # torch first from its lockfile line, then the whole lockfile without compiling DeepSpeed ops
     assert "grep -E '^torch==' requirements.lock" in make and "grep -E '^torch==' requirements.lock" in runs
     assert "DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation -r requirements.lock" in make
-    assert re.search(r"DS_BUILD_OPS=0 \S*pip install --no-build-isolation -r requirements\.lock", runs)
+    assert re.search(r"DS_BUILD_OPS=0 \S*pip install --no-build-isolation -r requirements\.lock "
+                     r"-r requirements-cuda\.lock", runs)
     assert runs.index("^torch==") < runs.index("-r requirements.lock")
-    # nothing else comes from an index: every pip install is the torch line or the lockfile
+    # nothing else comes from an index: every pip install is the torch line or the lockfiles
     for cmd in re.findall(r"pip install ([^&]*)", runs):
         assert "requirements.lock" in cmd, f"unpinned install: pip install {cmd}"
-    assert ("COPY", "requirements.lock ./") in ins
+    assert ("COPY", "requirements.lock requirements-cuda.lock ./") in ins
+
+
+def test_gpu_only_pins_are_exact_and_agree_with_pyproject():
+    lines = [ln.strip() for ln in (ROOT / "requirements-cuda.lock").read_text().splitlines()
+             if ln.strip() and not ln.startswith("#")]
+    assert lines and all(re.fullmatch(r"[A-Za-z0-9_.-]+==[0-9][^\s]*", ln) for ln in lines), lines
+    main = {ln.split("==")[0].lower() for ln in (ROOT / "requirements.lock").read_text().splitlines() if "==" in ln}
+    assert not {ln.split("==")[0].lower() for ln in lines} & main  # one pin per package across both files
+    assert set(lines) <= set(re.findall(r'"([^"]+==[^"]+)"', (ROOT / "pyproject.toml").read_text()))
 
 
 def test_base_image_is_pinned_by_digest_and_app_code_is_the_last_layer():
@@ -78,9 +88,9 @@ def test_image_user_entrypoint_and_labels_match_the_chart():
     assert f"SFTJOB_CACHE_DIR={chart_cache}" in env
 
 
-def test_dockerignore_sends_only_the_lockfile_and_the_package():
+def test_dockerignore_sends_only_the_lockfiles_and_the_package():
     lines = [x for x in (ROOT / ".dockerignore").read_text().splitlines() if x and not x.startswith("#")]
     assert lines[0] == "*"
-    assert {"!requirements.lock", "!job/"} <= set(lines)
-    sources = [a.split()[0] for op, a in instructions() if op == "COPY" and "--from" not in a]
-    assert set(sources) == {"requirements.lock", "job/"}
+    assert {"!requirements.lock", "!requirements-cuda.lock", "!job/"} <= set(lines)
+    sources = {s for op, a in instructions() if op == "COPY" and "--from" not in a for s in a.split()[:-1]}
+    assert sources == {"requirements.lock", "requirements-cuda.lock", "job/"}

@@ -78,7 +78,12 @@ def test_verified_adapter_passes(single):
     assert info["lora_tensors"] == 28 and info["forward_checked"]
 
 
-def test_qlora_on_cpu_is_a_clear_config_error(tmp_path):
+@pytest.mark.parametrize("flags,needs", [(["--method", "qlora"], "method: qlora"),
+                                         (["--optim", "paged_adamw_8bit"], "optim: paged_adamw_8bit")])
+def test_bitsandbytes_features_on_cpu_are_a_clear_config_error_before_any_work(tmp_path, flags, needs):
+    cache = tmp_path / "cache"
     r = trainkit.run("run", "--model", str(trainkit.tiny_model()), "--data", str(trainkit.chat_data()),
-                     "--output", str(tmp_path / "q"), "--method", "qlora", "--max-steps", "2")
-    assert r.returncode == 64 and "qlora needs a CUDA GPU" in r.stderr and "Traceback" not in r.stderr
+                     "--output", str(tmp_path / "q"), *flags, "--max-steps", "2", env={"SFTJOB_CACHE_DIR": str(cache)})
+    assert r.returncode == 64 and f"{needs} needs a CUDA GPU (bitsandbytes)" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    assert not (cache / "prepared").exists()  # refused before the data was prepared

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -223,16 +224,30 @@ def _attn(spec, cuda: bool) -> str:
     return "sdpa"
 
 
+def check_bitsandbytes(spec) -> None:
+    """QLoRA and the 8-bit/paged optimizers need CUDA and bitsandbytes (requirements-cuda.lock, in the
+    image; left out of the CPU venv): say so before any process starts, not as an ImportError per rank."""
+    needs = ("method: qlora" if spec.train.method == "qlora" else
+             f"optim: {spec.train.optim}" if re.search(r"8bit|bnb|paged", spec.train.optim) else None)
+    if needs is None:
+        return
+    import importlib.util
+
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError(f"{needs} needs a CUDA GPU (bitsandbytes); none is visible",
+                          hint="use method: lora / optim: adamw_torch on CPU, or run on a GPU node")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"{needs} needs bitsandbytes, which is not installed",
+                          hint="use the sftjob image, or pip install -r requirements-cuda.lock")
+
+
 def train(spec, prepared, model_dir: str, workdir: Path, status, *, started: float) -> Outcome:
     """Resume from the newest complete checkpoint, spawn the ranks, read back what they did."""
     from job import checkpoints
 
-    if spec.train.method == "qlora":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError("method: qlora needs a CUDA GPU (bitsandbytes 4-bit); none is visible",
-                              hint="use method: lora on CPU, or run on a GPU node")
+    check_bitsandbytes(spec)  # also for callers that skip the pipeline's early check
     topo = topology(spec)
     hidden = None
     cfg = Path(model_dir) / "config.json"
