@@ -91,7 +91,8 @@ class Encoder:
             self._compiled = None
         self._skeletons: dict[tuple, list | Exception] = {}
         eos = sorted({e for e in chat.eos_tokens if e}, key=len, reverse=True)
-        self._eos = re.compile(r"\s*(?:" + "|".join(map(re.escape, eos)) + ")") if eos else None
+        # a run of them: Command R7B ends a turn with <|END_RESPONSE|><|END_OF_TURN_TOKEN|>
+        self._eos = re.compile(r"\s*(?:" + "|".join(map(re.escape, eos)) + ")+") if eos else None
 
     # ---- rendering ---------------------------------------------------------------------
     def messages_for(self, row: Row) -> list[dict]:
@@ -306,6 +307,16 @@ class _Unmaskable(Exception):
     pass
 
 
+def _variants(c: str) -> tuple[str, ...]:
+    """How a template may render a content: as is, trimmed, or only the answer after ``</think>``
+    (Qwen3, DeepSeek-R1/V3 and GLM drop the reasoning of earlier turns, or of every turn)."""
+    out = (c, c.strip(), c.rstrip(), c.lstrip())
+    if "</think>" in c:
+        answer = c.split("</think>")[-1]
+        out += (answer, answer.lstrip("\n"), answer.strip())
+    return out
+
+
 def _walk(text: str, sk: list, msgs: list[dict]) -> dict[int, tuple[int, int]] | None:
     """Match text against the skeleton [literal, slot, literal, slot, ..., literal]; spans per slot."""
     first = sk[0]
@@ -317,7 +328,7 @@ def _walk(text: str, sk: list, msgs: list[dict]) -> dict[int, tuple[int, int]] |
         c = msgs[part]["content"]
         end = pos + len(c)
         if not (text.startswith(c, pos) and text.startswith(nxt, end)):
-            for cand in (c.strip(), c.rstrip(), c.lstrip()):  # templates that trim
+            for cand in _variants(c)[1:]:  # templates that trim, or drop the reasoning
                 end = pos + len(cand)
                 if text.startswith(cand, pos) and text.startswith(nxt, end):
                     break
@@ -334,7 +345,7 @@ def _search(text: str, msgs: list[dict]) -> dict[int, tuple[int, int]] | None:
     for i, m in enumerate(msgs):
         if m["role"] == "system":
             continue
-        for cand in (m["content"], m["content"].strip()):
+        for cand in _variants(m["content"]):
             j = text.find(cand, pos)
             if j >= 0:
                 out[i] = (j, j + len(cand))

@@ -193,7 +193,7 @@ def resolve_template(spec, tokenizer) -> ChatTemplate:
         if isinstance(text, dict):
             text = text.get("default")
         if not text:
-            raise ConfigError("the tokenizer has no chat template",
+            raise ConfigError(f"the tokenizer{_where(tokenizer)} has no chat template",
                               hint=f"set chat_template to a built-in ({', '.join(sorted(BUILTINS))}) or a Jinja file")
         name = "tokenizer"
     return describe(name, text, tokenizer)
@@ -228,13 +228,22 @@ def _eos_for(name: str, text: str, tok) -> list[str]:
     except Exception:  # noqa: BLE001
         return [eos_token] if eos_token else []
     after = out.split(sentinel(1), 1)[1].split(sentinel(2), 1)[0].lstrip()
-    specials = sorted(set(_special_strings(tok)), key=len, reverse=True)
-    for s in specials:
-        if s and after.startswith(s):
-            return [s]
-    if eos_token and after.startswith(eos_token):
-        return [eos_token]
-    return _literal_end_of_turn(after, out.split(sentinel(3), 1)[1].lstrip())
+    last = out.split(sentinel(3), 1)[1].lstrip()
+    specials = sorted(set(_special_strings(tok)) | {eos_token or ""}, key=len, reverse=True)
+    first = _leading_special(after, specials)
+    if first is None:
+        return _literal_end_of_turn(after, last)
+    ends = [first]
+    if eos_token and first != eos_token and after[len(first):].startswith(eos_token):
+        ends.append(eos_token)  # both, back to back: Command R7B <|END_RESPONSE|><|END_OF_TURN_TOKEN|>
+    final = _leading_special(last, specials)
+    if final is not None and final not in ends:
+        ends.append(final)  # the last turn ends differently: gpt-oss <|end|> / <|return|>, OLMo 3 <|im_end|> / eos
+    return ends
+
+
+def _leading_special(text: str, specials: list[str]) -> str | None:
+    return next((s for s in specials if s and text.startswith(s)), None)
 
 
 def _literal_end_of_turn(after_middle: str, after_last: str) -> list[str]:
@@ -300,3 +309,8 @@ class _PlainTokenizer:
 
 def plain_tokenizer():
     return _PlainTokenizer()
+
+
+def _where(tokenizer) -> str:
+    path = getattr(tokenizer, "name_or_path", "") if tokenizer is not None else ""
+    return f" in {path}" if path else ""
