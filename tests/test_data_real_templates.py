@@ -41,7 +41,7 @@ def qwen3(content: str, last: bool) -> str:
 
 def glm(content: str, last: bool) -> str:
     # GLM-4.5 renders '\n<think></think>\n' + stripped answer for history turns; the final turn keeps its
-    # reasoning, rewritten as '\n<think>' + reasoning.strip() + '</think>\n' + answer (see the xfail below)
+    # reasoning, rewritten as '\n<think>' + reasoning.strip() + '</think>\n' + answer: trained from its <think> on
     answer = content.split("</think>")[-1].strip()
     if last and "</think>" in content:
         return "<think>" + content.split("</think>")[0].split("<think>")[-1].strip() + "</think>\n" + answer
@@ -143,11 +143,7 @@ def test_only_each_assistant_content_and_its_end_of_turn_are_trained(base_tokeni
     check(tokenizer_for(base_tokenizer, family), family, CONVERSATIONS + [WHITESPACE])
 
 
-@pytest.mark.parametrize("family", [
-    pytest.param(f, marks=pytest.mark.xfail(strict=True, reason=(
-        "GLM-4.5 rewrites the final turn's reasoning to '\\n<think>tres y tres</think>\\nSon 6. 😀': neither the "
-        "content nor its answer-only form spans it, so only 'Son 6. 😀' is trained and the reasoning is not")))
-    if f == "glm4_5" else f for f in sorted(FAMILIES)])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_assistant_turns_with_reasoning_train_what_the_template_renders(base_tokenizer, family):
     check(tokenizer_for(base_tokenizer, family), family, [REASONING])
 

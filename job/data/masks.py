@@ -221,6 +221,8 @@ class Encoder:
                     raise _Unmaskable("the template's {% generation %} spans and the located assistant contents disagree")
             if msgs[i].get("train") is False:
                 continue
+            if "</think>" in msgs[i]["content"]:
+                s = _reasoning_start(text, s, e, msgs[i]["content"], max((v[1] for j, v in spans.items() if j < i), default=0))
             nt += 1
             with_eos = self.train_on_eos == "turn" or (self.train_on_eos == "last" and i == last)
             if gen is not None and with_eos:
@@ -315,6 +317,20 @@ def _variants(c: str) -> tuple[str, ...]:
         answer = c.split("</think>")[-1]
         out += (answer, answer.lstrip("\n"), answer.strip())
     return out
+
+
+def _reasoning_start(text: str, s: int, e: int, content: str, floor: int) -> int:
+    """Where a turn with reasoning starts when the template rewrote it (GLM-4.5 renders
+    '<think>' + reasoning.strip() + '</think>' before the answer): from its <think> on, so the reasoning
+    the model must write is trained. Reasoning a template leaves out (history turns, DeepSeek) stays out."""
+    if "</think>" in text[s:e]:  # rendered as written
+        return s
+    reasoning = content.split("</think>")[0].split("<think>")[-1].strip()
+    j = text.rfind(reasoning, floor, s) if reasoning else -1
+    if j < 0 or text[j + len(reasoning):s].strip() != "</think>":
+        return s
+    k = text.rfind("<think>", floor, j)
+    return k if k >= 0 and not text[k + len("<think>"):j].strip() else s
 
 
 def _walk(text: str, sk: list, msgs: list[dict]) -> dict[int, tuple[int, int]] | None:
