@@ -129,7 +129,7 @@ def test_bad_rows_name_the_line_the_field_and_the_problem(tmp_path):
     assert bad == [
         ":1: (row): invalid JSON: Expecting value",
         ":2: messages: missing (row has: text)",
-        ":3: messages[1].role: unknown role 'robot' (expected system, user or assistant; map others with data.roles)",
+        ":3: messages[1].role: unknown role 'robot' (expected system, user, assistant or tool; map others with data.roles)",
         ":4: messages[0].content: empty content",
         ":5: messages[0].content: content must be a string, got int",
         ":6: messages: no assistant turn",

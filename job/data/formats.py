@@ -22,19 +22,22 @@ from job import storage
 from job.errors import DataError, NotFoundError
 
 EXTENSIONS = (".jsonl.gz", ".jsonl", ".json", ".parquet")
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 DEFAULT_ROLES = {  # the role names public datasets use; anything else is mapped with data.roles
-    "system": "system", "user": "user", "assistant": "assistant",
+    "system": "system", "user": "user", "assistant": "assistant", "tool": "tool",
     "human": "user", "gpt": "assistant", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant",  # ShareGPT
     "prompter": "user",  # OpenAssistant
     "model": "assistant",  # Gemma
+    "function_call": "assistant", "observation": "tool", "function": "tool", "ipython": "tool",  # tool use
 }
+# Tool use passes through to the chat template as transformers expects it: tool_calls on assistant
+# messages, name / tool_call_id on tool results, and the row's tool schemas as `tools`.
 # Per-message "train this turn?" flags: ours, axolotl's, and a 0/1 per-message weight (ShareGPT exports).
 TRAIN_FLAGS = ("train", "training", "weight")
 CANONICAL = {  # canonical column name → default column name in the file
     "messages": "messages", "conversations": "conversations", "role": "role", "content": "content",
     "instruction": "instruction", "input": "input", "output": "output", "system": "system",
-    "prompt": "prompt", "completion": "completion", "weight": "weight",
+    "prompt": "prompt", "completion": "completion", "weight": "weight", "tools": "tools",
 }
 DETECT_ROWS = 20
 
@@ -52,6 +55,7 @@ class Row:
     where: str  # FILE:LINE
     messages: list[dict]
     weight: float = 1.0
+    tools: list[dict] | None = None  # function schemas the chat template renders (tool-use rows)
 
 
 @dataclass
@@ -205,8 +209,10 @@ def detect(objs: list[Any], columns: dict[str, str]) -> str | None:
     return max(votes, key=votes.get) if votes else None
 
 
-def normalize(obj: Any, fmt: str, columns: dict[str, str], roles: dict[str, str]) -> tuple[list[dict], float]:
-    """(messages, weight) or RowIssue. Messages are {role, content[, train]} with roles mapped."""
+def normalize(obj: Any, fmt: str, columns: dict[str, str], roles: dict[str, str],
+              ) -> tuple[list[dict], float, list[dict] | None]:
+    """(messages, weight, tools) or RowIssue. Messages are {role, content[, train][, tool_calls, name,
+    tool_call_id]} with roles mapped."""
     if isinstance(obj, RowIssue):
         raise obj
     if isinstance(obj, bytes):  # a JSON line, parsed late so workers do it in parallel
@@ -235,7 +241,21 @@ def normalize(obj: Any, fmt: str, columns: dict[str, str], roles: dict[str, str]
                     {"role": "assistant", "content": _text(obj, col["completion"])}]
     else:
         raise RowIssue("(row)", f"unknown format '{fmt}'")
-    return msgs, _weight(obj, col["weight"])
+    return msgs, _weight(obj, col["weight"]), _tools(obj.get(col["tools"]), col["tools"])
+
+
+def _tools(tools: Any, key: str) -> list[dict] | None:
+    """The row's tool (function) schemas: a list, or a JSON string of one (as many datasets store it)."""
+    if tools is None or tools == "" or tools == []:
+        return None
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as e:
+            raise RowIssue(key, f"not valid JSON: {e.msg}") from None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise RowIssue(key, "must be a list of tool schemas ({type: function, function: {name, parameters}})")
+    return tools or None
 
 
 def _messages(obj: dict, key: str, rk: str, ck: str, roles: dict[str, str], need_assistant: bool = True) -> list[dict]:
@@ -258,12 +278,16 @@ def _messages(obj: dict, key: str, rk: str, ck: str, roles: dict[str, str], need
             mapped = _slow_role(role, rmap, f"{key}[{i}].{rk}")
         c = m.get(ck)
         if type(c) is not str or not c or c.isspace():
-            c = _content(c, f"{key}[{i}].{ck}")
+            c = _content(c, f"{key}[{i}].{ck}", mapped, m.get("tool_calls"))
         msg = {"role": mapped, "content": c}
         if len(m) > 2:
             t = _train_flag(m, f"{key}[{i}]", mapped)
             if t is not None:
                 msg["train"] = t
+            if mapped == "assistant" and m.get("tool_calls"):
+                msg["tool_calls"] = _tool_calls(m["tool_calls"], f"{key}[{i}].tool_calls")
+            elif mapped == "tool":
+                msg.update({k: m[k] for k in ("name", "tool_call_id") if m.get(k) is not None})
         has_assistant = has_assistant or mapped == "assistant"
         out.append(msg)
     if need_assistant and not has_assistant:
@@ -301,11 +325,36 @@ def _slow_role(role: Any, rmap: dict[str, str], where: str) -> str:
         raise RowIssue(where, "missing role" if role is None else f"role must be a string, got {type(role).__name__}")
     mapped = rmap.get(role.lower())
     if mapped is None:
-        raise RowIssue(where, f"unknown role '{role}' (expected system, user or assistant; map others with data.roles)")
+        raise RowIssue(where, f"unknown role '{role}' (expected system, user, assistant or tool; map others with data.roles)")
     return mapped
 
 
-def _content(c: Any, where: str) -> str:
+def _tool_calls(calls: Any, where: str) -> list[dict]:
+    """OpenAI-style tool calls → what chat templates read: {type, function: {name, arguments: dict}}."""
+    if not isinstance(calls, list) or not calls:
+        raise RowIssue(where, "must be a non-empty list of calls")
+    out = []
+    for k, call in enumerate(calls):
+        fn = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise RowIssue(f"{where}[{k}]", "each call needs a function name ({function: {name, arguments}})")
+        args = fn.get("arguments", {})
+        if isinstance(args, str):  # OpenAI sends arguments as a JSON string; templates render a mapping
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except json.JSONDecodeError as e:
+                raise RowIssue(f"{where}[{k}].function.arguments", f"not valid JSON: {e.msg}") from None
+        out.append({**({"id": call["id"]} if isinstance(call, dict) and "id" in call else {}),
+                    "type": "function", "function": {"name": fn["name"], "arguments": args}})
+    return out
+
+
+def _content(c: Any, where: str, role: str = "", tool_calls: Any = None) -> str:
+    if role == "assistant" and tool_calls and (c is None or (isinstance(c, str) and not c.strip())):
+        return c or ""  # a turn that only calls tools
+    if role == "tool" and isinstance(c, (dict, list)) and not (isinstance(c, list) and c and isinstance(c[0], dict)
+                                                                and c[0].get("type") == "text"):
+        return json.dumps(c, ensure_ascii=False)  # a structured tool result
     if isinstance(c, list):  # OpenAI content parts
         parts = []
         for p in c:
@@ -382,10 +431,10 @@ def iter_records(files: list[tuple[str, Path]], data_spec, limit: int | None = N
 
 def to_row(where: str, raw: Any, fmt: str, data_spec, model_spec) -> Row | BadRow:
     try:
-        msgs, weight = normalize(raw, fmt, data_spec.columns, data_spec.roles)
+        msgs, weight, tools = normalize(raw, fmt, data_spec.columns, data_spec.roles)
     except RowIssue as e:
         return BadRow(where, e.field, e.problem)
-    return Row(where, apply_system_prompt(msgs, model_spec.system_prompt, model_spec.system_prompt_mode), weight)
+    return Row(where, apply_system_prompt(msgs, model_spec.system_prompt, model_spec.system_prompt_mode), weight, tools)
 
 
 def read_rows(files: list[tuple[str, Path]], data_spec, model_spec, limit: int | None = None,

@@ -93,6 +93,7 @@ class Encoder:
         eos = sorted({e for e in chat.eos_tokens if e}, key=len, reverse=True)
         # a run of them: Command R7B ends a turn with <|END_RESPONSE|><|END_OF_TURN_TOKEN|>
         self._eos = re.compile(r"\s*(?:" + "|".join(map(re.escape, eos)) + ")+") if eos else None
+        self._eos_any = re.compile("|".join(map(re.escape, eos))) if eos else None
 
     # ---- rendering ---------------------------------------------------------------------
     def messages_for(self, row: Row) -> list[dict]:
@@ -157,13 +158,26 @@ class Encoder:
 
     def _stage_rows(self, rows: list[Row], bad: list[BadRow], keep_text: bool) -> _Pending:
         convs = [self.messages_for(r) for r in rows]
-        texts, gens = self._render_each(rows, convs, bad)
+        tool = [bool(r.tools) or any(m["role"] == "tool" or "tool_calls" in m for m in c) for r, c in zip(rows, convs, strict=True)]
+        if any(tool):  # tool-use rows are rendered one by one (with their tools) and masked by prefixes
+            plain = [i for i, t in enumerate(tool) if not t]
+            t_, g_ = self._render_each([rows[i] for i in plain], [convs[i] for i in plain], bad)
+            texts, gens = [None] * len(rows), ([None] * len(rows) if g_ is not None else None)
+            for k, i in enumerate(plain):
+                texts[i] = t_[k]
+                if gens is not None:
+                    gens[i] = g_[k]
+        else:
+            texts, gens = self._render_each(rows, convs, bad)
         p = _Pending(rows=rows, bad=bad, keep_text=keep_text)
         for i, t in enumerate(texts):
-            if t is None:
-                continue
             try:
-                iv, nt = self._trained(t, convs[i], rows[i], gens[i] if gens else None)
+                if tool[i]:
+                    t, iv, nt = self._tool_row(rows[i], convs[i])
+                elif t is None:
+                    continue
+                else:
+                    iv, nt = self._trained(t, convs[i], rows[i], gens[i] if gens else None)
             except _Unmaskable as e:
                 bad.append(BadRow(rows[i].where, "messages", str(e)))
                 continue
@@ -204,6 +218,51 @@ class Encoder:
                 texts.append(None)
                 gens.append(None)
         return texts, (gens if self.markers else None)
+
+    def _tool_row(self, row: Row, msgs: list[dict]) -> tuple[str, list[tuple[int, int]], int]:
+        """A tool-use conversation: tool calls are rendered by the template from structured fields, so
+        there is no content to find. Each assistant turn starts where the generation prompt for the
+        conversation so far ends (inference renders exactly that) and ends at the next end-of-turn token."""
+        plain = [{k: v for k, v in m.items() if k != "train"} for m in msgs]
+        kw = {"chat_template": self.chat.text, "tokenize": False, "tools": row.tools}
+        try:
+            text = self.tok.apply_chat_template(plain, **kw)
+        except Exception as e:  # noqa: BLE001 - raise_exception in templates
+            raise _Unmaskable(f"the chat template rejects this tool-use conversation: {_first_line(e)}") from None
+        asst = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
+        last = asst[-1] if asst else -1
+        out, nt = [], 0
+        for i in asst:
+            if msgs[i].get("train") is False:
+                continue
+            if i == 0 or self._eos_any is None:
+                raise _Unmaskable("a tool-use conversation needs a turn before each assistant turn and a template "
+                                  "with a known end-of-turn token")
+            try:
+                head = self.tok.apply_chat_template(plain[:i], add_generation_prompt=True, **kw)
+            except Exception as e:  # noqa: BLE001
+                raise _Unmaskable(f"the chat template rejects the conversation before message {i}: {_first_line(e)}") from None
+            if not text.startswith(head):
+                raise _Unmaskable(f"the template renders the conversation before assistant message {i} differently "
+                                  "from its generation prompt, so the turn cannot be delimited")
+            s = len(head)
+            think = _EMPTY_THINK.match(text, s)
+            if think and "<think>" not in (msgs[i]["content"] or ""):
+                s = think.end()  # an empty reasoning block the template adds (Qwen3): scaffolding
+            eot = self._eos_any.search(text, s)
+            if eot is None:
+                raise _Unmaskable(f"no end-of-turn token after assistant message {i}")
+            e = max(s, len(text[:eot.start()].rstrip()))
+            names = [c["function"]["name"] for c in msgs[i].get("tool_calls") or []]
+            if names and not any(n in text[s:e] for n in names):
+                raise _Unmaskable(f"the chat template does not render the tool_calls of assistant message {i}; "
+                                  "write the call into the content in the model's own tool-call format")
+            if self.train_on_eos == "turn" or (self.train_on_eos == "last" and i == last):
+                e = self._eos.match(text, e).end()
+            if e > s:
+                out.append((s, e))
+                nt += 1
+        return text, out, nt
 
     def _trained(self, text: str, msgs: list[dict], row: Row, gen) -> tuple[list[tuple[int, int]], int]:
         spans = self.spans(text, msgs)
@@ -317,6 +376,13 @@ def _variants(c: str) -> tuple[str, ...]:
         answer = c.split("</think>")[-1]
         out += (answer, answer.lstrip("\n"), answer.strip())
     return out
+
+
+_EMPTY_THINK = re.compile(r"<think>\s*</think>\s*")
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0][:200]
 
 
 def _reasoning_start(text: str, s: int, e: int, content: str, floor: int) -> int:

@@ -38,7 +38,7 @@ from job.data.templates import (
 from job.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
-PREP_VERSION = "1"
+PREP_VERSION = "2"  # bump when the same inputs would now be prepared differently
 CHUNK_ROWS = 512
 MAX_LISTED = 20
 
