@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from job import cli, evaluate, spec, tiny
+from job import cli, evalreport, evaluate, spec, tiny
 from job.errors import ConfigError
 
 SCHEMA = Path(__file__).resolve().parents[1] / "examples" / "catalog" / "schema.json"
@@ -19,11 +19,11 @@ def tok():
 
 
 def test_scores_count_valid_json_schema_valid_exact_and_normalised_matches():
-    schema = evaluate.load_schema(str(SCHEMA))
+    schema = evalreport.load_schema(str(SCHEMA))
     answers = [GOOD, '{"color": "gris", "precio": 8.5, "nombre": "taza", "categoria": "cocina"}',
                '{"nombre": "taza", "categoria": "juguetes", "color": "gris", "precio": 8.5}', '{"nombre": "taza"',
                "```json\n" + GOOD + "\n```"]
-    m = evaluate.score(answers, [GOOD] * 5, schema)
+    m = evalreport.score(answers, [GOOD] * 5, schema)
     assert m["n"] == 5
     assert m["json_valid"] == 4 / 5  # the truncated one is not JSON; one ```json fence is tolerated
     assert m["schema_valid"] == 3 / 5  # "juguetes" is not a category
@@ -32,40 +32,40 @@ def test_scores_count_valid_json_schema_valid_exact_and_normalised_matches():
 
 
 def test_normalised_match_ignores_case_punctuation_and_spacing_but_not_words():
-    assert evaluate.normalise("  La capital es MADRID. ") == evaluate.normalise("la capital es madrid")
-    assert evaluate.normalise("Madrid") != evaluate.normalise("Roma")
-    assert evaluate.normalise('{"a": 1, "b": [2]}') == evaluate.normalise('{"b":[2],"a":1}')
+    assert evalreport.normalise("  La capital es MADRID. ") == evalreport.normalise("la capital es madrid")
+    assert evalreport.normalise("Madrid") != evalreport.normalise("Roma")
+    assert evalreport.normalise('{"a": 1, "b": [2]}') == evalreport.normalise('{"b":[2],"a":1}')
 
 
 def test_answers_without_reference_still_get_json_scores():
-    m = evaluate.score(["{}", "no"], [None, None], None)
+    m = evalreport.score(["{}", "no"], [None, None], None)
     assert m["json_valid"] == 0.5 and "exact_match" not in m and "schema_valid" not in m
 
 
 def test_schema_checker_reports_what_is_wrong_and_where():
-    schema = evaluate.load_schema(str(SCHEMA))
-    errs = evaluate.schema_errors({"nombre": "", "categoria": "ropa", "precio": -1, "talla": "M"}, schema)
+    schema = evalreport.load_schema(str(SCHEMA))
+    errs = evalreport.schema_errors({"nombre": "", "categoria": "ropa", "precio": -1, "talla": "M"}, schema)
     text = " | ".join(errs)
     for what in ("color", "talla", "precio", "nombre"):
         assert what in text, errs
-    assert evaluate.schema_errors(json.loads(GOOD), schema) == []
-    assert evaluate.schema_errors(True, {"type": "integer"}) and not evaluate.schema_errors(3, {"type": "number"})
+    assert evalreport.schema_errors(json.loads(GOOD), schema) == []
+    assert evalreport.schema_errors(True, {"type": "integer"}) and not evalreport.schema_errors(3, {"type": "number"})
 
 
 def test_a_schema_that_is_not_json_or_not_a_json_schema_is_a_config_error(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
-        evaluate.load_schema(str(bad))
+        evalreport.load_schema(str(bad))
     bad.write_text(json.dumps({"type": "object", "required": "a"}))
     with pytest.raises(ConfigError, match="not a valid JSON Schema"):
-        evaluate.load_schema(str(bad))
+        evalreport.load_schema(str(bad))
 
 
 def test_full_json_schema_keywords_are_checked():
     schema = {"type": "object", "oneOf": [{"required": ["a"]}, {"required": ["b"]}]}
-    assert evaluate.schema_errors({"a": 1}, schema) == []
-    assert evaluate.schema_errors({"a": 1, "b": 2}, schema)
+    assert evalreport.schema_errors({"a": 1}, schema) == []
+    assert evalreport.schema_errors({"a": 1, "b": 2}, schema)
 
 
 @pytest.mark.parametrize("eval_section, data, match", [
@@ -144,16 +144,16 @@ def test_report_table_shows_base_and_adapter_side_by_side():
                              "after": {"json_valid": 1.0, "exact_match": 0.5},
                              "samples": [{"prompt": "P", "reference": "R", "before": "B", "after": "````A"}]},
               "gate": {"checked": True, "passed": False, "failures": ["json_valid low"]}}
-    md = evaluate.markdown(report)
+    md = evalreport.markdown(report)
     assert "| valid JSON | 0.0% | 100.0% | +100.0 pts |" in md and "| exact match | 0.0% | 50.0% | +50.0 pts |" in md
     assert "| perplexity | — | 1.649 | — |" in md and "Gate: **failed**: json_valid low" in md
     assert md.count("````text") == 4  # samples fenced, a fence inside an answer cannot break out
-    assert evaluate.summary(report) == {"eval_loss": 0.5, "perplexity": 1.649, "prompts": 2,
+    assert evalreport.summary(report) == {"eval_loss": 0.5, "perplexity": 1.649, "prompts": 2,
                                         "exact_match": [0.0, 0.5], "json_valid": [0.0, 1.0], "gate": "failed"}
     report["loss"].update(base_eval_loss=2.0, base_perplexity=7.389)
-    md = evaluate.markdown(report)
+    md = evalreport.markdown(report)
     assert "| eval loss | 2.0000 | 0.5000 | -1.5000 |" in md and "| perplexity | 7.389 | 1.649 | -5.740 |" in md
-    assert evaluate.summary(report)["base_eval_loss"] == 2.0
+    assert evalreport.summary(report)["base_eval_loss"] == 2.0
 
 
 def test_shipped_catalog_prompts_file_limits_to_num_prompts_without_an_eval_split(tok, tmp_path):

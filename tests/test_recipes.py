@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from job import cli, evaluate, spec
+from job import cli, evalreport, evaluate, spec
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -84,10 +84,10 @@ def test_gemma_recipe_trains_and_saves_embeddings_with_the_adapter(capsys):
 def test_catalog_recipe_gates_on_schema_valid_json_and_its_sample_rows_satisfy_the_schema():
     s = spec.build(EXAMPLES / "catalog-json.yaml")
     assert s.eval.min_json_valid == 0.95 and s.eval.json_schema
-    schema = evaluate.load_schema(s.eval.json_schema)
+    schema = evalreport.load_schema(s.eval.json_schema)
     for line in (EXAMPLES / "catalog" / "sample.jsonl").read_text().splitlines():
         answer = json.loads(line)["messages"][-1]["content"]
-        assert evaluate.schema_errors(json.loads(answer), schema) == [], answer
+        assert evalreport.schema_errors(json.loads(answer), schema) == [], answer
 
 
 def test_readmes_list_every_recipe():
