@@ -58,7 +58,7 @@ def test_tool_calls_are_trained_tool_results_and_prompts_are_not(base_tokenizer,
     convs = [CONV[:5], CONV]
     tok, chat, out = encode_tool_rows(base_tokenizer, family, convs)
     if family in PREFIX_UNSTABLE:  # reported with the reason, never masked wrongly
-        assert [b.where for b in out.bad] == ["mem:2"] and "cannot be delimited" in out.bad[0].problem
+        assert [b.where for b in out.bad] == ["mem:2"] and "cannot delimit assistant message" in out.bad[0].problem
         convs = convs[:1]
     else:
         assert not out.bad, out.bad

@@ -93,7 +93,7 @@ class Encoder:
         eos = sorted({e for e in chat.eos_tokens if e}, key=len, reverse=True)
         # a run of them: Command R7B ends a turn with <|END_RESPONSE|><|END_OF_TURN_TOKEN|>
         self._eos = re.compile(r"\s*(?:" + "|".join(map(re.escape, eos)) + ")+") if eos else None
-        self._eos_any = re.compile("|".join(map(re.escape, eos))) if eos else None
+        self._eos_any = re.compile("|".join(map(re.escape, eos))) if eos else None  # the next one, anywhere
 
     # ---- rendering ---------------------------------------------------------------------
     def messages_for(self, row: Row) -> list[dict]:
@@ -221,8 +221,9 @@ class Encoder:
 
     def _tool_row(self, row: Row, msgs: list[dict]) -> tuple[str, list[tuple[int, int]], int]:
         """A tool-use conversation: tool calls are rendered by the template from structured fields, so
-        there is no content to find. Each assistant turn starts where the generation prompt for the
-        conversation so far ends (inference renders exactly that) and ends at the next end-of-turn token."""
+        there is no content to find. Each assistant turn is what changes in the rendering when that
+        turn alone is replaced by a placeholder without tool calls (else: what follows its generation
+        prompt); the end-of-turn after it is added as for any turn."""
         plain = [{k: v for k, v in m.items() if k != "train"} for m in msgs]
         kw = {"chat_template": self.chat.text, "tokenize": False, "tools": row.tools}
         try:
@@ -235,34 +236,48 @@ class Encoder:
         for i in asst:
             if msgs[i].get("train") is False:
                 continue
-            if i == 0 or self._eos_any is None:
-                raise _Unmaskable("a tool-use conversation needs a turn before each assistant turn and a template "
-                                  "with a known end-of-turn token")
-            try:
-                head = self.tok.apply_chat_template(plain[:i], add_generation_prompt=True, **kw)
-            except Exception as e:  # noqa: BLE001
-                raise _Unmaskable(f"the chat template rejects the conversation before message {i}: {_first_line(e)}") from None
-            if not text.startswith(head):
-                raise _Unmaskable(f"the template renders the conversation before assistant message {i} differently "
-                                  "from its generation prompt, so the turn cannot be delimited")
-            s = len(head)
-            think = _EMPTY_THINK.match(text, s)
-            if think and "<think>" not in (msgs[i]["content"] or ""):
-                s = think.end()  # an empty reasoning block the template adds (Qwen3): scaffolding
-            eot = self._eos_any.search(text, s)
-            if eot is None:
-                raise _Unmaskable(f"no end-of-turn token after assistant message {i}")
-            e = max(s, len(text[:eot.start()].rstrip()))
+            s, e = self._turn_by_diff(text, plain, i, kw) or self._turn_by_prompt(text, plain, i, kw)
             names = [c["function"]["name"] for c in msgs[i].get("tool_calls") or []]
             if names and not any(n in text[s:e] for n in names):
                 raise _Unmaskable(f"the chat template does not render the tool_calls of assistant message {i}; "
                                   "write the call into the content in the model's own tool-call format")
-            if self.train_on_eos == "turn" or (self.train_on_eos == "last" and i == last):
-                e = self._eos.match(text, e).end()
+            think = _EMPTY_THINK.match(text, s)
+            if think and think.end() <= e and "<think>" not in (msgs[i]["content"] or ""):
+                s = think.end()  # an empty reasoning block the template adds (Qwen3): scaffolding
+            if self._eos is not None and (self.train_on_eos == "turn" or (self.train_on_eos == "last" and i == last)):
+                m = self._eos.match(text, e)
+                e = m.end() if m else e
             if e > s:
                 out.append((s, e))
                 nt += 1
         return text, out, nt
+
+    def _turn_by_diff(self, text: str, plain: list[dict], i: int, kw: dict) -> tuple[int, int] | None:
+        """Turn i = what differs from a rendering where it is a placeholder (None if the template refuses
+        the placeholder, e.g. Mistral checks that tool results follow tool calls)."""
+        alt = plain[:i] + [{"role": "assistant", "content": sentinel(0)}] + plain[i + 1:]
+        try:
+            other = self.tok.apply_chat_template(alt, **kw)
+        except Exception:  # noqa: BLE001
+            return None
+        s = _common_prefix(text, other)
+        e = len(text) - _common_suffix(text, other, limit=min(len(text), len(other)) - s)
+        return (s, e) if sentinel(0) in other[s:len(other) - (len(text) - e)] else None
+
+    def _turn_by_prompt(self, text: str, plain: list[dict], i: int, kw: dict) -> tuple[int, int]:
+        """Turn i = from the end of the generation prompt for the conversation so far (what inference
+        renders) to the next end-of-turn token; needs that prompt to be a prefix of the whole."""
+        try:
+            head = self.tok.apply_chat_template(plain[:i], add_generation_prompt=True, **kw) if i else None
+        except Exception as e:  # noqa: BLE001
+            raise _Unmaskable(f"cannot delimit assistant message {i}: {_first_line(e)}") from None
+        if head is None or not text.startswith(head) or self._eos_any is None:
+            raise _Unmaskable(f"cannot delimit assistant message {i}: the template renders the conversation "
+                              "before it differently from its generation prompt")
+        eot = self._eos_any.search(text, len(head))
+        if eot is None:
+            raise _Unmaskable(f"no end-of-turn token after assistant message {i}")
+        return len(head), max(len(head), len(text[:eot.start()].rstrip()))
 
     def _trained(self, text: str, msgs: list[dict], row: Row, gen) -> tuple[list[tuple[int, int]], int]:
         spans = self.spans(text, msgs)
@@ -379,6 +394,27 @@ def _variants(c: str) -> tuple[str, ...]:
 
 
 _EMPTY_THINK = re.compile(r"<think>\s*</think>\s*")
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = 0
+    step = 1024
+    while n < min(len(a), len(b)):  # compare in blocks; only the last block char by char
+        k = min(step, len(a) - n, len(b) - n)
+        if a[n:n + k] == b[n:n + k]:
+            n += k
+            continue
+        while a[n] == b[n]:
+            n += 1
+        return n
+    return n
+
+
+def _common_suffix(a: str, b: str, limit: int) -> int:
+    n = 0
+    while n < limit and a[len(a) - 1 - n] == b[len(b) - 1 - n]:
+        n += 1
+    return n
 
 
 def _first_line(e: Exception) -> str:
