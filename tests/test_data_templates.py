@@ -309,3 +309,19 @@ def test_a_template_with_no_end_of_turn_marker_trains_the_content_only(base_toke
     assert chat.eos_tokens == [] and any("no end-of-turn" in n for n in chat.notes)
     ids, labels = next(split_examples(out))
     assert [r.strip() for r in trained_runs(base_tokenizer, ids, labels)] == ["4", "6", "Sí: 6."]
+
+
+def test_a_template_that_rewrites_contents_is_masked_by_rendering_not_rejected(base_tokenizer):
+    # contents cannot be found verbatim (upper-cased, newlines folded), so turns are delimited by
+    # diffing against a rendering where the turn is a placeholder
+    template = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' }}"
+                "{% if m['role'] == 'assistant' %}{{ m['content'] | upper | replace('\n', ' ') }}"
+                "{% else %}{{ m['content'] }}{% endif %}{{ '<|im_end|>\n' }}{% endfor %}")
+    tok = family_tokenizer(base_tokenizer, "chatml")
+    conv = [{"role": "user", "content": "hola"}, {"role": "assistant", "content": "línea uno\nlínea dos"},
+            {"role": "user", "content": "¿y?"}, {"role": "assistant", "content": "fin"}]
+    chat, _, out = encode(tok, "shout.jinja", template, [conv])
+    assert not out.bad, out.bad
+    ids, labels = next(split_examples(out))
+    assert ids == reference_ids(tok, template, conv)
+    assert trained_runs(tok, ids, labels) == ["LÍNEA UNO LÍNEA DOS<|im_end|>", "FIN<|im_end|>"]

@@ -177,7 +177,15 @@ class Encoder:
                 elif t is None:
                     continue
                 else:
-                    iv, nt = self._trained(t, convs[i], rows[i], gens[i] if gens else None)
+                    try:
+                        iv, nt = self._trained(t, convs[i], rows[i], gens[i] if gens else None)
+                    except _Unmaskable as first:
+                        if gens and gens[i] is not None:
+                            raise
+                        try:  # a template that rewrites contents: delimit the turns by rendering instead
+                            t, iv, nt = self._tool_row(rows[i], convs[i])
+                        except _Unmaskable:
+                            raise first from None
             except _Unmaskable as e:
                 bad.append(BadRow(rows[i].where, "messages", str(e)))
                 continue
