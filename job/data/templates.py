@@ -302,8 +302,9 @@ class _PlainTokenizer:
 
         batched = bool(messages) and isinstance(messages[0], (list, tuple))
         convs = messages if batched else [messages]
-        out, _ = render_jinja_template(conversations=convs, chat_template=chat_template,
-                                       bos_token=self.bos_token, eos_token=self.eos_token)
+        out, _ = render_jinja_template(conversations=convs, chat_template=chat_template, bos_token=self.bos_token,
+                                       eos_token=self.eos_token, tools=kw.get("tools"),
+                                       add_generation_prompt=kw.get("add_generation_prompt", False))
         return out if batched else out[0]
 
 
