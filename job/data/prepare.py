@@ -13,6 +13,7 @@ import json
 import logging
 import multiprocessing
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -274,9 +275,10 @@ def _grouped(it, n: int):
 
 
 def _where_key(b: BadRow):
-    """Sort bad rows by file, then line number."""
+    """Sort bad rows by file, then line number (then element, for rows sharing a line of a .json array)."""
     f, _, line = b.where.rpartition(":")
-    return (f, int(line) if line.isdigit() else 0)
+    nums = [int(n) for n in re.findall(r"\d+", line)] if line[:1].isdigit() else []
+    return (f, *(nums + [0, 0])[:2]) if nums else (b.where, 0, 0)
 
 
 def bad_rows_message(bad: list[BadRow]) -> str:
