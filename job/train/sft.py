@@ -119,6 +119,8 @@ def _callbacks(plan: dict, collator: Collator, stop: StopFlag, mirror, status):
                 control.should_save = True
             if control.should_save:
                 self.last_save = now
+            if control.should_training_stop:  # the last step always logs, whatever logging_steps is
+                control.should_log = True
             return control
 
         def on_log(self, args, state, control, logs=None, **kw):
