@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import re
 import shutil
 import signal
@@ -15,7 +16,7 @@ import time
 from pathlib import Path
 
 from job import evaluate, publish, storage
-from job.errors import ConfigError, EvalGateError, Interrupted, NotFoundError, SftjobError
+from job.errors import ConfigError, EvalGateError, Interrupted, NotFoundError, SftjobError, VerificationError
 from job.spec import RunSpec, to_yaml
 from job.status import Status, write_termination_log
 from job.train import launch
@@ -116,6 +117,17 @@ def fetch_model(spec: RunSpec) -> str:
     raise NotFoundError(f"model not found: {uri}", hint="give a local directory, an s3:// prefix, or a cached hub id")
 
 
+def _explained(e: VerificationError, spec: RunSpec, outcome) -> VerificationError:
+    """An untrained adapter from a run so short that LR warm-up (which starts at 0) took every step."""
+    steps = outcome.step or 0
+    warmup = math.ceil(steps * spec.train.warmup_ratio)
+    if "all zero" in e.message and 0 < steps <= warmup:
+        e.hint = (f"the run made {steps} optimizer step(s) and warm-up (warmup_ratio {spec.train.warmup_ratio}: "
+                  f"{warmup} step(s), from lr 0) took them all; train longer (more rows, num_train_epochs, "
+                  "max_steps) or set warmup_ratio 0. Nothing was published")
+    return e
+
+
 def _stage_outputs(spec: RunSpec, prepared, outcome, workdir: Path, model_dir: str) -> Path:
     """Collect everything that gets published into one directory (verified adapter first)."""
     from job.train.export import merge, verify_adapter
@@ -123,7 +135,10 @@ def _stage_outputs(spec: RunSpec, prepared, outcome, workdir: Path, model_dir: s
 
     adapter = Path(outcome.adapter_dir)
     if spec.train.method != "full":
-        info = verify_adapter(adapter, model_dir, trust_remote_code=spec.model.trust_remote_code)
+        try:
+            info = verify_adapter(adapter, model_dir, trust_remote_code=spec.model.trust_remote_code)
+        except VerificationError as e:
+            raise _explained(e, spec, outcome) from None
         log.info("adapter verified: %s", info)
     stage = workdir / "publish"
     shutil.rmtree(stage, ignore_errors=True)

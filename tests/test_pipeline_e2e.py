@@ -86,3 +86,13 @@ def test_bad_data_fails_with_65_and_status_says_why(s3, tmp_path):
     assert status["state"] == "failed" and status["error"]["exit_code"] == 65 and status["error"]["kind"] == "data"
     assert [e["type"] for e in status["events"]][-1] == "failed"
     assert "runs/bad/_SUCCESS" not in s3.keys(bucket, "runs/bad/")
+
+
+def test_a_run_whose_only_step_is_warm_up_is_refused_with_the_reason(tmp_path):
+    out = tmp_path / "out"
+    r = trainkit.run("run", "--model", str(trainkit.tiny_model()), "--data", str(trainkit.chat_data()),
+                     "--output", str(out), "--max-steps", "1", env={"SFTJOB_CACHE_DIR": str(tmp_path / "c")})
+    assert r.returncode == 70, r.stderr[-2000:]
+    assert "lora_B tensors are all zero" in r.stderr and "warm-up" in r.stderr and "warmup_ratio 0" in r.stderr
+    assert "Traceback" not in r.stderr and not (out / "_SUCCESS").exists()
+    assert json.loads((out / "status.json").read_text())["error"]["exit_code"] == 70
