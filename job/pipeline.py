@@ -121,7 +121,7 @@ def _explained(e: VerificationError, spec: RunSpec, outcome) -> VerificationErro
     """An untrained adapter from a run so short that LR warm-up (which starts at 0) took every step."""
     steps = outcome.step or 0
     warmup = math.ceil(steps * spec.train.warmup_ratio)
-    if "all zero" in e.message and 0 < steps <= warmup:
+    if ("all zero" in e.message or "untrained" in e.message) and 0 < steps <= warmup:
         e.hint = (f"the run made {steps} optimizer step(s) and warm-up (warmup_ratio {spec.train.warmup_ratio}: "
                   f"{warmup} step(s), from lr 0) took them all; train longer (more rows, num_train_epochs, "
                   "max_steps) or set warmup_ratio 0. Nothing was published")
@@ -130,16 +130,16 @@ def _explained(e: VerificationError, spec: RunSpec, outcome) -> VerificationErro
 
 def _stage_outputs(spec: RunSpec, prepared, outcome, workdir: Path, model_dir: str) -> Path:
     """Collect everything that gets published into one directory (verified adapter first)."""
-    from job.train.export import merge, verify_adapter
+    from job.train.export import merge, verify_adapter, verify_full
     from job.train.plots import plot_loss
 
     adapter = Path(outcome.adapter_dir)
-    if spec.train.method != "full":
-        try:
-            info = verify_adapter(adapter, model_dir, trust_remote_code=spec.model.trust_remote_code)
-        except VerificationError as e:
-            raise _explained(e, spec, outcome) from None
-        log.info("adapter verified: %s", info)
+    verify = verify_full if spec.train.method == "full" else verify_adapter
+    try:
+        info = verify(adapter, model_dir, trust_remote_code=spec.model.trust_remote_code)
+    except VerificationError as e:
+        raise _explained(e, spec, outcome) from None
+    log.info("%s verified: %s", "model" if spec.train.method == "full" else "adapter", info)
     stage = workdir / "publish"
     shutil.rmtree(stage, ignore_errors=True)
     shutil.copytree(adapter, stage)

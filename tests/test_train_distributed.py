@@ -8,7 +8,7 @@ import trainkit
 from safetensors.torch import load_file, save_file
 
 from job.errors import VerificationError
-from job.train.export import verify_adapter
+from job.train.export import verify_adapter, verify_full
 
 pytestmark = pytest.mark.slow
 
@@ -87,3 +87,28 @@ def test_bitsandbytes_features_on_cpu_are_a_clear_config_error_before_any_work(t
     assert r.returncode == 64 and f"{needs} needs a CUDA GPU (bitsandbytes)" in r.stderr, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
     assert not (cache / "prepared").exists()  # refused before the data was prepared
+
+
+@pytest.mark.parametrize("change,problem", [
+    (None, None),
+    ("nothing", r"weights equal the base model's \(untrained\)"),
+    ("nan", "non-finite values"),
+])
+def test_full_fine_tunes_are_verified_against_the_base(tmp_path, change, problem):
+    from transformers import AutoModelForCausalLM
+
+    base = trainkit.tiny_model()
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    with torch.no_grad():
+        w = model.model.layers[0].mlp.down_proj.weight
+        if change is None:
+            w.add_(0.01)  # what a training step does
+        elif change == "nan":
+            w[0, 0] = float("nan")
+    model.save_pretrained(tmp_path / "full")
+    if problem is None:
+        info = verify_full(tmp_path / "full", str(base))
+        assert info["changed"] == 1 and info["compared_with_base"] == info["tensors"] and info["forward_checked"]
+    else:
+        with pytest.raises(VerificationError, match=problem):
+            verify_full(tmp_path / "full", str(base))

@@ -77,6 +77,53 @@ def verify_adapter(adapter_dir: Path, base_dir: str, *, forward: bool = True,
     return {"tensors": len(tensors), "lora_tensors": n_lora, "rank": r, "forward_checked": forward}
 
 
+def verify_full(model_dir: Path, base_dir: str, *, trust_remote_code: bool = False) -> dict:
+    """A full fine-tune: every saved tensor non-empty and finite, the weights moved away from the base
+    (the ZeRO-3 empty-save trap and a no-op run look the same from outside), loads, finite forward pass."""
+    import torch
+    from safetensors import safe_open
+
+    model_dir = Path(model_dir)
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise VerificationError(f"no model weights (*.safetensors) in {model_dir}", hint="training did not save the model")
+    base = {}  # key → an open base shard (shard layouts differ between the base and the saved model)
+    for bf in sorted(Path(base_dir).glob("*.safetensors")) if Path(base_dir).is_dir() else []:
+        h = safe_open(str(bf), "pt")
+        base.update(dict.fromkeys(h.keys(), h))
+    problems, n, moved, compared = [], 0, 0, 0
+    for f in files:
+        with safe_open(str(f), "pt") as sf:
+            for key in sf.keys():
+                t = sf.get_tensor(key)
+                n += 1
+                if t.numel() == 0:
+                    problems.append(f"{key}: empty tensor {tuple(t.shape)}")
+                elif not torch.isfinite(t.float()).all():
+                    problems.append(f"{key}: non-finite values")
+                elif key in base:
+                    b = base[key].get_tensor(key)
+                    if b.shape == t.shape:
+                        compared += 1
+                        moved += not torch.equal(b.to(t.dtype), t)
+    if compared and not moved:
+        problems.append(f"all {compared} weights equal the base model's (untrained)")
+    if problems:
+        raise VerificationError("model verification failed:\n  " + "\n  ".join(problems[:20]),
+                                hint="nothing was published; check the training log (ZeRO-3 save, steps > 0)")
+    try:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, trust_remote_code=trust_remote_code)
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([[1, 2, 3, 4]]) % model.config.vocab_size).logits
+    except Exception as e:  # noqa: BLE001 - any load failure means the model is not usable
+        raise VerificationError(f"the fine-tuned model does not load: {type(e).__name__}: {e}") from None
+    if not torch.isfinite(logits).all():
+        raise VerificationError("model forward pass produced non-finite logits")
+    return {"tensors": n, "compared_with_base": compared, "changed": moved, "forward_checked": True}
+
+
 def load_base_for(adapter_dir: Path, base_dir: str, dtype, trust_remote_code: bool = False):
     """The base model, with embeddings resized when the adapter's tokenizer added special tokens."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
