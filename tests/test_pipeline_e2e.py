@@ -96,3 +96,15 @@ def test_a_run_whose_only_step_is_warm_up_is_refused_with_the_reason(tmp_path):
     assert "lora_B tensors are all zero" in r.stderr and "warm-up" in r.stderr and "warmup_ratio 0" in r.stderr
     assert "Traceback" not in r.stderr and not (out / "_SUCCESS").exists()
     assert json.loads((out / "status.json").read_text())["error"]["exit_code"] == 70
+
+
+def test_a_full_fine_tune_publishes_verified_full_weights(tmp_path):
+    out = tmp_path / "out"
+    r = trainkit.run("run", "--model", str(trainkit.tiny_model()), "--data", str(trainkit.chat_data()),
+                     "--output", str(out), "--method", "full", "--max-steps", "3",
+                     env={"SFTJOB_CACHE_DIR": str(tmp_path / "c")})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "model verified" in r.stderr
+    files = {f["path"] for f in json.loads((out / "manifest.json").read_text())["files"]}
+    assert {"model.safetensors", "config.json", "tokenizer_config.json", "chat_template.jinja"} <= files
+    assert not any(f.startswith("adapter_") for f in files) and (out / "_SUCCESS").exists()
