@@ -76,6 +76,8 @@ def test_eval_report_is_published_and_summarised_in_status_and_final_line(traine
     assert {"eval.json", "eval.md", "adapter_model.safetensors"} <= manifest
     md = (out / "eval.md").read_text()
     assert "| valid JSON | 0.0% |" in md and "Gate: **passed**" in md
+    evals = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"eval_loss"' in x]
+    assert evals == [60, 120]  # eval_steps 60; the final evaluation is that of step 120, not run twice
     status = json.loads((out / "status.json").read_text())
     assert status["state"] == "succeeded" and status["eval"]["gate"] == "passed"
     assert status["eval"]["json_valid"][1] > status["eval"]["json_valid"][0]  # [before, after]

@@ -102,6 +102,7 @@ def _callbacks(plan: dict, collator: Collator, stop: StopFlag, mirror, status):
         last_step_t = time.time()
         last_save = time.time()
         step_seconds = 1.0
+        last_eval: tuple[int, dict] | None = None  # (step, metrics) of the newest evaluation (rank 0)
 
         def on_train_begin(self, args, state, control, **kw):
             self.t0 = self.last_step_t = self.last_save = time.time()
@@ -127,6 +128,7 @@ def _callbacks(plan: dict, collator: Collator, stop: StopFlag, mirror, status):
             if not state.is_world_process_zero or not logs:
                 return
             if "eval_loss" in logs and "loss" not in logs:
+                self.last_eval = (state.global_step, dict(logs))
                 rec = {"step": state.global_step, "eval_loss": logs["eval_loss"], "time": time.time()}
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(rec) + "\n")
@@ -264,15 +266,20 @@ def train(plan: dict) -> int:
                                     keep=spec.resilience.save_total_limit)
     status = Status(Path(plan["workdir"]), plan.get("output_uri")) if rank == 0 else None
     args = _training_args(spec, plan)
+    callbacks = _callbacks(plan, collator, stop, mirror, status)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tok, data_collator=collator, peft_config=peft_config,
-                         callbacks=_callbacks(plan, collator, stop, mirror, status))
+                         callbacks=callbacks)
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # our Progress callback prints the JSON + human lines
     trainer.train(resume_from_checkpoint=plan.get("resume_from"))
     if eval_ds is not None and not stop.reason:
-        metrics = trainer.evaluate()
+        last = callbacks[0].last_eval  # an eval_steps evaluation at the final step is not run twice
+        same = torch.tensor(int(bool(last and last[0] == trainer.state.global_step)), device=trainer.accelerator.device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.broadcast(same, 0)  # rank 0 saw the logs; evaluate() is collective: all ranks agree
+        metrics = (last[1] if last else {}) if same.item() else trainer.evaluate()
         if rank == 0:
             (Path(plan["workdir"]) / "eval_loss.json").write_text(json.dumps(metrics))
 
