@@ -39,6 +39,11 @@ def run(spec: RunSpec) -> int:
 
     run_id = spec.name or f"{_slug(output)}-{time.strftime('%Y%m%d-%H%M%S')}"
     node_rank = launch.node_rank(spec)
+    # Replacing a finished run: every node starts fresh (it saw _SUCCESS); node 0 retires the old run.
+    fresh = spec.output.overwrite and storage.exists(storage.join(output, "_SUCCESS"))
+    if fresh and node_rank == 0:
+        publish.retire(output)
+        log.warning("output.overwrite: replacing the finished run at %s (its checkpoints are removed)", output)
     status = Status(workdir, output if node_rank == 0 else None)  # one writer of <output>/status.json
     signal.signal(signal.SIGTERM, _interrupt)  # before/after training; launch owns it while ranks run
     status.start(run_id=run_id, max_steps=spec.train.max_steps if spec.train.max_steps > 0 else None)
@@ -52,7 +57,7 @@ def run(spec: RunSpec) -> int:
         prepared = prepare(spec, Path(model_dir) if Path(model_dir).exists() else None)
         log.info("prepared data %s (%s)", prepared.dir, "cache hit" if prepared.cache_hit else "new")
 
-        outcome = launch.train(spec, prepared, model_dir, workdir, status, started=started)
+        outcome = launch.train(spec, prepared, model_dir, workdir, status, started=started, fresh=fresh)
         if outcome.node_rank != 0:
             return 0
         if outcome.stopped == "sigterm":

@@ -40,6 +40,25 @@ def check_output(output_uri: str, overwrite: bool) -> None:
             hint="choose a new output prefix, or set output.overwrite: true (--overwrite) to replace it")
 
 
+def retire(output_uri: str) -> bool:
+    """output.overwrite on a finished run: its checkpoints go first (a new run must never resume from
+    them), then its _SUCCESS (so a restart of the new run resumes its own checkpoints as usual).
+    Its files stay until the new publish replaces them. True when there was a finished run."""
+    if not storage.exists(storage.join(output_uri, SUCCESS)):
+        return False
+    storage.delete_prefix(storage.join(output_uri, "checkpoints") + "/")
+    storage.delete(storage.join(output_uri, SUCCESS))
+    return True
+
+
+def _previous_files(output_uri: str) -> list[str]:
+    """Files the prefix's current manifest lists (an earlier or interrupted publish), [] if none."""
+    try:
+        return [f["path"] for f in json.loads(storage.read_bytes(storage.join(output_uri, MANIFEST)))["files"]]
+    except (NotFoundError, ValueError, KeyError, TypeError):
+        return []
+
+
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for name in _PACKAGES:
@@ -79,7 +98,12 @@ def publish(local_dir: Path, output_uri: str, *, run_info: dict, overwrite: bool
     files = sorted(p for p in root.rglob("*") if p.is_file()
                    and p.relative_to(root).as_posix() not in (MANIFEST, SUCCESS))
     entries = _hash_files(root, files)
+    previous = _previous_files(output_uri)
     storage.upload_tree(root, output_uri, files=files, sha256={e["path"]: e["sha256"] for e in entries})
+    current = {e["path"] for e in entries}
+    for path in previous:  # an earlier publish's files this run does not have (eval.json of a replaced run)
+        if path not in current and path not in (MANIFEST, SUCCESS):
+            storage.delete(storage.join(output_uri, path))
 
     info = dict(run_info or {})
     manifest = {

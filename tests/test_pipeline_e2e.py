@@ -108,3 +108,22 @@ def test_a_full_fine_tune_publishes_verified_full_weights(tmp_path):
     files = {f["path"] for f in json.loads((out / "manifest.json").read_text())["files"]}
     assert {"model.safetensors", "config.json", "tokenizer_config.json", "chat_template.jinja"} <= files
     assert not any(f.startswith("adapter_") for f in files) and (out / "_SUCCESS").exists()
+
+
+def test_overwrite_replaces_a_finished_run_without_resuming_from_it(tmp_path):
+    out, env = tmp_path / "out", {"SFTJOB_CACHE_DIR": str(tmp_path / "c")}
+    common = ["run", "--model", str(trainkit.tiny_model()), "--data", str(trainkit.chat_data()), "--output", str(out)]
+    first = trainkit.run(*common, "--max-steps", "4", "--save-steps", "2", "--eval-split", "0.1", env=env)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert (out / "eval.json").exists() and (out / "checkpoints" / "step-4" / "COMPLETE").exists()
+
+    second = trainkit.run(*common, "--max-steps", "3", "--overwrite", env=env)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "replacing the finished run" in second.stderr
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "succeeded" and status["resumed_from"] is None and status["step"] == 3
+    assert not (out / "checkpoints").exists()  # the old run's, removed; this run saved none
+    assert not (out / "eval.json").exists() and not (out / "eval.md").exists()  # not this run's
+    files = {f["path"] for f in json.loads((out / "manifest.json").read_text())["files"]}
+    on_disk = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert on_disk == files | {"manifest.json", "_SUCCESS", "status.json"}

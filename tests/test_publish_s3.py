@@ -89,6 +89,34 @@ def test_overwrite_true_republishes(s3, tmp_path):
     assert storage.read_bytes(f"s3://{b}/runs/ow/adapter_model.safetensors") == b"v2"
 
 
+def test_replacing_a_finished_run_retires_it_and_leaves_none_of_its_files(s3, tmp_path):
+    b = s3.bucket("publish")
+    uri = f"s3://{b}/runs/replace"
+    old = make_output(tmp_path / "old")
+    (old / "eval.json").write_text("{}")
+    publish.publish(old, uri, run_info={"run_id": "old"})
+    storage.write_bytes(f"{uri}/checkpoints/step-9/COMPLETE", b"{}")  # the finished run's checkpoint
+    storage.write_bytes(f"{uri}/status.json", b"{}")
+
+    assert publish.retire(uri) is True  # output.overwrite at the start of the new run
+    keys = s3.keys(b, "runs/replace/")
+    assert not any("/checkpoints/" in k for k in keys) and "runs/replace/_SUCCESS" not in keys
+    assert "runs/replace/eval.json" in keys  # files stay until the new publish replaces them
+    publish.check_output(uri, overwrite=False)  # no longer "published": a restart resumes its own checkpoints
+    assert publish.retire(uri) is False
+
+    new = tmp_path / "new"
+    new.mkdir()
+    (new / "adapter_config.json").write_text(json.dumps({"r": 16}))
+    (new / "adapter_model.safetensors").write_bytes(b"new")
+    m = publish.publish(new, uri, run_info={"run_id": "new"})
+    keys = s3.keys(b, "runs/replace/")
+    assert sorted(k.rsplit("/", 1)[1] for k in keys) == sorted(
+        ["adapter_config.json", "adapter_model.safetensors", "manifest.json", "_SUCCESS", "status.json"])
+    assert {f["path"] for f in m["files"]} == {"adapter_config.json", "adapter_model.safetensors"}
+    assert publish.verify_published(uri)["run_id"] == "new"
+
+
 def test_republish_sends_only_files_whose_checksum_changed(s3, tmp_path):
     storage.configure(StorageSpec(multipart_chunksize_mb=5, max_concurrency=4))
     b = s3.bucket("publish")

@@ -243,7 +243,7 @@ def check_bitsandbytes(spec) -> None:
                           hint="use the sftjob image, or pip install -r requirements-cuda.lock")
 
 
-def train(spec, prepared, model_dir: str, workdir: Path, status, *, started: float) -> Outcome:
+def train(spec, prepared, model_dir: str, workdir: Path, status, *, started: float, fresh: bool = False) -> Outcome:
     """Resume from the newest complete checkpoint, spawn the ranks, read back what they did."""
     from job import checkpoints
 
@@ -256,7 +256,7 @@ def train(spec, prepared, model_dir: str, workdir: Path, status, *, started: flo
     configs = write_configs(spec, topo, workdir, hidden)
     ckpt_dir = workdir / "checkpoints"
     ckpt_dir.mkdir(exist_ok=True)
-    found = checkpoints.find_and_fetch(spec.output.uri, ckpt_dir) if spec.resilience.resume else None
+    found = checkpoints.find_and_fetch(spec.output.uri, ckpt_dir) if spec.resilience.resume and not fresh else None
     for old in ckpt_dir.glob("checkpoint-*"):
         if not found or old != found.path:
             shutil.rmtree(old, ignore_errors=True)
