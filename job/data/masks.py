@@ -6,7 +6,9 @@ How assistant spans are found for ANY template, without {% generation %} markers
    the order (system folded into the last user turn, roles renamed, BOS in front, ...).
 2. Each real rendering is walked against that skeleton; a slot matches the content as is or trimmed
    (templates that ``| trim``). That gives exact character spans of every message. When the walk
-   fails (content-dependent templates) the contents are searched in order instead.
+   fails (content-dependent templates) the contents are searched in order instead; when even that
+   fails (templates that rewrite contents) and for tool-use rows (calls rendered from structured
+   fields), each assistant turn is what changes when that turn alone becomes a placeholder.
 3. The full text is tokenized in one batched fast-tokenizer call (add_special_tokens=False, as
    transformers does inside apply_chat_template) and character spans become token labels through the
    tokenizer's offsets, so SentencePiece merges across a boundary never shift anything.
@@ -158,37 +160,19 @@ class Encoder:
 
     def _stage_rows(self, rows: list[Row], bad: list[BadRow], keep_text: bool) -> _Pending:
         convs = [self.messages_for(r) for r in rows]
-        tool = [bool(r.tools) or any(m["role"] == "tool" or "tool_calls" in m for m in c) for r, c in zip(rows, convs, strict=True)]
-        if any(tool):  # tool-use rows are rendered one by one (with their tools) and masked by prefixes
-            plain = [i for i, t in enumerate(tool) if not t]
-            t_, g_ = self._render_each([rows[i] for i in plain], [convs[i] for i in plain], bad)
-            texts, gens = [None] * len(rows), ([None] * len(rows) if g_ is not None else None)
-            for k, i in enumerate(plain):
-                texts[i] = t_[k]
-                if gens is not None:
-                    gens[i] = g_[k]
-        else:
-            texts, gens = self._render_each(rows, convs, bad)
+        tools = [bool(r.tools) or any(m["role"] == "tool" or "tool_calls" in m for m in c)
+                 for r, c in zip(rows, convs, strict=True)]
+        texts, gens = self._render_plain(rows, convs, tools, bad)
         p = _Pending(rows=rows, bad=bad, keep_text=keep_text)
         for i, t in enumerate(texts):
             try:
-                if tool[i]:
-                    t, iv, nt = self._tool_row(rows[i], convs[i])
-                elif t is None:
-                    continue
-                else:
-                    try:
-                        iv, nt = self._trained(t, convs[i], rows[i], gens[i] if gens else None)
-                    except _Unmaskable as first:
-                        if gens and gens[i] is not None:
-                            raise
-                        try:  # a template that rewrites contents: delimit the turns by rendering instead
-                            t, iv, nt = self._tool_row(rows[i], convs[i])
-                        except _Unmaskable:
-                            raise first from None
+                masked = self._mask(rows[i], convs[i], t, gens[i] if gens else None, tools[i])
             except _Unmaskable as e:
                 bad.append(BadRow(rows[i].where, "messages", str(e)))
                 continue
+            if masked is None:  # the template rejected the row (reported while rendering)
+                continue
+            t, iv, nt = masked
             p.keep.append(i)
             p.texts.append(t)
             p.intervals.append(iv)
@@ -196,6 +180,36 @@ class Encoder:
             if keep_text:
                 p.convs.append(convs[i])
         return p
+
+    def _render_plain(self, rows, convs, tools: list[bool], bad) -> tuple[list, list | None]:
+        """Rows without tool use rendered in one batch; tool-use rows (None here) are rendered with
+        their tools when they are masked."""
+        if not any(tools):
+            return self._render_each(rows, convs, bad)
+        plain = [i for i, t in enumerate(tools) if not t]
+        t_, g_ = self._render_each([rows[i] for i in plain], [convs[i] for i in plain], bad)
+        texts, gens = [None] * len(rows), ([None] * len(rows) if g_ is not None else None)
+        for k, i in enumerate(plain):
+            texts[i] = t_[k]
+            if gens is not None:
+                gens[i] = g_[k]
+        return texts, gens
+
+    def _mask(self, row: Row, msgs: list[dict], text: str | None, gen, uses_tools: bool):
+        """(text, trained character spans, trained turns); None for a row the template rejected."""
+        if uses_tools:
+            return self._by_rendering(row, msgs)
+        if text is None:
+            return None
+        try:
+            return (text, *self._trained(text, msgs, row, gen))
+        except _Unmaskable as first:
+            if gen is not None:
+                raise
+            try:  # a template that rewrites contents: delimit the turns by rendering instead
+                return self._by_rendering(row, msgs)
+            except _Unmaskable:
+                raise first from None
 
     def tokenize(self, p: _Pending) -> _Pending:
         """Only the Rust batch call (GIL released): what a tokenizer thread runs."""
@@ -227,11 +241,12 @@ class Encoder:
                 gens.append(None)
         return texts, (gens if self.markers else None)
 
-    def _tool_row(self, row: Row, msgs: list[dict]) -> tuple[str, list[tuple[int, int]], int]:
-        """A tool-use conversation: tool calls are rendered by the template from structured fields, so
-        there is no content to find. Each assistant turn is what changes in the rendering when that
-        turn alone is replaced by a placeholder without tool calls (else: what follows its generation
-        prompt); the end-of-turn after it is added as for any turn."""
+    def _by_rendering(self, row: Row, msgs: list[dict]) -> tuple[str, list[tuple[int, int]], int]:
+        """Turns delimited by rendering, not by finding contents: tool calls are rendered by the template
+        from structured fields (no content to find), and some templates rewrite contents. Each assistant
+        turn is what changes in the rendering when that turn alone is replaced by a placeholder without
+        tool calls (else: what follows its generation prompt); the end-of-turn after it is added as for
+        any turn."""
         plain = [{k: v for k, v in m.items() if k != "train"} for m in msgs]
         kw = {"chat_template": self.chat.text, "tokenize": False, "tools": row.tools}
         try:
