@@ -150,13 +150,18 @@ def test_input_ids_equal_apply_chat_template_and_only_assistant_content_plus_end
     chat, enc, out = encode(tok, family, template, CONVERSATIONS)
     assert not out.bad, out.bad
     assert eot in chat.eos_tokens
+    assert_exact(tok, template, chat, out, eot)
+
+
+def assert_exact(tok, template, chat, out, eot):
+    """input_ids as apply_chat_template; trained = each assistant content + end-of-turn; nothing else."""
     for (ids, labels), conv in zip(split_examples(out), CONVERSATIONS, strict=True):
         rendered = fold_system(conv) if chat.system == "folded" else conv
         assert ids == reference_ids(tok, template, rendered)
         runs = trained_runs(tok, ids, labels)
         assistants = [m["content"] for m in conv if m["role"] == "assistant"]
         assert len(runs) == len(assistants)
-        for run, content in zip(runs, assistants, strict=False):
+        for run, content in zip(runs, assistants, strict=True):
             # exactly the content (as the template renders it) and the end-of-turn token; at most one
             # leading space that the tokenizer merged into the content's first token
             assert re.fullmatch(r"\s?" + re.escape(content.strip()) + r"\s*" + re.escape(eot), run), (run, content)
@@ -292,14 +297,7 @@ def test_an_end_of_turn_marker_that_is_plain_text_is_still_trained(base_tokenize
     chat, _, out = encode(tok, "my-template.jinja", template, CONVERSATIONS)
     assert chat.eos_tokens == [eot]
     assert not out.bad
-    for (ids, labels), conv in zip(split_examples(out), CONVERSATIONS, strict=True):
-        rendered = fold_system(conv) if chat.system == "folded" else conv
-        assert ids == reference_ids(tok, template, rendered)
-        runs = trained_runs(tok, ids, labels)
-        assistants = [m["content"] for m in conv if m["role"] == "assistant"]
-        assert len(runs) == len(assistants)
-        for run, content in zip(runs, assistants, strict=True):
-            assert re.fullmatch(r"\s?" + re.escape(content.strip()) + r"\s*" + re.escape(eot), run), (run, content)
+    assert_exact(tok, template, chat, out, eot)
 
 
 def test_a_template_with_no_end_of_turn_marker_trains_the_content_only(base_tokenizer):
