@@ -16,6 +16,7 @@ RECIPES = {
     "llama3-8b-zero3.yaml": ("Llama-3.1-8B.json", 8.03e9),
     "qwen-7b-qlora.yaml": ("Qwen2.5-7B-Instruct.json", 7.62e9),
     "catalog-json.yaml": ("Qwen2.5-0.5B-Instruct.json", 0.494e9),
+    "tools-qwen.yaml": ("Qwen2.5-0.5B-Instruct.json", 0.494e9),
 }
 
 
@@ -95,3 +96,25 @@ def test_readmes_list_every_recipe():
         text = readme.read_text()
         for recipe in RECIPES:
             assert recipe in text, (readme, recipe)
+
+
+def test_the_tool_use_sample_rows_train_the_calls_and_answers_with_qwens_template():
+    import copy
+
+    from test_data_real_templates import template, tokenizer_for
+    from test_data_templates import encode, split_examples, trained_runs
+
+    from job import tiny
+    from job.data import formats
+
+    s = spec.build(overrides={"data.path": str(EXAMPLES / "tools" / "sample.jsonl")})
+    rows = list(formats.read_rows(formats.expand(s.data.path, ROOT), s.data, s.model))
+    assert all(isinstance(r, formats.Row) for r in rows), rows
+    tok = tokenizer_for(copy.deepcopy(tiny.build_tokenizer()), "qwen2_5")
+    _, enc, _ = encode(tok, "qwen2_5", template("qwen2_5"), [rows[2].messages])
+    out = enc.encode(rows)
+    assert not out.bad, out.bad
+    runs = [trained_runs(tok, ids, labels) for ids, labels in split_examples(out)]
+    assert [len(r) for r in runs] == [2, 2, 1]
+    assert runs[1][0].count("<tool_call>") == 2 and '"amount": 50' in runs[1][0]  # both calls, one turn
+    assert all(r[-1].endswith("<|im_end|>") for r in runs)
