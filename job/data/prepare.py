@@ -133,18 +133,18 @@ def prepare(spec, tokenizer_dir: Path | None = None) -> Prepared:
     rep = report.build(spec, chat, tok, per_source, read_total, dropped, truncated, train, evald, key)
     marks["split_and_mix"] = time.time()
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=_mkdir(root)))
-    plotter = ThreadPoolExecutor(1, thread_name_prefix="plot")  # the histogram draws while parquet writes
-    plot = plotter.submit(report.plot_lengths, tmp / "token_lengths.png", train["lengths"], spec.data.max_length)
     try:
-        bins_eff, n_rows = write_split(tmp / "train.parquet", train, spec.data.packing, spec.data.max_length)
-        if len(evald["lengths"]):
-            write_split(tmp / "eval.parquet", evald, False, spec.data.max_length)
-        rep["packing"].update(efficiency=bins_eff, bins=n_rows if spec.data.packing else None)
-        # flat summary for the planner (job/train/plan.py): rows of train.parquet per epoch
-        rep.update(rows_kept=len(train["lengths"]), tokens_total=rep["tokens"]["total"],
-                   packed_bins=n_rows if spec.data.packing else None)
-        marks["parquet"] = time.time()
-        plot.result()
+        with ThreadPoolExecutor(1, thread_name_prefix="plot") as plotter:  # the histogram draws while parquet writes
+            plot = plotter.submit(report.plot_lengths, tmp / "token_lengths.png", train["lengths"], spec.data.max_length)
+            bins_eff, n_rows = write_split(tmp / "train.parquet", train, spec.data.packing, spec.data.max_length)
+            if len(evald["lengths"]):
+                write_split(tmp / "eval.parquet", evald, False, spec.data.max_length)
+            rep["packing"].update(efficiency=bins_eff, bins=n_rows if spec.data.packing else None)
+            # flat summary for the planner (job/train/plan.py): rows of train.parquet per epoch
+            rep.update(rows_kept=len(train["lengths"]), tokens_total=rep["tokens"]["total"],
+                       packed_bins=n_rows if spec.data.packing else None)
+            marks["parquet"] = time.time()
+            plot.result()
         marks["plot"] = time.time()
         rep["prep_seconds"] = round(time.time() - t0, 3)
         rep["tokens_per_second"] = round(rep["tokens"]["total"] / max(rep["prep_seconds"], 1e-9))
@@ -164,12 +164,9 @@ def prepare(spec, tokenizer_dir: Path | None = None) -> Prepared:
             os.rename(tmp, dest)
         except OSError:  # another prepare finished first: same key, same content
             shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        plotter.shutdown(wait=True)
+    except BaseException:  # the plot thread is done (the with block waited for it): nothing writes into tmp
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    finally:
-        plotter.shutdown(wait=False)
     log.info("prepared data: %s", dest)
     return Prepared.load(dest, cache_hit=False)
 
