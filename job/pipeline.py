@@ -124,9 +124,11 @@ def fetch_model(spec: RunSpec) -> str:
 
 def _explained(e: VerificationError, spec: RunSpec, outcome) -> VerificationError:
     """An untrained adapter from a run so short that LR warm-up (which starts at 0) took every step."""
+    from job.train.export import UntrainedError
+
     steps = outcome.step or 0
     warmup = math.ceil(steps * spec.train.warmup_ratio)
-    if ("all zero" in e.message or "untrained" in e.message) and 0 < steps <= warmup:
+    if isinstance(e, UntrainedError) and 0 < steps <= warmup:
         e.hint = (f"the run made {steps} optimizer step(s) and warm-up (warmup_ratio {spec.train.warmup_ratio}: "
                   f"{warmup} step(s), from lr 0) took them all; train longer (more rows, num_train_epochs, "
                   "max_steps) or set warmup_ratio 0. Nothing was published")

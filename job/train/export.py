@@ -69,9 +69,7 @@ def verify_adapter(adapter_dir: Path, base_dir: str, *, forward: bool = True,
         problems.append(f"{len(zero_b)} lora_B tensors are all zero (untrained), e.g. {zero_b[0]}")
     if cfg.get("peft_type", "LORA") == "LORA" and n_lora == 0:
         problems.append("no lora_A/lora_B tensors found")
-    if problems:
-        raise VerificationError("adapter verification failed:\n  " + "\n  ".join(problems[:20]),
-                                hint="nothing was published; check the training log (ZeRO-3 save, steps > 0)")
+    _refuse("adapter", problems, untrained=bool(zero_b))
     if forward:
         _load_and_forward(adapter_dir, base_dir, trust_remote_code)
     return {"tensors": len(tensors), "lora_tensors": n_lora, "rank": r, "forward_checked": forward}
@@ -106,21 +104,16 @@ def verify_full(model_dir: Path, base_dir: str, *, trust_remote_code: bool = Fal
                     if b.shape == t.shape:
                         compared += 1
                         moved += not torch.equal(b.to(t.dtype), t)
-    if compared and not moved:
+    untrained = bool(compared and not moved)
+    if untrained:
         problems.append(f"all {compared} weights equal the base model's (untrained)")
-    if problems:
-        raise VerificationError("model verification failed:\n  " + "\n  ".join(problems[:20]),
-                                hint="nothing was published; check the training log (ZeRO-3 save, steps > 0)")
-    try:
+    _refuse("model", problems, untrained=untrained)
+    def load():
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, trust_remote_code=trust_remote_code)
-        with torch.no_grad():
-            logits = model(input_ids=torch.tensor([[1, 2, 3, 4]]) % model.config.vocab_size).logits
-    except Exception as e:  # noqa: BLE001 - any load failure means the model is not usable
-        raise VerificationError(f"the fine-tuned model does not load: {type(e).__name__}: {e}") from None
-    if not torch.isfinite(logits).all():
-        raise VerificationError("model forward pass produced non-finite logits")
+        return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, trust_remote_code=trust_remote_code)
+
+    _forward_check(load, "model", "the fine-tuned model does not load")
     return {"tensors": n, "compared_with_base": compared, "changed": moved, "forward_checked": True}
 
 
@@ -140,18 +133,36 @@ def _load_and_forward(adapter_dir: Path, base_dir: str, trust_remote_code: bool)
     import torch
     from peft import PeftModel
 
+    def load():
+        return PeftModel.from_pretrained(load_base_for(adapter_dir, base_dir, torch.float32, trust_remote_code),
+                                         str(adapter_dir))
+
+    _forward_check(load, "adapter", "adapter does not load on the base model")
+
+
+class UntrainedError(VerificationError):
+    """Verification failed and the weights did not move from the base (nothing was learned)."""
+
+
+def _refuse(what: str, problems: list[str], *, untrained: bool) -> None:
+    if problems:
+        raise (UntrainedError if untrained else VerificationError)(
+            f"{what} verification failed:\n  " + "\n  ".join(problems[:20]),
+            hint="nothing was published; check the training log (ZeRO-3 save, steps > 0)")
+
+
+def _forward_check(load, what: str, unloadable: str) -> None:
+    """load() the model and run four tokens through it: any failure, or a non-finite logit, refuses it."""
+    import torch
+
     try:
-        base = load_base_for(adapter_dir, base_dir, torch.float32, trust_remote_code)
-        model = PeftModel.from_pretrained(base, str(adapter_dir))
+        model = load()
         with torch.no_grad():
-            ids = torch.tensor([[1, 2, 3, 4]]) % base.config.vocab_size
-            logits = model(input_ids=ids).logits
-        if not torch.isfinite(logits).all():
-            raise VerificationError("adapter forward pass produced non-finite logits")
-    except VerificationError:
-        raise
-    except Exception as e:  # noqa: BLE001 - any load failure means the adapter is not usable
-        raise VerificationError(f"adapter does not load on the base model: {type(e).__name__}: {e}") from None
+            logits = model(input_ids=torch.tensor([[1, 2, 3, 4]]) % model.config.vocab_size).logits
+    except Exception as e:  # noqa: BLE001 - any load failure means the model is not usable
+        raise VerificationError(f"{unloadable}: {type(e).__name__}: {e}") from None
+    if not torch.isfinite(logits).all():
+        raise VerificationError(f"{what} forward pass produced non-finite logits")
 
 
 def merge(adapter_dir: Path, base_dir: str, dest: Path, *, trust_remote_code: bool = False) -> Path:
