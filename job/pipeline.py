@@ -35,12 +35,12 @@ def run(spec: RunSpec) -> int:
     output = spec.output.uri.rstrip("/")
     workdir = spec.cache_root() / "runs" / hashlib.sha256(output.encode()).hexdigest()[:16]
     workdir.mkdir(parents=True, exist_ok=True)
-    publish.check_output(output, spec.output.overwrite)  # exit 73 before touching anything
+    published = publish.check_output(output, spec.output.overwrite)  # exit 73 before touching anything
 
     run_id = spec.name or f"{_slug(output)}-{time.strftime('%Y%m%d-%H%M%S')}"
     node_rank = launch.node_rank(spec)
     # Replacing a finished run: every node starts fresh (it saw _SUCCESS); node 0 retires the old run.
-    fresh = spec.output.overwrite and storage.exists(storage.join(output, "_SUCCESS"))
+    fresh = spec.output.overwrite and published
     if fresh and node_rank == 0:
         publish.retire(output)
         log.warning("output.overwrite: replacing the finished run at %s (its checkpoints are removed)", output)

@@ -31,13 +31,16 @@ _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN
                "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "MLFLOW_TRACKING_PASSWORD")
 
 
-def check_output(output_uri: str, overwrite: bool) -> None:
-    """Fail fast, before any training: output reachable and writable-looking, and not already published."""
+def check_output(output_uri: str, overwrite: bool) -> bool:
+    """Fail fast, before any training: output reachable and writable-looking, and not already published
+    (unless overwrite). Returns whether a finished run is there."""
     storage.check_access(output_uri)
-    if not overwrite and storage.exists(storage.join(output_uri, SUCCESS)):
+    published = storage.exists(storage.join(output_uri, SUCCESS))
+    if published and not overwrite:
         raise AlreadyPublishedError(
             f"{output_uri} is already published ({SUCCESS} exists); refusing to overwrite a finished run",
             hint="choose a new output prefix, or set output.overwrite: true (--overwrite) to replace it")
+    return published
 
 
 def retire(output_uri: str) -> bool:
@@ -91,9 +94,9 @@ def publish(local_dir: Path, output_uri: str, *, run_info: dict, overwrite: bool
     root = Path(local_dir)
     if not root.is_dir():
         raise NotFoundError(f"nothing to publish: {root} is not a directory")
-    check_output(output_uri, overwrite)
+    published = check_output(output_uri, overwrite)
     success_uri = storage.join(output_uri, SUCCESS)
-    if overwrite and storage.exists(success_uri):
+    if published:  # only reachable with overwrite
         storage.delete(success_uri)  # while files change underneath, the prefix must not look complete
     files = sorted(p for p in root.rglob("*") if p.is_file()
                    and p.relative_to(root).as_posix() not in (MANIFEST, SUCCESS))
