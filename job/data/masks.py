@@ -17,6 +17,7 @@ The end-of-turn token(s) right after assistant content are trained too (train_on
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from itertools import chain
@@ -283,9 +284,9 @@ class Encoder:
             other = self.tok.apply_chat_template(alt, **kw)
         except Exception:  # noqa: BLE001
             return None
-        s = _common_prefix(text, other)
-        e = len(text) - _common_suffix(text, other, limit=min(len(text), len(other)) - s)
-        return (s, e) if sentinel(0) in other[s:len(other) - (len(text) - e)] else None
+        s = len(os.path.commonprefix([text, other]))
+        tail = min(len(os.path.commonprefix([text[::-1], other[::-1]])), min(len(text), len(other)) - s)
+        return (s, len(text) - tail) if sentinel(0) in other[s:len(other) - tail] else None
 
     def _turn_by_prompt(self, text: str, plain: list[dict], i: int, kw: dict) -> tuple[int, int]:
         """Turn i = from the end of the generation prompt for the conversation so far (what inference
@@ -417,27 +418,6 @@ def _variants(c: str) -> tuple[str, ...]:
 
 
 _EMPTY_THINK = re.compile(r"<think>\s*</think>\s*")
-
-
-def _common_prefix(a: str, b: str) -> int:
-    n = 0
-    step = 1024
-    while n < min(len(a), len(b)):  # compare in blocks; only the last block char by char
-        k = min(step, len(a) - n, len(b) - n)
-        if a[n:n + k] == b[n:n + k]:
-            n += k
-            continue
-        while a[n] == b[n]:
-            n += 1
-        return n
-    return n
-
-
-def _common_suffix(a: str, b: str, limit: int) -> int:
-    n = 0
-    while n < limit and a[len(a) - 1 - n] == b[len(b) - 1 - n]:
-        n += 1
-    return n
 
 
 def _first_line(e: Exception) -> str:
