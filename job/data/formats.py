@@ -30,8 +30,6 @@ DEFAULT_ROLES = {  # the role names public datasets use; anything else is mapped
     "model": "assistant",  # Gemma
     "function_call": "assistant", "observation": "tool", "function": "tool", "ipython": "tool",  # tool use
 }
-# Tool use passes through to the chat template as transformers expects it: tool_calls on assistant
-# messages, name / tool_call_id on tool results, and the row's tool schemas as `tools`.
 # Per-message "train this turn?" flags: ours, axolotl's, and a 0/1 per-message weight (ShareGPT exports).
 TRAIN_FLAGS = ("train", "training", "weight")
 CANONICAL = {  # canonical column name → default column name in the file
@@ -330,7 +328,9 @@ def _slow_role(role: Any, rmap: dict[str, str], where: str) -> str:
 
 
 def _tool_calls(calls: Any, where: str) -> list[dict]:
-    """OpenAI-style tool calls → what chat templates read: {type, function: {name, arguments: dict}}."""
+    """OpenAI-style tool calls → what chat templates read: {type, function: {name, arguments: dict}}.
+    Tool use passes through to the template as transformers expects it: tool_calls on assistant
+    messages, name / tool_call_id on tool results, the row's schemas as `tools`."""
     if not isinstance(calls, list) or not calls:
         raise RowIssue(where, "must be a non-empty list of calls")
     out = []

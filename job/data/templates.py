@@ -250,10 +250,7 @@ def _literal_end_of_turn(after_middle: str, after_last: str) -> list[str]:
     """An end-of-turn marker that is plain text, not one special token (a custom "<|END|>", a
     tokenizer without the family's specials): what the template writes after *every* assistant
     turn, the middle ones and the last one alike; trailing whitespace is not part of it."""
-    n = 0
-    while n < min(len(after_middle), len(after_last)) and after_middle[n] == after_last[n]:
-        n += 1
-    marker = after_middle[:n].rstrip()
+    marker = os.path.commonprefix([after_middle, after_last]).rstrip()
     return [marker] if marker else []
 
 
