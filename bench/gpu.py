@@ -11,6 +11,8 @@ job/data/packing.py writes), collated by the job's own ``job.train.sft.Collator`
     python bench/gpu.py                      # CUDA: Llama-3-8B shape, seq 4096, 5 warm-up + 20 timed steps
     python bench/gpu.py --micro-batch 2      # 2 packed rows per step (one 8192-token row, as the Collator does)
     python bench/gpu.py --tiny               # CPU smoke mode (what the test suite runs): hidden 128, 2 layers
+    python bench/gpu.py --compare            # whole processes: plain TRL SFTTrainer vs ours, fast path off/on,
+                                             # ratios printed (bench/gpu_trainers.py runs each side)
 
 LoRA-MFU = 4 * N * tokens/s / peak, N = base-model parameters (embeddings included): forward 2N +
 activation-gradient backward 2N per token; no weight gradients for the frozen base, and neither the
@@ -310,6 +312,46 @@ def run(args) -> dict:
     }
 
 
+def compare(args) -> dict:
+    """Baseline and ours as whole processes (start-up included), one after the other on the same device:
+    plain TRL SFTTrainer, then the job's trainer set-up with the fast path off and on. Ratios = ours / TRL."""
+    import subprocess
+
+    script = Path(__file__).resolve().parent / "gpu_trainers.py"
+    shared = ["--seed", str(args.seed)]
+    for flag, value in (("--tiny", args.tiny), ("--steps", args.steps), ("--warmup", args.warmup),
+                        ("--seq-len", args.seq_len), ("--micro-batch", args.micro_batch),
+                        ("--peak-tflops", args.peak_tflops), ("--no-gradient-checkpointing", args.no_gradient_checkpointing)):
+        if value is True:
+            shared.append(flag)
+        elif value not in (None, False):
+            shared += [flag, str(value)]
+    runs = {}
+    for name, extra in (("trl", ["--impl", "trl"]), ("ours", ["--impl", "ours"]), ("ours_fast", ["--impl", "ours", "--fast"])):
+        log(f"compare: {name} ...")
+        t = time.perf_counter()
+        p = subprocess.run([sys.executable, str(script), *extra, *shared], capture_output=True, text=True)
+        wall = time.perf_counter() - t
+        lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+        if p.returncode or not lines:
+            runs[name] = {"error": f"exit {p.returncode}: {p.stderr[-1500:]}", "process_seconds": round(wall, 1)}
+            log(f"compare: {name} failed (exit {p.returncode})")
+            continue
+        runs[name] = {**json.loads(lines[-1]), "process_seconds": round(wall, 1)}
+        log(f"compare: {name} {runs[name]['tokens_per_second_per_gpu']:.0f} tok/s, process {wall:.1f}s")
+    base = runs.get("trl", {}).get("tokens_per_second_per_gpu")
+    ratios = {}
+    for name in ("ours", "ours_fast"):
+        tps = runs.get(name, {}).get("tokens_per_second_per_gpu")
+        if base and tps:
+            ratios[f"{name}_vs_trl_tokens_per_second"] = round(tps / base, 3)
+            ratios[f"{name}_vs_trl_process_seconds"] = round(runs["trl"]["process_seconds"] / runs[name]["process_seconds"], 3)
+    fast = runs.get("ours_fast", {}).get("tokens_per_second_per_gpu")
+    return {"compare": runs, "ratios": ratios,
+            "anchor_tokens_per_second": ANCHOR["tokens_per_second_per_gpu"], "anchor_source": ANCHOR["source"],
+            "ours_fast_vs_anchor": None if args.tiny or not fast else round(fast / ANCHOR["tokens_per_second_per_gpu"], 3)}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="tiny Llama on CPU, float32, sdpa, a few steps (the test)")
@@ -326,7 +368,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--lora-dropout", type=float, default=0.05, help="the job's default 0.05")
     ap.add_argument("--no-gradient-checkpointing", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--compare", action="store_true",
+                    help="whole processes: plain TRL SFTTrainer vs ours (fast path off and on); prints the ratios")
     args = ap.parse_args(argv)
+    if args.compare:
+        result = compare(args)
+        print(json.dumps(result), flush=True)
+        return result
     if args.tiny and args.attn == "auto":
         args.attn = "sdpa"
     result = run(args)
