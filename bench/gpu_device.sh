@@ -15,6 +15,7 @@ fi
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c 'import torch,transformers,trl,peft,datasets;print("torch",torch.__version__,"cuda",torch.version.cuda,"transformers",transformers.__version__,"trl",trl.__version__,"peft",peft.__version__,"datasets",datasets.__version__)'
   python3 -c 'import liger_kernel;print("liger ok")'; python3 -c 'import flash_attn' 2>&1 | tail -1; } 2>&1 | tee "$OUT/env.txt"
+if [ -z "${SKIP_COMPARE:-}" ]; then
 echo "== compare (8B shape, seq ${SEQ:-4096})"
 timeout "${COMPARE_TIMEOUT:-330}" python3 bench/gpu.py --compare --seq-len "${SEQ:-4096}" --steps "${STEPS:-20}" \
   --warmup "${WARMUP:-5}" > "$OUT/compare.json" 2> "$OUT/compare.err"; echo "compare exit $?"
@@ -30,6 +31,7 @@ for k, v in r["compare"].items():
                                     "peak_memory_gb", "process_seconds", "train_loss", "notes", "error")})
 print("ratios", r["ratios"], "fast vs anchor", r.get("ours_fast_vs_anchor"))
 PY
+fi
 echo "== real sftjob run on CUDA (tiny model)"
 T=/tmp/gpurun; rm -rf $T; mkdir -p $T
 timeout 150 bash -c "python3 -m job tiny-model $T/tiny && python3 -c 'from job import demo_data; demo_data.write_jsonl(\"$T/train.jsonl\", n=200)' && \

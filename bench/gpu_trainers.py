@@ -136,7 +136,7 @@ def run(args) -> dict:
         output_dir=tempfile.mkdtemp(prefix="bench-gpu-"), max_steps=warmup + steps,
         per_device_train_batch_size=micro_batch, gradient_accumulation_steps=1, learning_rate=2e-4,
         lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch",
-        logging_steps=5, report_to="none", save_strategy="no", disable_tqdm=True, seed=args.seed,
+        logging_steps=min(5, warmup + steps), report_to="none", save_strategy="no", disable_tqdm=True, seed=args.seed,
         bf16=cuda, use_cpu=not cuda, max_length=seq_len, dataloader_num_workers=0,
     )
     ckpt = not args.no_gradient_checkpointing

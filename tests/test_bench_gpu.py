@@ -90,3 +90,29 @@ def test_packed_rows_match_the_job_layout():
         return sorted((tuple(i[a:b]), tuple(lab[a:b]), tuple(p[a:b])) for a, b in pairwise(starts))
     assert segments(row["input_ids"], row["labels"], row["position_ids"]) == \
         segments(ids[0].tolist(), labels[0].tolist(), pos[0].tolist())
+
+
+def test_compare_runs_the_trl_baseline_and_ours_as_whole_processes():
+    """`--compare --tiny`: three processes (plain TRL SFTTrainer, ours, ours --fast) on the same examples;
+    each trained and counted the same number of timed tokens' worth of steps, ratios are computed from
+    the reported throughputs, and the fast path says why it is off on CPU (no Liger, no flex backward)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    p = subprocess.run([sys.executable, str(BENCH), "--compare", "--tiny", "--steps", "3", "--warmup", "1"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    runs = r["compare"]
+    assert set(runs) == {"trl", "ours", "ours_fast"}
+    for name, run in runs.items():
+        assert "error" not in run, (name, run.get("error"))
+        assert run["steps"] == 3 and run["seq_len"] == 256 and run["loss_finite"] is True
+        assert run["process_seconds"] > 0 and run["tokens_per_second_per_gpu"] > 0
+        # the same packed-token budget per step on both sides (TRL's bins may be a little under full)
+        assert 0.8 * 3 * 2 * 256 <= run["timed_tokens"] <= 3 * 2 * 256
+    assert runs["trl"]["impl"] == "trl" and "TRL packing" in runs["trl"]["layout"]
+    assert runs["ours"]["layout"].startswith("job packing")
+    assert runs["ours_fast"]["attn_implementation"] == "sdpa" and runs["ours_fast"]["liger_kernel"] is False
+    assert any("CUDA" in n for n in runs["ours_fast"]["notes"])
+    ratio = runs["ours"]["tokens_per_second_per_gpu"] / runs["trl"]["tokens_per_second_per_gpu"]
+    assert math.isclose(r["ratios"]["ours_vs_trl_tokens_per_second"], ratio, rel_tol=1e-2)
+    assert r["ours_fast_vs_anchor"] is None  # a CPU run is never compared with NVIDIA's figure
