@@ -55,6 +55,23 @@ def node_rank(spec, environ: dict[str, str] | None = None) -> int:
     return int(env.get("JOB_COMPLETION_INDEX") or env.get("PET_NODE_RANK") or env.get("NODE_RANK") or 0)
 
 
+def _env_count(env: dict, name: str, cuda_devices: int) -> int | None:
+    """A node or process count from an operator's env (Kubeflow Trainer's torch runtime sets PET_NNODES and
+    PET_NPROC_PER_NODE): an integer, a fixed torchrun range "N:N", or auto/gpu/cpu for the process count."""
+    raw = str(env.get(name) or "").strip()
+    if not raw:
+        return None
+    if raw.isdigit() and int(raw) > 0:
+        return int(raw)
+    lo, sep, hi = raw.partition(":")
+    if sep and lo.isdigit() and lo == hi and int(lo) > 0:
+        return int(lo)
+    if name == "PET_NPROC_PER_NODE" and raw in ("auto", "gpu", "cpu"):
+        return max(cuda_devices, 1) if raw != "cpu" else 1
+    raise ConfigError(f"{name}={raw!r} is not a fixed positive count",
+                      hint="elastic ranges are not supported: set a fixed numNodes / numProcPerNode in the TrainJob")
+
+
 def topology(spec, environ: dict[str, str] | None = None, cuda_devices: int | None = None,
              bf16_ok: bool | None = None) -> Topology:
     """Processes and rendezvous from the spec, then the env an Indexed Job / operator sets."""
@@ -65,8 +82,11 @@ def topology(spec, environ: dict[str, str] | None = None, cuda_devices: int | No
 
         cuda_devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
         bf16_ok = cuda_devices > 0 and torch.cuda.is_bf16_supported()
-    machines = d.num_machines
-    per_node = d.gpus_per_node or (d.num_processes // machines if d.num_processes else None) or max(cuda_devices, 1)
+    # the spec wins where it was set; else what Kubeflow Trainer's torch runtime injects; else defaults
+    machines = (d.num_machines if "num_machines" in d.model_fields_set else None) \
+        or _env_count(env, "PET_NNODES", cuda_devices) or d.num_machines
+    per_node = d.gpus_per_node or (d.num_processes // machines if d.num_processes else None) \
+        or _env_count(env, "PET_NPROC_PER_NODE", cuda_devices) or max(cuda_devices, 1)
     total = d.num_processes or per_node * machines
     if total % machines:
         raise ConfigError(f"num_processes={total} is not a multiple of num_machines={machines}",
