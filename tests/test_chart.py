@@ -45,7 +45,7 @@ def matrix(tmp_path_factory) -> dict[str, tuple[Path, list[dict]]]:
         path = out / f"{name}.yaml"
         path.write_text(text)
         res[name] = (path, [d for d in yaml.safe_load_all(text) if d])
-    assert {"one-1gpu", "two-8gpu-kueue", "secret-creds", "irsa", "existing-sa"} <= set(res)
+    assert {"one-1gpu", "two-8gpu-kueue", "secret-creds", "irsa", "existing-sa", "volcano"} <= set(res)
     return res
 
 
@@ -243,6 +243,54 @@ def test_scheduling_knobs_reach_the_pod(matrix):
     assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
     assert "podAntiAffinity" in pod["affinity"]
     assert pod["priorityClassName"] == "training-high"
+
+
+def test_kueue_topology_aware_scheduling_annotates_the_pod_template(matrix):
+    """Kueue TAS reads the podset topology annotations from the pod template (not the Job)."""
+    ann = job_of(matrix["two-8gpu-kueue"][1])["spec"]["template"]["metadata"]["annotations"]
+    assert ann["kueue.x-k8s.io/podset-required-topology"] == "cloud.provider.com/topology-block"
+    assert "kueue.x-k8s.io/podset-preferred-topology" not in ann
+    docs = render("pref", "--set", "scheduling.kueue.queueName=q",
+                  "--set", "scheduling.kueue.preferredTopology=topology.kubernetes.io/zone")
+    ann = job_of(docs)["spec"]["template"]["metadata"]["annotations"]
+    assert ann == {"kueue.x-k8s.io/podset-preferred-topology": "topology.kubernetes.io/zone"}
+    assert "annotations" not in job_of(matrix["one-1gpu"][1])["spec"]["template"]["metadata"]
+
+
+def test_volcano_gang_schedules_all_nodes_with_a_pod_group(matrix):
+    docs = matrix["volcano"][1]
+    job, (pg,) = job_of(docs), by_kind(docs, "PodGroup")
+    pod = job["spec"]["template"]
+    assert pod["spec"]["schedulerName"] == "volcano"
+    assert pod["metadata"]["annotations"]["scheduling.k8s.io/group-name"] == pg["metadata"]["name"]
+    assert pg["metadata"]["namespace"] == job["metadata"]["namespace"]
+    assert pg["spec"]["minMember"] == job["spec"]["parallelism"] == 2
+    assert pg["spec"]["minResources"] == {"nvidia.com/gpu": "8"} and pg["spec"]["queue"] == "research"
+    assert job["spec"]["suspend"] is False  # no Kueue: Volcano holds the pods, not a suspended Job
+    for name, (_, other) in matrix.items():
+        if name != "volcano":
+            assert by_kind(other, "PodGroup") == [] and "schedulerName" not in pod_of(other)
+
+
+def test_pod_group_validates_against_volcanos_crd_schema(matrix):
+    import jsonschema
+
+    crd = json.loads((ROOT / "tests" / "crds" / "volcano" / "podgroups.schema.json").read_text())
+    (pg,) = by_kind(matrix["volcano"][1], "PodGroup")
+    assert pg["apiVersion"] == f"{crd['group']}/{crd['version']}"
+    jsonschema.validate(pg, crd["openAPIV3Schema"])
+    assert set(pg["spec"]) <= set(crd["openAPIV3Schema"]["properties"]["spec"]["properties"])
+
+
+@pytest.mark.parametrize("bad", [
+    ["--set", "scheduling.volcano.enabled=true", "--set", "scheduling.kueue.queueName=q"],
+    ["--set", "scheduling.kueue.requiredTopology=block"],
+    ["--set", "scheduling.kueue.queueName=q", "--set", "scheduling.kueue.requiredTopology=a",
+     "--set", "scheduling.kueue.preferredTopology=b"],
+])
+def test_contradictory_scheduling_values_are_refused(bad):
+    p = helm_template("bad", *bad, "--set", "run.output.uri=s3://b/r/", check=False)
+    assert p.returncode != 0 and "scheduling" in p.stderr
 
 
 # ---- resources, volumes -------------------------------------------------------------------------------
