@@ -44,6 +44,7 @@ bench: setup
 schema: setup
 	$(BIN)/sftjob schema --helm > charts/sftjob/values.schema.json
 	$(BIN)/sftjob schema --markdown > docs/knobs.md
+	$(BIN)/sftjob schema --chart-readme > charts/sftjob/README.md
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache build *.egg-info

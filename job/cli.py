@@ -112,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("schema", help="print the JSON Schema of RunSpec")
     sp.add_argument("--helm", action="store_true", help="the chart's values.schema.json (RunSpec under `run:`)")
     sp.add_argument("--markdown", action="store_true", help="the knob table (docs/knobs.md)")
+    sp.add_argument("--chart-readme", action="store_true", help="the chart's README with its values table")
     sp = sub.add_parser("tiny-model", help="write the built-in tiny model + tokenizer (offline)")
     sp.add_argument("dir")
     sp.add_argument("--seed", type=int, default=0)
@@ -132,6 +133,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         if args.markdown:
             print(schema.knobs_markdown(), end="")
+        elif args.chart_readme:
+            print(schema.chart_readme(), end="")
         else:
             print(json.dumps(schema.helm_values_schema() if args.helm else specmod.json_schema(), indent=2))
         return 0

@@ -391,6 +391,24 @@ def test_notes_tell_how_to_follow_logs_and_where_outputs_land(tmp_path):
     assert "kubectl -n ml logs -f -l job-name=run-42,batch.kubernetes.io/job-completion-index=0" in notes
     assert "s3://runs/support-lora/status.json" in notes
     assert "helm -n ml uninstall run-42" in notes
+    assert "sftjob status run-42 --namespace ml --watch" in notes
+    assert "sftjob logs run-42 --namespace ml --follow" in notes
+
+
+def test_chart_readme_is_what_make_schema_generates():
+    """charts/sftjob/README.md drifts the moment a value or its help changes; `make schema` regenerates it."""
+    readme = (CHART / "README.md").read_text()
+    assert readme == schema.chart_readme(), "charts/sftjob/README.md is stale: run `make schema`"
+    chart_keys = json.loads((CHART / "chart-values.schema.json").read_text())["properties"]
+    for key in ("nodes", "gpusPerNode", "image.digest", "scheduling.volcano.enabled", "scheduling.kueue.requiredTopology"):
+        assert f"| `{key}` |" in readme, key
+    assert set(chart_keys) - {"global"} <= {ln.split("`")[1].split(".")[0] for ln in readme.splitlines()
+                                           if ln.startswith("| `")}
+
+
+def test_values_comments_are_read_per_nested_key():
+    text = "a:\n  # -- first\n  # more\n  b: 1\n# -- top\nc: {}\n"
+    assert schema._values_comments(text) == {"a.b": "first more", "c": "top"}
 
 
 # ---- validators over the whole matrix -------------------------------------------------------------------
