@@ -31,6 +31,9 @@ def run(spec: RunSpec) -> int:
         raise ConfigError("missing required setting 'data.path'", hint="pass --data URI or set data: in the run spec")
     evaluate.check(spec)  # an impossible eval section fails now, not after training
     launch.check_bitsandbytes(spec)  # QLoRA / 8-bit optimizers on a machine that cannot run them
+    from job.train import lora
+
+    lora.check(spec)  # LoRA variants that could not publish a correct adapter
     started = time.time()
     output = spec.output.uri.rstrip("/")
     workdir = spec.cache_root() / "runs" / hashlib.sha256(output.encode()).hexdigest()[:16]

@@ -98,6 +98,13 @@ class TrainSpec(Section):
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
     target_modules: list[str] | str = Field("all-linear", description="Modules that get LoRA ('all-linear' or a list of names).")
     modules_to_save: list[str] = Field(default_factory=list, description="Modules trained fully and saved with the adapter (e.g. embed_tokens, lm_head).")
+    use_dora: bool = Field(False, description="DoRA: weight-decomposed LoRA (a magnitude vector per module).")
+    use_rslora: bool = Field(False, description="rsLoRA: scale by lora_alpha/sqrt(r) instead of lora_alpha/r (stable at high ranks).")
+    init_lora_weights: Literal["default", "gaussian", "orthogonal", "pissa", "olora"] = Field(
+        "default", description="Adapter init: default (B=0), gaussian, orthogonal, or pissa/olora (principal directions of "
+        "the base; the published adapter is converted to a rank-2r LoRA for the original base).")
+    loraplus_lr_ratio: float | None = Field(None, gt=0, description="LoRA+: B matrices learn this many times faster than A (e.g. 16).")
+    neftune_noise_alpha: float | None = Field(None, gt=0, description="NEFTune: noise on input embeddings while training (e.g. 5).")
     seed: int = Field(42, description="Seed for data order, init and dropout.")
 
 

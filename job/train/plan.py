@@ -139,6 +139,9 @@ def _count_str(n: int) -> str:
 
 def plan_command(spec, *, tokens_per_second: float | None = None, as_json: bool = False,
                  model_config: str | None = None) -> int:
+    from job.train import lora
+
+    lora.check(spec)  # a LoRA variant that cannot publish a correct adapter: 64, as `run` would
     report = None
     if spec.data_sources():
         try:

@@ -194,6 +194,7 @@ def _training_args(spec, plan: dict):
         disable_tqdm=True, dataloader_num_workers=0, max_length=spec.data.max_length,
         ddp_find_unused_parameters=False if d.strategy == "ddp" else None,
         activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        neftune_noise_alpha=t.neftune_noise_alpha,
     )
     if plan.get("deepspeed_config"):
         kwargs["deepspeed"] = plan["deepspeed_config"]
@@ -224,7 +225,6 @@ def _load_model(spec, plan: dict):
 def train(plan: dict) -> int:
     import torch
     from datasets import Dataset
-    from peft import LoraConfig
     from transformers import AutoTokenizer
     from trl import SFTTrainer
 
@@ -232,6 +232,7 @@ def train(plan: dict) -> int:
     from job.data.templates import add_tokens, apply_template
     from job.spec import RunSpec
     from job.status import Status
+    from job.train import lora
 
     spec = RunSpec.model_validate(plan["spec"])
     storage.configure(spec.storage)
@@ -253,12 +254,7 @@ def train(plan: dict) -> int:
     model = _load_model(spec, plan)
     if len(tok) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tok))  # new special tokens; consumers resize the base the same way
-    peft_config = None
-    if spec.train.method in ("lora", "qlora"):
-        peft_config = LoraConfig(
-            r=spec.train.lora_r, lora_alpha=spec.train.lora_alpha, lora_dropout=spec.train.lora_dropout,
-            target_modules=spec.train.target_modules, modules_to_save=spec.train.modules_to_save or None,
-            task_type="CAUSAL_LM")
+    peft_config = lora.peft_config(spec) if spec.train.method in ("lora", "qlora") else None
     mirror = None
     if local_rank == 0 and plan.get("output_uri"):
         mirror = checkpoints.Mirror(plan["output_uri"], node_rank=node_rank,
@@ -267,9 +263,10 @@ def train(plan: dict) -> int:
     status = Status(Path(plan["workdir"]), plan.get("output_uri")) if rank == 0 else None
     args = _training_args(spec, plan)
     callbacks = _callbacks(plan, collator, stop, mirror, status)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                         processing_class=tok, data_collator=collator, peft_config=peft_config,
-                         callbacks=callbacks)
+    trainer = lora.trainer_class(spec, SFTTrainer)(
+        model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tok,
+        data_collator=collator, peft_config=peft_config, callbacks=callbacks)
+    lora_init = lora.save_initial(trainer.model, Path(plan["workdir"]), spec) if rank == 0 else None
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # our Progress callback prints the JSON + human lines
@@ -297,6 +294,8 @@ def train(plan: dict) -> int:
     trainer.save_model(plan["adapter_dir"])  # gathers under ZeRO-3/FSDP; all ranks must call it
     if rank == 0:
         tok.save_pretrained(plan["adapter_dir"])
+        if lora_init:  # PiSSA/OLoRA: publish an adapter that fits the original base
+            lora.convert_residual(Path(plan["adapter_dir"]), lora_init)
     saved = mirror.wait(timeout=600) if mirror else True
     if rank == 0 and stop.reason == "deadline":
         stopped.write_text(json.dumps({"reason": "deadline", "step": trainer.state.global_step,
