@@ -109,3 +109,15 @@ def test_preflight_leaves_no_probe_and_no_directories_behind(tmp_path):
     (tmp_path / "out").mkdir()
     publish.check_output(str(tmp_path / "out"), overwrite=False)
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_a_symlink_planted_in_the_output_does_not_redirect_the_publish(tmp_path):
+    out = _out(tmp_path / "work")
+    pub, elsewhere = tmp_path / "pub", tmp_path / "elsewhere"
+    pub.mkdir()
+    elsewhere.mkdir()
+    (pub / "sub").symlink_to(elsewhere)  # the stage has sub/x.json
+    with pytest.raises(DataError) as e:
+        publish.publish(out, str(pub), run_info={})
+    assert "'sub/x.json' leads outside" in str(e.value)
+    assert list(elsewhere.iterdir()) == [] and not (pub / "_SUCCESS").exists()

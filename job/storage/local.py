@@ -24,6 +24,7 @@ from job.errors import (
     UnavailableError,
     VerificationError,
 )
+from job.storage.paths import local_child
 
 _BUF = 4 * 1024 * 1024
 
@@ -204,7 +205,7 @@ def upload_tree(src: Path, prefix: str, *, files: Iterable[Path] | None = None,
     for f in paths:
         f = f if f.is_absolute() else src / f
         rel = f.relative_to(src).as_posix()
-        uri = str(_path(prefix) / rel)
+        uri = str(local_child(_path(prefix), rel, f"writing under {prefix}"))  # no symlink out of the output
         upload_file(f, uri, sha256=(sha256 or {}).get(rel))
         out.append(uri)
     return out
