@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from job import storage
+from job.errors import VerificationError
+from job.storage import paths
 
 log = logging.getLogger("sftjob.checkpoints")
 _STEP = re.compile(r"(?:step|checkpoint)-(\d+)$")
@@ -60,7 +62,10 @@ class Found:
 
 
 def find_and_fetch(output_uri: str, local_root: Path) -> Found | None:
-    """Newest complete checkpoint, downloaded to local_root/checkpoint-N and verified; None if none."""
+    """Newest complete checkpoint, downloaded to local_root/checkpoint-N and verified; None if none.
+
+    A marker that cannot be read or names a path outside its checkpoint is skipped like a corrupt one.
+    """
     steps = _remote_steps(output_uri)
     for step in sorted(steps, reverse=True):
         prefix = remote_prefix(output_uri, step)
@@ -68,29 +73,56 @@ def find_and_fetch(output_uri: str, local_root: Path) -> Found | None:
             log.warning("skipping incomplete checkpoint step-%d (no COMPLETE marker); removing it", step)
             storage.delete_prefix(prefix)
             continue
-        marker = json.loads(storage.read_bytes(storage.join(prefix, "COMPLETE")))
         dest = Path(local_root) / f"checkpoint-{step}"
-        if not _matches(dest, marker):
-            shutil.rmtree(dest, ignore_errors=True)
-            tmp = Path(local_root) / f".incoming-{step}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            for f in marker["files"]:
-                storage.download_file(storage.join(prefix, f["path"]), tmp / f["path"])
-            if not _matches(tmp, marker):
-                log.warning("checkpoint step-%d failed its checksum; skipping it", step)
+        tmp = Path(local_root) / f".incoming-{step}"
+        what = f"{prefix}/COMPLETE"
+        try:
+            marker = _read_marker(prefix)
+            if not _matches(dest, marker):
+                shutil.rmtree(dest, ignore_errors=True)
                 shutil.rmtree(tmp, ignore_errors=True)
-                continue
-            tmp.rename(dest)
+                for f in marker["files"]:
+                    storage.download_file(paths.child(prefix, f["path"], what, error=VerificationError),
+                                          paths.local_child(tmp, f["path"], what, error=VerificationError))
+                if not _matches(tmp, marker):
+                    log.warning("checkpoint step-%d failed its checksum; skipping it", step)
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    continue
+                tmp.rename(dest)
+        except VerificationError as e:
+            log.error("skipping checkpoint step-%d: %s", step, e.message)
+            shutil.rmtree(tmp, ignore_errors=True)
+            continue
         log.info("resuming from complete checkpoint step-%d (%d files)", step, len(marker["files"]))
         return Found(step, dest)
     return None
+
+
+def _read_marker(prefix: str) -> dict:
+    """The COMPLETE marker, every entry checked: a relative path inside the checkpoint, a size, a sha256."""
+    what = f"{prefix}/COMPLETE"
+    try:
+        marker = json.loads(storage.read_bytes(storage.join(prefix, "COMPLETE")))
+    except ValueError:
+        marker = None
+    files = marker.get("files") if isinstance(marker, dict) else None
+    if not isinstance(files, list):
+        raise VerificationError(f"{what} is not a checkpoint marker (no files list)")
+    for f in files:
+        if not isinstance(f, dict) or not isinstance(f.get("size"), int) or not isinstance(f.get("sha256"), str):
+            raise VerificationError(f"{what}: malformed entry {f!r}")
+        paths.confine(f.get("path"), what, error=VerificationError)
+    return marker
 
 
 def _matches(local: Path, marker: dict) -> bool:
     if not local.is_dir():
         return False
     for f in marker["files"]:
-        p = local / f["path"]
+        try:
+            p = paths.local_child(local, f["path"], str(local), error=VerificationError)
+        except VerificationError:
+            return False
         if not p.is_file() or p.stat().st_size != f["size"] or sha256_file(p) != f["sha256"]:
             return False
     return True
@@ -158,6 +190,8 @@ class Mirror:
                 uri = storage.join(prefix, ".nodes", f"node-{k}.json")
                 if storage.exists(uri):
                     docs[k] = json.loads(storage.read_bytes(uri))
+                    for e in docs[k]["files"]:  # another node's list becomes the COMPLETE marker
+                        paths.confine(e["path"], uri, error=VerificationError)
             if len(docs) == self.num_nodes:
                 merged = {e["path"]: e for d in docs.values() for e in d["files"]}
                 return sorted(merged.values(), key=lambda e: e["path"])

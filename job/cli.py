@@ -8,7 +8,7 @@ import sys
 import typing
 from typing import Any
 
-from job import logsetup
+from job import logsetup, redact
 from job import spec as specmod
 from job.errors import ExitCode, SftjobError
 
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
             import traceback
 
             traceback.print_exc()
-        print(f"sftjob: error: {e}", file=sys.stderr)
+        print(f"sftjob: error: {redact.text(str(e))}", file=sys.stderr)
         return int(e.exit_code)
     except KeyboardInterrupt:  # Ctrl-C by a person: not a preemption, so not 75
         print("sftjob: interrupted (Ctrl-C)", file=sys.stderr)

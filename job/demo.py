@@ -20,6 +20,7 @@ BUCKET = "sftjob-demo"
 def main(out: str = "demo-out", max_steps: int = 40, workdir: str | None = None) -> int:
     from job import demo_data, pipeline, publish, storage, tiny
     from job.spec import build
+    from job.storage import paths
     from job.storage.devserver import S3Server
     from job.train.export import verify_adapter
 
@@ -56,7 +57,7 @@ def main(out: str = "demo-out", max_steps: int = 40, workdir: str | None = None)
         shutil.rmtree(dest, ignore_errors=True)
         files = [u for u in storage.list_files(output) if "/checkpoints/" not in u]
         for uri in files:
-            storage.download_file(uri, dest / uri[len(output) + 1:])
+            storage.download_file(uri, paths.local_child(dest, uri[len(output) + 1:], f"listing of {output}"))
         manifest = publish.verify_published(str(dest))
         assert (dest / "_SUCCESS").is_file(), "no _SUCCESS in the published prefix"
         info = verify_adapter(dest, str(model_dir))

@@ -9,15 +9,25 @@ import logging
 import sys
 import warnings
 
+from job import redact
+
 NOISY = ("botocore", "boto3", "urllib3", "s3transfer", "filelock", "httpx", "DeepSpeed")
 HARMLESS = (  # (category, message regex): emitted inside transformers/peft, not by our calls
     (FutureWarning, r".*is_gradient_checkpointing.* is deprecated"),
 )
 
 
+class _Redacting(logging.Formatter):
+    """Log lines pass the one redactor: a URL with a password or a token in a message never reaches the log."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact.text(super().format(record))
+
+
 def setup(debug: bool = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Redacting("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, handlers=[handler])
     for name in NOISY:
         logging.getLogger(name).setLevel(logging.WARNING)
     if not debug:

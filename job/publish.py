@@ -12,6 +12,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import hashlib
 import json
+import logging
 import os
 import platform
 import time
@@ -19,27 +20,30 @@ import uuid
 from importlib import metadata
 from pathlib import Path
 
-from job import storage
+from job import redact, storage
 from job.errors import AlreadyPublishedError, NotFoundError, VerificationError
+from job.storage import paths
 
+log = logging.getLogger("sftjob.publish")
 MANIFEST = "manifest.json"
 SUCCESS = "_SUCCESS"
+RETIRED = ".sftjob-retired"  # the _SUCCESS retire() removed: still seals the old manifest for publish()
 FORMAT = "sftjob.manifest/1"
 _PACKAGES = ("sftjob", "torch", "transformers", "trl", "peft", "accelerate", "deepspeed", "datasets",
              "tokenizers", "boto3")
-_SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "HF_TOKEN",
-               "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "MLFLOW_TRACKING_PASSWORD")
 
 
 def check_output(output_uri: str, overwrite: bool) -> bool:
-    """Fail fast, before any training: output reachable and writable-looking, and not already published
-    (unless overwrite). Returns whether a finished run is there."""
+    """Fail fast, before any training: output writable (an object is created and deleted there), not
+    already published (unless overwrite), and no manifest there naming a path outside it (65).
+    Returns whether a finished run is there."""
     storage.check_access(output_uri)
     published = storage.exists(storage.join(output_uri, SUCCESS))
     if published and not overwrite:
         raise AlreadyPublishedError(
             f"{output_uri} is already published ({SUCCESS} exists); refusing to overwrite a finished run",
             hint="choose a new output prefix, or set output.overwrite: true (--overwrite) to replace it")
+    _manifest(output_uri)
     return published
 
 
@@ -47,19 +51,60 @@ def retire(output_uri: str) -> bool:
     """output.overwrite on a finished run: its checkpoints go first (a new run must never resume from
     them), then its _SUCCESS (so a restart of the new run resumes its own checkpoints as usual).
     Its files stay until the new publish replaces them. True when there was a finished run."""
-    if not storage.exists(storage.join(output_uri, SUCCESS)):
+    try:
+        seal = storage.read_bytes(storage.join(output_uri, SUCCESS))
+    except NotFoundError:
         return False
     storage.delete_prefix(storage.join(output_uri, "checkpoints") + "/")
+    storage.write_bytes(storage.join(output_uri, RETIRED), seal)
     storage.delete(storage.join(output_uri, SUCCESS))
     return True
 
 
-def _previous_files(output_uri: str) -> list[str]:
-    """Files the prefix's current manifest lists (an earlier or interrupted publish), [] if none."""
+def _manifest(output_uri: str) -> tuple[bytes, list[str]] | None:
+    """The prefix's manifest.json and the paths it lists, each confined to the prefix (a path outside
+    it is DataError 65 naming the entry); None when there is none or it is not a manifest."""
+    uri = storage.join(output_uri, MANIFEST)
     try:
-        return [f["path"] for f in json.loads(storage.read_bytes(storage.join(output_uri, MANIFEST)))["files"]]
-    except (NotFoundError, ValueError, KeyError, TypeError):
+        body = storage.read_bytes(uri)
+        files = json.loads(body)["files"]
+        names = [f["path"] for f in files]
+    except NotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError):
+        log.warning("%s is not a manifest this job can read; ignoring it (publishing replaces it)", uri)
+        return None
+    for name in names:
+        paths.confine(name, uri)
+    return body, names
+
+
+def _sealed(output_uri: str, body: bytes) -> bool:
+    """Whether _SUCCESS (or the seal retire() kept) names this manifest's sha256: a finished publish."""
+    digest = hashlib.sha256(body).hexdigest()
+    for name in (SUCCESS, RETIRED):
+        try:
+            seal = json.loads(storage.read_bytes(storage.join(output_uri, name)))
+        except (NotFoundError, ValueError):
+            continue
+        if isinstance(seal, dict) and seal.get("manifest_sha256") == digest:
+            return True
+    return False
+
+
+def _previous_files(output_uri: str) -> list[str]:
+    """Files an earlier, finished publish listed (they may be deleted), [] if none: a manifest that no
+    seal vouches for (an interrupted or foreign publish) deletes nothing; its stale files stay."""
+    found = _manifest(output_uri)
+    if found is None:
         return []
+    body, names = found
+    if not _sealed(output_uri, body):
+        log.warning("%s/%s is not sealed by %s (a partial, interrupted or foreign publish): deleting none of the "
+                    "%d files it lists; any this run does not replace stay as they are", output_uri.rstrip("/"),
+                    MANIFEST, SUCCESS, len(names))
+        return []
+    return names
 
 
 def versions() -> dict[str, str]:
@@ -80,14 +125,6 @@ def _hash_files(root: Path, files: list[Path]) -> list[dict]:
         return list(pool.map(one, files))
 
 
-def _redact(text: str) -> str:
-    for var in _SECRET_ENV:
-        v = os.environ.get(var)
-        if v and len(v) >= 8:
-            text = text.replace(v, "***")
-    return text
-
-
 def publish(local_dir: Path, output_uri: str, *, run_info: dict, overwrite: bool = False,
             partial: bool = False) -> dict:
     """Upload local_dir under output_uri, then the manifest, then _SUCCESS (unless partial); return the manifest."""
@@ -96,17 +133,18 @@ def publish(local_dir: Path, output_uri: str, *, run_info: dict, overwrite: bool
         raise NotFoundError(f"nothing to publish: {root} is not a directory")
     published = check_output(output_uri, overwrite)
     success_uri = storage.join(output_uri, SUCCESS)
+    previous = _previous_files(output_uri)  # while _SUCCESS still seals the manifest
     if published:  # only reachable with overwrite
         storage.delete(success_uri)  # while files change underneath, the prefix must not look complete
     files = sorted(p for p in root.rglob("*") if p.is_file()
                    and p.relative_to(root).as_posix() not in (MANIFEST, SUCCESS))
     entries = _hash_files(root, files)
-    previous = _previous_files(output_uri)
     storage.upload_tree(root, output_uri, files=files, sha256={e["path"]: e["sha256"] for e in entries})
     current = {e["path"] for e in entries}
     for path in previous:  # an earlier publish's files this run does not have (eval.json of a replaced run)
         if path not in current and path not in (MANIFEST, SUCCESS):
-            storage.delete(storage.join(output_uri, path))
+            storage.delete(paths.child(output_uri, path, storage.join(output_uri, MANIFEST)))
+    storage.delete(storage.join(output_uri, RETIRED))  # the retired run's files are gone now
 
     info = dict(run_info or {})
     manifest = {
@@ -122,7 +160,7 @@ def publish(local_dir: Path, output_uri: str, *, run_info: dict, overwrite: bool
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "files": entries,
     }
-    body = _redact(json.dumps(manifest, indent=2, default=str)).encode()
+    body = redact.text(json.dumps(manifest, indent=2, default=str)).encode()
     manifest = json.loads(body)
     digest = hashlib.sha256(body).hexdigest()
     storage.write_bytes(storage.join(output_uri, MANIFEST), body, sha256=digest)
@@ -147,6 +185,8 @@ def verify_published(output_uri: str) -> dict:
         raise NotFoundError(f"{output_uri} is not published: no {MANIFEST}",
                             hint="run the job (or rerun it: publishing completes an interrupted upload)") from None
     manifest = json.loads(body)
+    for entry in manifest.get("files", []):
+        paths.confine(entry.get("path") if isinstance(entry, dict) else entry, storage.join(output_uri, MANIFEST))
     if not manifest.get("partial"):
         try:
             marker = json.loads(storage.read_bytes(storage.join(output_uri, SUCCESS)))
@@ -158,7 +198,7 @@ def verify_published(output_uri: str) -> dict:
                                     hint="the prefix was modified after publishing; republish with overwrite")
 
     def check(entry: dict) -> str | None:
-        uri = storage.join(output_uri, entry["path"])
+        uri = paths.child(output_uri, entry["path"], storage.join(output_uri, MANIFEST))
         try:
             got = storage.sha256(uri)
         except NotFoundError:

@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from job import redact
 from job.errors import ConfigError
 
 
@@ -350,7 +351,8 @@ def _explain(err: ValidationError, source: str) -> ConfigError:
             tip = f" — did you mean '{close[0]}'?" if close else ""
             lines.append(f"unknown key '{key}'{tip}")
         else:
-            lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
+            got = "" if not loc else f" (got {redact.text(repr(e.get('input')))})"  # top level: the whole config
+            lines.append(f"{key}: {e['msg']}{got}")
     return ConfigError(f"invalid run spec ({source}):\n  " + "\n  ".join(lines),
                        hint="see `sftjob schema` for every key, its type and default")
 
@@ -393,4 +395,5 @@ def json_schema() -> dict:
 
 
 def to_yaml(spec: RunSpec) -> str:
-    return yaml.safe_dump(spec.public_dict(), sort_keys=False)
+    """run.yaml as published: credentials in URLs masked."""
+    return yaml.safe_dump(redact.data(spec.public_dict()), sort_keys=False)

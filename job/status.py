@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
-from job import storage
+from job import redact, storage
 
 log = logging.getLogger("sftjob.status")
 
@@ -84,6 +84,7 @@ class Status:
         return self.update(state=state, event=(state, message or state), **fields)
 
     def fail(self, exit_code: int, kind: str, message: str) -> dict:
+        message = redact.text(message)  # status.json is published and read by `sftjob status`
         state = "interrupted" if exit_code == 75 else "failed"
         doc = self.update(state=state, error={"exit_code": int(exit_code), "kind": kind, "message": message},
                           event=(state, message))

@@ -4,6 +4,9 @@ import json
 
 import pytest
 import trainkit
+import yaml
+
+ENDPOINT_PASSWORD = "pa55word-e2e"
 
 
 @pytest.fixture(scope="module")
@@ -15,8 +18,11 @@ def published(s3):
     for f in model.iterdir():
         c.upload_file(str(f), bucket, f"models/tiny/{f.name}")
     out = f"s3://{bucket}/runs/x"
+    # an endpoint with credentials in it (proxies want them): used by every process, published by none
+    endpoint = s3.endpoint.replace("://", f"://sftjob:{ENDPOINT_PASSWORD}@")
     r = trainkit.run("run", "--model", f"s3://{bucket}/models/tiny/", "--data", f"s3://{bucket}/data/train.jsonl",
-                     "--output", out, "--max-steps", "10", "--logging-steps", "4", env=s3.env)
+                     "--output", out, "--max-steps", "10", "--logging-steps", "4", "--endpoint-url", endpoint,
+                     env=s3.env)
     return s3, bucket, out, r
 
 
@@ -66,11 +72,19 @@ def test_second_run_to_a_published_output_exits_73_and_changes_nothing(published
 
 def test_no_secret_appears_in_logs_or_published_files(published):
     s3, bucket, _, r = published
-    assert s3.secret_key not in r.stdout + r.stderr
+    for secret in (s3.secret_key, ENDPOINT_PASSWORD):
+        assert secret not in r.stdout + r.stderr
     c = s3.client()
-    for key in s3.keys(bucket, "runs/x/"):
+    keys = s3.keys(bucket, "runs/x/")
+    assert "runs/x/launch/plan.json" in keys and "runs/x/run.yaml" in keys
+    for key in keys:
         if key.endswith((".json", ".yaml", ".jsonl", "_SUCCESS", ".jinja")):
-            assert s3.secret_key not in c.get_object(Bucket=bucket, Key=key)["Body"].read().decode(), key
+            body = c.get_object(Bucket=bucket, Key=key)["Body"].read().decode()
+            assert s3.secret_key not in body and ENDPOINT_PASSWORD not in body, key
+    masked = s3.endpoint.replace("://", "://***@")
+    run_yaml = yaml.safe_load(c.get_object(Bucket=bucket, Key="runs/x/run.yaml")["Body"].read())
+    plan = json.loads(c.get_object(Bucket=bucket, Key="runs/x/launch/plan.json")["Body"].read())
+    assert run_yaml["storage"]["endpoint_url"] == masked == plan["spec"]["storage"]["endpoint_url"]
 
 
 def test_bad_data_fails_with_65_and_status_says_why(s3, tmp_path):

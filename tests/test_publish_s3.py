@@ -1,6 +1,7 @@
 """Publishing: files, then manifest.json, then _SUCCESS; never over a finished run; a killed publish reruns."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from job import publish, storage
-from job.errors import AlreadyPublishedError, VerificationError
+from job.errors import AlreadyPublishedError, ConfigError, DataError, PermissionDeniedError, VerificationError
 from job.spec import StorageSpec
 from job.storage import s3 as s3backend
 
@@ -42,8 +43,9 @@ def test_publish_uploads_files_then_manifest_then_success_last(s3, tmp_path):
                 "metrics": {"train_loss": 1.25}}
     manifest = publish.publish(out, f"s3://{b}/runs/r42/", run_info=run_info)
 
+    assert order[0].startswith("runs/r42/.sftjob-probe-")  # pre-flight: prove a write, then delete it
     assert order[-2:] == ["runs/r42/manifest.json", "runs/r42/_SUCCESS"]
-    assert sorted(order[:-2]) == sorted(f"runs/r42/{e['path']}" for e in manifest["files"])
+    assert sorted(order[1:-2]) == sorted(f"runs/r42/{e['path']}" for e in manifest["files"])
     remote = json.loads(storage.read_bytes(f"s3://{b}/runs/r42/manifest.json"))
     assert remote == manifest
     assert {e["path"] for e in manifest["files"]} == {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
@@ -129,8 +131,9 @@ def test_republish_sends_only_files_whose_checksum_changed(s3, tmp_path):
         s3backend.client().meta.events.register(f"before-parameter-build.s3.{op}",
                                                 lambda params, **_: sent.append(params["Key"]))
     publish.publish(out, f"s3://{b}/runs/delta", run_info={})
-    assert sorted(set(sent)) == ["runs/delta/_SUCCESS", "runs/delta/checkpoints/step-2/shard-000.bin",
-                                 "runs/delta/checkpoints/step-2/shard-001.bin", "runs/delta/manifest.json"]
+    sent = sorted({k for k in sent if "/.sftjob-probe-" not in k})  # the pre-flight write probe
+    assert sent == ["runs/delta/_SUCCESS", "runs/delta/checkpoints/step-2/shard-000.bin",
+                    "runs/delta/checkpoints/step-2/shard-001.bin", "runs/delta/manifest.json"]
     publish.verify_published(f"s3://{b}/runs/delta")
 
 
@@ -197,3 +200,86 @@ def test_publish_killed_midway_leaves_no_success_and_a_rerun_completes_it(s3, tm
     assert not already & set(puts), "files stored intact by the killed attempt are not sent again"
     assert "runs/k1/adapter_config.json" in puts
     assert publish.verify_published(uri)["run_id"] == "rerun"
+
+
+# ---- nothing read back from the prefix leads outside it; pre-flight proves a write ----------------
+
+def _reseal(uri: str, manifest: dict) -> None:
+    """Write a manifest and a _SUCCESS that seals it: whoever can write the prefix can do this."""
+    body = json.dumps(manifest).encode()
+    storage.write_bytes(f"{uri}/manifest.json", body)
+    storage.write_bytes(f"{uri}/_SUCCESS", json.dumps({"manifest_sha256": hashlib.sha256(body).hexdigest()}).encode())
+
+
+def test_a_hostile_manifest_is_refused_with_65_and_nothing_outside_the_prefix_is_deleted(s3, tmp_path):
+    b = s3.bucket("publish-hostile")
+    uri = f"s3://{b}/runs/hm"
+    out = make_output(tmp_path / "out")
+    manifest = publish.publish(out, uri, run_info={"run_id": "old"})
+    s3.client().put_object(Bucket=b, Key="runs/victim/file", Body=b"someone else's")
+    manifest["files"].append({"path": "../victim/file", "size": 14, "sha256": "0" * 64})
+    _reseal(uri, manifest)
+    before = s3.keys(b, "runs/")
+
+    for attempt in (lambda: publish.check_output(uri, overwrite=True),
+                    lambda: publish.publish(out, uri, run_info={"run_id": "new"}, overwrite=True),
+                    lambda: publish.verify_published(uri)):
+        with pytest.raises(DataError) as e:
+            attempt()
+        assert e.value.exit_code == 65 and "'../victim/file'" in str(e.value) and "manifest.json" in str(e.value)
+    assert s3.keys(b, "runs/") == before, "nothing written or deleted, inside or outside the prefix"
+
+
+def test_a_manifest_no_success_seals_deletes_nothing_and_says_so(s3, tmp_path, caplog):
+    b = s3.bucket("publish-unsealed")
+    uri = f"s3://{b}/runs/u"
+    old = make_output(tmp_path / "old")
+    (old / "eval.json").write_text("{}")
+    publish.publish(old, uri, run_info={"run_id": "interrupted"})
+    s3.client().delete_object(Bucket=b, Key="runs/u/_SUCCESS")  # killed between manifest and _SUCCESS
+    new = tmp_path / "new"
+    new.mkdir()
+    (new / "adapter_model.safetensors").write_bytes(b"new")
+
+    publish.publish(new, uri, run_info={"run_id": "new"})
+    keys = s3.keys(b, "runs/u/")
+    assert "runs/u/eval.json" in keys and "runs/u/adapter_config.json" in keys  # stale, but not deleted
+    assert "is not sealed by _SUCCESS" in caplog.text and "deleting none" in caplog.text
+    assert publish.verify_published(uri)["run_id"] == "new"
+
+
+def test_preflight_creates_and_deletes_a_probe_and_leaves_nothing(s3):
+    b = s3.bucket("preflight")
+    puts: list = []
+    s3backend.client().meta.events.register("before-parameter-build.s3.PutObject",
+                                            lambda params, **_: puts.append(params["Key"]))
+    assert publish.check_output(f"s3://{b}/runs/p", overwrite=False) is False
+    assert len(puts) == 1 and puts[0].startswith("runs/p/.sftjob-probe-")
+    assert s3.keys(b) == {}
+
+
+def test_read_only_output_credentials_fail_preflight_with_77_before_any_fetch(s3, tmp_path, monkeypatch, capsys):
+    from job import cli
+
+    b = s3.bucket("preflight-ro")
+    for k, v in s3.reader_env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(PermissionDeniedError) as e:
+        publish.check_output(f"s3://{b}/runs/ro", overwrite=False)
+    assert e.value.exit_code == 77 and f"cannot write under s3://{b}/runs/ro" in str(e.value)
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n')
+    rc = cli.main(["run", "--model", f"s3://{b}/no-such-model/", "--data", str(data), "--output", f"s3://{b}/runs/ro"])
+    err = capsys.readouterr().err
+    assert rc == 77 and "cannot write under" in err, err  # before the model (66) is fetched
+    assert "Traceback" not in err
+    assert s3.keys(b) == {}
+
+
+def test_an_output_that_names_an_object_fails_preflight_with_64(s3):
+    b = s3.bucket("preflight-obj")
+    s3.client().put_object(Bucket=b, Key="data/train.jsonl", Body=b"{}\n")
+    with pytest.raises(ConfigError) as e:
+        publish.check_output(f"s3://{b}/data/train.jsonl", overwrite=False)
+    assert e.value.exit_code == 64 and "is an object, not a prefix" in str(e.value)
+    assert set(s3.keys(b)) == {"data/train.jsonl"}

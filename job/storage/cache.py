@@ -16,10 +16,10 @@ import logging
 import os
 import threading
 from contextlib import contextmanager
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from job.errors import ConfigError, NotFoundError
-from job.storage import s3, transfer
+from job.storage import paths, s3, transfer
 
 log = logging.getLogger(__name__)
 
@@ -27,14 +27,10 @@ log = logging.getLogger(__name__)
 def cache_path(uri: str, cache_dir: Path) -> Path:
     bucket, key = s3.parse(uri)
     key = key.strip("/")
-    return Path(cache_dir) / "s3" / bucket / _safe_rel(key, uri) if key else Path(cache_dir) / "s3" / bucket / "_bucket"
-
-
-def _safe_rel(rel: str, uri: str) -> str:
-    parts = PurePosixPath(rel).parts
-    if not parts or any(p in ("..", ".") for p in parts) or rel.startswith("/"):
-        raise ConfigError(f"refusing to cache {uri}: unsafe key '{rel}'", hint="rename the object")
-    return rel
+    if not key:
+        return Path(cache_dir) / "s3" / bucket / "_bucket"
+    return Path(cache_dir) / "s3" / bucket / paths.confine(key, f"refusing to cache {uri}", error=ConfigError,
+                                                              hint="fix the URI")
 
 
 @contextmanager
@@ -80,7 +76,8 @@ def fetch(uri: str, cache_dir: Path) -> Path:
         raise NotFoundError(f"not found: {uri} (no such object or prefix at {s3.safe_endpoint()})",
                             hint="check the URI; for a prefix, check that it holds files")
     single = len(objs) == 1 and objs[0].key == key
-    rels = [""] if single else [_safe_rel(r, uri) for r in s3.relative_names(uri, objs)]
+    rels = [""] if single else [paths.confine(r, f"refusing to cache {uri}", hint="rename the object")
+                                for r in s3.relative_names(uri, objs)]
     want = {rel: [o.etag, o.size] for o, rel in zip(objs, rels, strict=True)}
     root = cache_path(uri, cache_dir)
     marker = root.with_name(root.name + ".sftjob.json")

@@ -11,17 +11,20 @@ import hashlib
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterable
 from contextlib import contextmanager
 from pathlib import Path
 
 from job.errors import (
     AlreadyPublishedError,
+    ConfigError,
     NotFoundError,
     PermissionDeniedError,
     UnavailableError,
     VerificationError,
 )
+from job.storage.paths import local_child
 
 _BUF = 4 * 1024 * 1024
 
@@ -97,13 +100,38 @@ def exists(uri: str) -> bool:
 
 
 def check_access(prefix: str) -> None:
-    """The nearest existing parent must be writable: fail before training, not at publish."""
+    """Prove, before training, that a file can be created and deleted in the output directory: a file
+    (or a path under one) is 64, an unwritable directory 77. Directories made for the probe are removed."""
     p = _path(prefix).absolute()
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    if not os.access(p, os.W_OK):
-        raise PermissionDeniedError(f"cannot write under {prefix} ({p} is not writable)",
-                                    hint="choose a writable output directory")
+    top = p
+    while not top.exists() and top != top.parent:
+        top = top.parent
+    if not top.is_dir():
+        where = "a file" if top == p else f"under a file ({top})"
+        raise ConfigError(f"output {prefix} is {where}, not a directory",
+                          hint="choose a directory (new or existing) for output.uri")
+    made: list[Path] = []
+    try:
+        for d in reversed([p, *p.parents][:len(p.relative_to(top).parts)]):
+            try:
+                d.mkdir()
+                made.append(d)
+            except FileExistsError:  # another node or rank made it meanwhile
+                continue
+        probe = p / f".sftjob-probe-{uuid.uuid4().hex[:12]}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except PermissionError:
+        raise PermissionDeniedError(f"cannot write under {prefix} (creating a file there was denied)",
+                                    hint="choose a writable output directory") from None
+    except OSError as e:
+        raise UnavailableError(f"cannot write under {prefix}: {e.strerror or e}", hint="check the disk / volume") from None
+    finally:
+        for d in reversed(made):
+            try:
+                d.rmdir()
+            except OSError:
+                pass
 
 
 def list_files(prefix: str) -> list[str]:
@@ -177,7 +205,7 @@ def upload_tree(src: Path, prefix: str, *, files: Iterable[Path] | None = None,
     for f in paths:
         f = f if f.is_absolute() else src / f
         rel = f.relative_to(src).as_posix()
-        uri = str(_path(prefix) / rel)
+        uri = str(local_child(_path(prefix), rel, f"writing under {prefix}"))  # no symlink out of the output
         upload_file(f, uri, sha256=(sha256 or {}).get(rel))
         out.append(uri)
     return out

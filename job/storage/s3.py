@@ -19,6 +19,7 @@ import hashlib
 import logging
 import os
 import threading
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +29,8 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from job.errors import ConfigError, NotFoundError, SftjobError, VerificationError
-from job.storage import s3errors
+from job.errors import ConfigError, NotFoundError, PermissionDeniedError, SftjobError, VerificationError
+from job.storage import paths, s3errors
 
 if os.environ.get("SFTJOB_BOTO_DEBUG") != "1":
     for _name in ("botocore", "boto3", "s3transfer", "urllib3"):
@@ -218,14 +219,26 @@ def exists(uri: str) -> bool:
 
 
 def check_access(prefix: str) -> None:
-    """Fail fast (66/77/69) when the bucket is missing, the prefix unlistable or the endpoint down.
+    """Fail fast (66/77/69/64) when the bucket is missing, the prefix unlistable or not writable, the
+    endpoint down, or the prefix names an object.
 
     A one-key listing of the prefix rather than HeadBucket: policies often grant s3:ListBucket only
     with an s3:prefix condition, which HeadBucket (no prefix) would fail although the run could work.
+    Then a probe object is created and deleted under the prefix: read-only credentials list fine.
     """
     bucket, key = parse(prefix)
     base = key if (not key or key.endswith("/")) else key + "/"
     call("listing", prefix, lambda: client().list_objects_v2(Bucket=bucket, Prefix=base, MaxKeys=1))
+    if key and not key.endswith("/") and head(prefix) is not None:
+        raise ConfigError(f"output {prefix} is an object, not a prefix",
+                          hint="give a prefix for the run's files, e.g. s3://bucket/runs/<name>/")
+    probe = f"{base}.sftjob-probe-{uuid.uuid4().hex[:12]}"
+    uri = f"s3://{bucket}/{probe}"
+    try:
+        call("writing", uri, lambda: client().put_object(Bucket=bucket, Key=probe, Body=b""))
+        call("deleting", uri, lambda: client().delete_object(Bucket=bucket, Key=probe))
+    except PermissionDeniedError as e:
+        raise PermissionDeniedError(f"cannot write under {prefix}: {e.message}", hint=e.hint) from None
 
 
 def list_objects(prefix: str) -> list[Obj]:
@@ -301,7 +314,8 @@ def download_tree(prefix: str, dest: Path) -> list[Path]:
     objs = list_objects(prefix)
     if not objs:
         raise NotFoundError(f"no objects under {prefix} (at {safe_endpoint()})", hint="check the prefix")
-    pairs = [(o, Path(dest) / rel) for o, rel in zip(objs, relative_names(prefix, objs), strict=True)]
+    pairs = [(o, paths.local_child(dest, rel, f"downloading {prefix}"))
+             for o, rel in zip(objs, relative_names(prefix, objs), strict=True)]
     transfer.download(pairs)
     return [p for _, p in pairs]
 

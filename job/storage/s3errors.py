@@ -5,8 +5,6 @@ secret key or session token, nor a raw botocore message for auth failures (some 
 """
 from __future__ import annotations
 
-import os
-
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
@@ -20,6 +18,7 @@ from botocore.exceptions import (
 )
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
+from job import redact
 from job.errors import (
     AlreadyPublishedError,
     ConfigError,
@@ -36,15 +35,6 @@ _CHECKSUM_CODES = {"BadDigest", "InvalidDigest", "XAmzContentSHA256Mismatch", "I
                    "InvalidRequest_Checksum"}
 _RETRYABLE_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling",
                     "ThrottlingException", "RequestTimeTooSkewed", "503", "500", "502", "504"}
-
-
-def _scrub(text: str) -> str:
-    """Remove any secret the process knows about from a message (defence in depth)."""
-    for var in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
-        v = os.environ.get(var)
-        if v and len(v) >= 8:
-            text = text.replace(v, "***")
-    return text
 
 
 def translate(e: BaseException, uri: str, op: str, *, endpoint: str, attempts: int) -> SftjobError:
@@ -84,7 +74,7 @@ def translate(e: BaseException, uri: str, op: str, *, endpoint: str, attempts: i
         if code in ("PermanentRedirect", "AuthorizationHeaderMalformed", "IllegalLocationConstraintException"):
             return ConfigError(f"wrong region or endpoint for {uri} ({code})",
                                hint="set storage.region / AWS_REGION to the bucket's region")
-        msg = _scrub(str(err.get("Message", "")))[:200]
+        msg = redact.text(str(err.get("Message", "")))[:200]
         return ConfigError(f"S3 refused {op} {uri}: {code or status} {msg}".rstrip(),
                            hint="check the URI and the storage settings")
     if isinstance(e, (NoCredentialsError, PartialCredentialsError, CredentialRetrievalError)):
@@ -98,7 +88,7 @@ def translate(e: BaseException, uri: str, op: str, *, endpoint: str, attempts: i
     if isinstance(e, NoRegionError):
         return ConfigError(f"no region for {uri}", hint="set storage.region or AWS_REGION")
     if isinstance(e, ParamValidationError):
-        return ConfigError(f"invalid S3 request for {uri}: {_scrub(str(e))[:200]}")
+        return ConfigError(f"invalid S3 request for {uri}: {redact.text(str(e))[:200]}")
     if isinstance(e, (BotoConnectionError, HTTPClientError, BotoCoreError, OSError)):
         return UnavailableError(f"storage endpoint unreachable: {where} ({type(e).__name__}) "
                                 f"after {attempts} attempts",

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import yaml
 
+from job import redact
 from job.errors import ConfigError
 
 log = logging.getLogger("sftjob.launch")
@@ -301,7 +302,8 @@ def train(spec, prepared, model_dir: str, workdir: Path, status, *, started: flo
         "deepspeed_config": str(configs["deepspeed"]) if "deepspeed" in configs else None,
     }
     plan_path = workdir / "launch" / "plan.json"
-    plan_path.write_text(json.dumps(plan, indent=1))
+    public = redact.data(plan)  # published with the run (launch/): no credentials
+    plan_path.write_text(json.dumps(public, indent=1))
     cmd = command(topo, configs, plan_path)
     log.info("launching %d process(es) on node %d/%d (%s): %s", topo.per_node, topo.machine_rank,
              topo.num_machines, topo.strategy, " ".join(cmd[1:]))
@@ -309,7 +311,10 @@ def train(spec, prepared, model_dir: str, workdir: Path, status, *, started: flo
                  + (f", resuming from step {found.step}" if found else ""))
     # CPU ranks share the cores: one all-core thread pool per rank would oversubscribe them
     threads = None if topo.cuda or "OMP_NUM_THREADS" in os.environ else str(max(1, (os.cpu_count() or 1) // topo.per_node))
-    rc, signalled = spawn(cmd, grace_seconds=spec.resilience.grace_seconds, env={"OMP_NUM_THREADS": threads})
+    env = {"OMP_NUM_THREADS": threads}
+    if public["spec"]["storage"] != plan["spec"]["storage"]:  # the ranks need the endpoint plan.json masks
+        env["SFTJOB_RANK_STORAGE"] = json.dumps(plan["spec"]["storage"])
+    rc, signalled = spawn(cmd, grace_seconds=spec.resilience.grace_seconds, env=env)
     stopped_file = workdir / "stopped.json"
     stopped = json.loads(stopped_file.read_text()) if stopped_file.exists() else {}
     metrics = _last_metrics(workdir / "metrics.jsonl")

@@ -230,12 +230,13 @@ def train(plan: dict) -> int:
 
     from job import checkpoints, storage
     from job.data.templates import add_tokens, apply_template
-    from job.spec import RunSpec
+    from job.spec import RunSpec, StorageSpec
     from job.status import Status
     from job.train import lora
 
     spec = RunSpec.model_validate(plan["spec"])
-    storage.configure(spec.storage)
+    live = os.environ.get("SFTJOB_RANK_STORAGE")  # set by launch when plan.json had to mask the storage section
+    storage.configure(StorageSpec.model_validate_json(live) if live else spec.storage)
     torch.manual_seed(spec.train.seed)
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     node_rank = int(plan.get("node_rank", 0))

@@ -1,0 +1,63 @@
+"""Names read back from the store become keys or local paths only through here.
+
+A ``COMPLETE`` marker, a ``.nodes/`` file, a ``manifest.json`` or a listing may have been written by
+someone else. An absolute path, ``..``, a backslash or an empty part in one of them would let that writer
+plant or delete files outside the prefix, or anywhere on the node; so every such name is checked here
+(lexically, and for local paths also with symlinks resolved) before it is joined to anything.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from job.errors import DataError, SftjobError
+
+_HINT = ("the prefix holds a name this job did not write (tampered or corrupted); "
+         "remove that entry or the prefix, then rerun")
+
+
+def problem(rel) -> str | None:
+    """Why rel is not a safe relative name (posix, inside its prefix), or None when it is."""
+    if not isinstance(rel, str):
+        return f"not a string ({type(rel).__name__})"
+    if not rel:
+        return "empty"
+    if "\x00" in rel:
+        return "contains NUL"
+    if "\\" in rel:
+        return "contains a backslash"
+    if rel.startswith("/"):
+        return "absolute"
+    parts = rel.split("/")
+    if "" in parts:
+        return "has an empty part"
+    if ".." in parts or "." in parts:
+        return "has a '..' or '.' part"
+    return None
+
+
+def confine(rel, what: str, *, error: type[SftjobError] = DataError, hint: str = _HINT) -> str:
+    """rel unchanged when it is a safe relative name; else ``error`` naming what and the entry."""
+    why = problem(rel)
+    if why:
+        raise error(f"{what}: unsafe path {rel!r} ({why}); refusing to use it", hint=hint)
+    return rel
+
+
+def local_child(root: Path | str, rel, what: str, *, error: type[SftjobError] = DataError,
+                hint: str = _HINT) -> Path:
+    """root/rel, once rel is confined and the result, symlinks resolved, is still inside root."""
+    rel = confine(rel, what, error=error, hint=hint)
+    base = Path(root).resolve()
+    if not (base / rel).resolve().is_relative_to(base):
+        raise error(f"{what}: {rel!r} leads outside {root} (through a symbolic link); refusing to use it",
+                    hint=hint)
+    return Path(root) / rel
+
+
+def child(prefix: str, rel, what: str, *, error: type[SftjobError] = DataError, hint: str = _HINT) -> str:
+    """The URI of rel under prefix (an S3 key or a local path), confined to prefix."""
+    prefix = str(prefix)
+    if prefix.startswith("s3://"):
+        return prefix.rstrip("/") + "/" + confine(rel, what, error=error, hint=hint)
+    local = prefix[len("file://"):] if prefix.startswith("file://") else prefix
+    return str(local_child(local, rel, what, error=error, hint=hint))
