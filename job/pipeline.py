@@ -34,6 +34,9 @@ def run(spec: RunSpec) -> int:
     from job.train import lora
 
     lora.check(spec)  # LoRA variants that could not publish a correct adapter
+    from job.train import parent
+
+    parent.check(spec)
     started = time.time()
     output = spec.output.uri.rstrip("/")
     workdir = spec.cache_root() / "runs" / hashlib.sha256(output.encode()).hexdigest()[:16]
@@ -53,6 +56,9 @@ def run(spec: RunSpec) -> int:
     try:
         status.phase("fetching", f"model {spec.model.path}")
         model_dir = fetch_model(spec)
+        adapter = parent.fetch(spec, model_dir)  # sealed, verified and shaped for this base, or 64 now
+        if adapter:
+            status.update(event=("adapter", f"continuing adapter {adapter.info['uri']} (sha256 {adapter.info['sha256'][:12]}…)"))
 
         status.phase("preparing", "normalise, render, tokenize, mask, pack")
         from job.data.prepare import prepare
@@ -60,7 +66,8 @@ def run(spec: RunSpec) -> int:
         prepared = prepare(spec, Path(model_dir) if Path(model_dir).exists() else None)
         log.info("prepared data %s (%s)", prepared.dir, "cache hit" if prepared.cache_hit else "new")
 
-        outcome = launch.train(spec, prepared, model_dir, workdir, status, started=started, fresh=fresh)
+        outcome = launch.train(spec, prepared, model_dir, workdir, status, started=started, fresh=fresh,
+                               adapter_path=str(adapter.path) if adapter else None)
         if outcome.node_rank != 0:
             return 0
         if outcome.stopped == "sigterm":
@@ -83,6 +90,7 @@ def run(spec: RunSpec) -> int:
             "run_id": run_id, "spec_hash": spec.spec_hash(), "base_model": spec.model.path,
             "chat_template_sha256": prepared.template_sha256, "metrics": outcome.final_metrics,
             "attempt": status.read().get("attempt"), "resumed_from": outcome.resumed_from,
+            "parent_adapter": adapter.info if adapter else None,
         })
         if partial:
             raise Interrupted(f"max_runtime reached at step {outcome.step}: partial adapter published "

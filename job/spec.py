@@ -68,6 +68,8 @@ class ModelSpec(Section):
     primary = "path"
     path: str | None = Field(None, description="Base model: a local directory, s3:// prefix or hub id (hub needs network).")
     tokenizer: str | None = Field(None, description="Tokenizer location when it differs from the model.")
+    adapter: str | None = Field(None, description="Continue from this LoRA adapter: a published run's output prefix "
+                                "(its _SUCCESS and sha256s are checked) or a local adapter directory; it must fit the base.")
     chat_template: str | None = Field(None, description="Chat template: unset = the tokenizer's own; a built-in name (chatml, llama3, gemma, mistral, phi3, zephyr, alpaca, ...); or a Jinja file (local or S3).")
     system_prompt: str | None = Field(None, description="Default system message.")
     add_special_tokens: list[str] = Field(default_factory=list, description="Tokens added to the tokenizer as special tokens (e.g. <|im_start|>, <|im_end|> to teach a base model ChatML); embeddings are resized — train them with modules_to_save: [embed_tokens, lm_head].")

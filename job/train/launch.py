@@ -264,7 +264,8 @@ def check_bitsandbytes(spec) -> None:
                           hint="use the sftjob image, or pip install -r requirements-cuda.lock")
 
 
-def train(spec, prepared, model_dir: str, workdir: Path, status, *, started: float, fresh: bool = False) -> Outcome:
+def train(spec, prepared, model_dir: str, workdir: Path, status, *, started: float, fresh: bool = False,
+          adapter_path: str | None = None) -> Outcome:
     """Resume from the newest complete checkpoint, spawn the ranks, read back what they did."""
     from job import checkpoints
 
@@ -295,7 +296,7 @@ def train(spec, prepared, model_dir: str, workdir: Path, status, *, started: flo
         "train_path": str(prepared.train_path), "eval_path": str(prepared.eval_path) if prepared.eval_path else None,
         "chat_template_path": str(prepared.dir / "chat_template.jinja"), "checkpoint_dir": str(ckpt_dir),
         "adapter_dir": str(adapter_dir), "output_uri": spec.output.uri.rstrip("/"),
-        "resume_from": str(found.path) if found else None, "grace_seconds": spec.resilience.grace_seconds,
+        "resume_from": str(found.path) if found else None, "adapter_path": adapter_path, "grace_seconds": spec.resilience.grace_seconds,
         "deadline": deadline, "save_minutes": spec.resilience.save_minutes, "node_rank": topo.machine_rank,
         "num_machines": topo.num_machines, "mixed_precision": topo.mixed_precision,
         "attn_implementation": _attn(spec, topo.cuda),

@@ -142,6 +142,9 @@ def plan_command(spec, *, tokens_per_second: float | None = None, as_json: bool 
     from job.train import lora
 
     lora.check(spec)  # a LoRA variant that cannot publish a correct adapter: 64, as `run` would
+    from job.train import parent
+
+    parent.check(spec)
     report = None
     if spec.data_sources():
         try:

@@ -256,6 +256,11 @@ def train(plan: dict) -> int:
     if len(tok) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tok))  # new special tokens; consumers resize the base the same way
     peft_config = lora.peft_config(spec) if spec.train.method in ("lora", "qlora") else None
+    if plan.get("adapter_path"):  # continue a (verified, shape-checked) parent adapter: its config wins
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, plan["adapter_path"], is_trainable=True)
+        peft_config = None
     mirror = None
     if local_rank == 0 and plan.get("output_uri"):
         mirror = checkpoints.Mirror(plan["output_uri"], node_rank=node_rank,

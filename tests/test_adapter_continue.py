@@ -1,0 +1,80 @@
+"""Continue from a published adapter (`--adapter`): real tiny-model runs. The child starts from the parent's
+weights (its first loss is near the parent's last, far below the base's first), the manifest records the
+parent and its sha256, and an adapter that does not fit, or a run that is not sealed, is refused with 64
+before any training process starts."""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+
+import pytest
+from trainkit import chat_data, run, tiny_model
+
+from job import publish
+
+COMMON = ["--learning-rate", "2e-3", "--per-device-train-batch-size", "8", "--warmup-ratio", "0",
+          "--max-length", "256", "--logging-steps", "1", "--lr-scheduler-type", "constant"]
+
+
+def _losses(out) -> list[float]:
+    return [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()
+            if x.strip() and json.loads(x).get("loss") is not None]
+
+
+@pytest.fixture(scope="module")
+def parent(tmp_path_factory):
+    d = tmp_path_factory.mktemp("parent")
+    p = run("run", "--model", str(tiny_model()), "--data", str(chat_data()), "--output", str(d / "out"),
+            "--max-steps", "30", "--cache-dir", str(d / "cache"), *COMMON, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return d / "out"
+
+
+@pytest.mark.slow
+def test_child_starts_from_the_parent_and_records_it(parent, tmp_path):
+    out = tmp_path / "child"
+    p = run("run", "--model", str(tiny_model()), "--data", str(chat_data()), "--output", str(out),
+            "--adapter", str(parent), "--max-steps", "4", "--cache-dir", str(tmp_path / "cache"), *COMMON, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    base, child = _losses(parent), _losses(out)
+    assert base[0] - child[0] > 0.4, (base[0], base[-1], child[0])  # not the base's starting point
+    assert abs(child[0] - base[-1]) < 0.35, (base[-1], child[0])  # where the parent left off
+    manifest = publish.verify_published(str(out))
+    sha = hashlib.sha256((parent / "adapter_model.safetensors").read_bytes()).hexdigest()
+    assert manifest["parent_adapter"]["sha256"] == sha
+    assert manifest["parent_adapter"]["uri"] == str(parent)
+    parent_run_id = json.loads((parent / "manifest.json").read_text())["run_id"]
+    assert manifest["parent_adapter"]["run_id"] == parent_run_id
+
+
+def _refused(tmp_path, adapter) -> str:
+    p = run("run", "--model", str(tiny_model()), "--data", str(chat_data()), "--output", str(tmp_path / "o"),
+            "--adapter", str(adapter), "--max-steps", "2", "--cache-dir", str(tmp_path / "cache"), *COMMON, timeout=600)
+    assert p.returncode == 64, p.stderr[-3000:]
+    assert "Traceback" not in p.stderr and "launching" not in p.stderr  # before any training process
+    return p.stderr
+
+
+@pytest.mark.slow
+def test_an_adapter_of_another_shape_is_refused_before_training(parent, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    shutil.copy(parent / "adapter_config.json", bad)
+    tensors = load_file(str(parent / "adapter_model.safetensors"))
+    key = next(k for k in tensors if ".lora_A." in k)
+    tensors[key] = tensors[key][:, :-8].contiguous()  # as if trained on a base with a narrower hidden size
+    save_file(tensors, str(bad / "adapter_model.safetensors"))
+    err = _refused(tmp_path, bad)
+    assert "does not fit the base" in err and key.split(".lora_A")[0].rsplit(".", 1)[-1] in err
+
+
+@pytest.mark.slow
+def test_an_unsealed_published_run_is_refused(parent, tmp_path):
+    copy = tmp_path / "unsealed"
+    shutil.copytree(parent, copy, ignore=shutil.ignore_patterns("checkpoints"))
+    (copy / "_SUCCESS").unlink()
+    err = _refused(tmp_path, copy)
+    assert "not a sound published run" in err and "_SUCCESS" in err
