@@ -67,7 +67,10 @@ def _parse_value(path: str, raw: str) -> Any:
 def spec_from_args(args: argparse.Namespace):
     overrides = {path: _parse_value(path, getattr(args, path)) for path in specmod.FLAGS_BY_PATH
                  if getattr(args, path, None) is not None}
-    return specmod.build(getattr(args, "config", None), overrides)
+    spec = specmod.build(getattr(args, "config", None), overrides)
+    if spec.log_format != "auto" and "log_format" not in overrides:  # set in the YAML or SFTJOB_LOG_FORMAT
+        logsetup.setup(os.environ.get("SFTJOB_DEBUG") == "1", spec.log_format)
+    return spec
 
 
 class _Parser(argparse.ArgumentParser):
@@ -180,7 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv or os.environ.get("SFTJOB_DEBUG") == "1"
     if debug:
         os.environ["SFTJOB_DEBUG"] = "1"  # training ranks are child processes
-    logsetup.setup(debug)
+    fmt = next((a.split("=", 1)[1] for a in argv if a.startswith("--log-format=")), None) or next(
+        (argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--log-format"), None)
+    logsetup.setup(debug, fmt)
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # argparse: usage errors are exit 64, help is 0

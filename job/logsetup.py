@@ -1,20 +1,39 @@
-"""One logging setup for the entrypoint and every training rank: our INFO lines, third parties quiet.
+"""One logging setup for the entrypoint and every training rank: one stream, each event once.
 
-Known-harmless deprecation warnings from the libraries we pin are hidden (``--debug`` shows them):
-they say nothing a user can act on and bury the lines that matter in a pod's log.
+`log_format` (flag --log-format, env SFTJOB_LOG_FORMAT): ``text`` for a person, ``json`` (one object per
+line) for a log pipeline (Loki, CloudWatch, Elastic); ``auto`` picks text on a terminal, JSON otherwise,
+and the entrypoint hands the resolved format to the ranks. Events (progress, eval, done) are one line each:
+``{"event": "progress", ...}`` on stdout in JSON, a human line on stderr in text. Progress bars only on a
+terminal; third-party noise (DeepSpeed's accelerator notice, known-harmless deprecations) only with --debug.
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
 import sys
+import time
 import warnings
 
 from job import redact
 
-NOISY = ("botocore", "boto3", "urllib3", "s3transfer", "filelock", "httpx", "DeepSpeed")
+NOISY = ("botocore", "boto3", "urllib3", "s3transfer", "filelock", "httpx", "DeepSpeed", "torch.distributed",
+         "accelerate", "datasets", "transformers", "peft", "trl")
 HARMLESS = (  # (category, message regex): emitted inside transformers/peft, not by our calls
     (FutureWarning, r".*is_gradient_checkpointing.* is deprecated"),
 )
+ENV = "SFTJOB_LOG_FORMAT"
+_format = "text"
+
+
+def resolve(value: str | None = None) -> str:
+    """auto → text on a terminal, json otherwise."""
+    value = (value or os.environ.get(ENV) or "auto").lower()
+    if value not in ("auto", "text", "json"):
+        value = "auto"
+    if value == "auto":
+        return "text" if sys.stderr.isatty() else "json"
+    return value
 
 
 class _Redacting(logging.Formatter):
@@ -24,12 +43,66 @@ class _Redacting(logging.Formatter):
         return redact.text(super().format(record))
 
 
-def setup(debug: bool = False) -> None:
+class _Json(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+               "level": record.levelname, "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            doc["exception"] = self.formatException(record.exc_info)
+        return redact.text(json.dumps(doc, ensure_ascii=False, default=str))
+
+
+def setup(debug: bool = False, fmt: str | None = None) -> str:
+    """Configure logging once per process; returns the resolved format (also exported to child processes)."""
+    global _format
+    _format = resolve(fmt)
+    os.environ[ENV] = _format  # the ranks inherit the entrypoint's decision (their stderr is no terminal)
+    if not debug and not sys.stderr.isatty():
+        # before transformers/datasets/hub are imported: their bars read these at import time
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TQDM_DISABLE", "1")
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_Redacting("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, handlers=[handler])
-    for name in NOISY:
-        logging.getLogger(name).setLevel(logging.WARNING)
+    handler.setFormatter(_Json() if _format == "json" else _Redacting("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, handlers=[handler], force=True)
     if not debug:
+        for name in NOISY:
+            logging.getLogger(name).setLevel(logging.WARNING)
+        # DeepSpeed sets its own level and handler when it is imported; a filter on the logger survives that
+        logging.getLogger("DeepSpeed").addFilter(lambda r: r.levelno >= logging.ERROR)
         for category, message in HARMLESS:
             warnings.filterwarnings("ignore", message=message, category=category)
+    return _format
+
+
+def event(kind: str, text: str, **fields) -> None:
+    """One event, printed once: a JSON object on stdout, or `text` for a person on stderr."""
+    if _format == "json":
+        print(redact.text(json.dumps({"event": kind, **fields}, default=str)), flush=True)
+    else:
+        print(redact.text(text), file=sys.stderr, flush=True)
+
+
+def as_text(line: str) -> str:
+    """A JSON log line (ours) as the text line a person reads; other lines unchanged. Used by `sftjob logs`."""
+    s = line.strip()
+    if not (s.startswith("{") and s.endswith("}")):
+        return line
+    try:
+        doc = json.loads(s)
+    except ValueError:
+        return line
+    if not isinstance(doc, dict):
+        return line
+    if "event" in doc:
+        kind = doc["event"]
+        if kind == "progress":
+            loss = doc.get("loss")
+            return (f"step {doc.get('step')}/{doc.get('max_steps')}  loss {loss:.4f}  "
+                    f"{doc.get('tokens_per_second') or 0:.0f} tok/s  eta {doc.get('eta_seconds') or 0:.0f}s"
+                    if isinstance(loss, int | float) else f"step {doc.get('step')}/{doc.get('max_steps')}")
+        rest = " ".join(f"{k}={v}" for k, v in doc.items() if k not in ("event", "time"))
+        return f"{kind}: {rest}"
+    if "message" in doc and "level" in doc:
+        return f"{doc.get('time', '')} {doc['level']} {doc.get('logger', '')}: {doc['message']}".strip()
+    return line

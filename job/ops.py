@@ -39,6 +39,8 @@ def add_commands(sub) -> None:
     p["logs"].add_argument("--follow", "-f", action="store_true", help="stream until the pod ends")
     p["logs"].add_argument("--container", default=None, help="container (default: the pod's first)")
     p["logs"].add_argument("--tail", type=int, default=None, help="only the last N lines")
+    p["logs"].add_argument("--raw", action="store_true", help="the lines as the pod wrote them (JSON when not on a "
+                           "terminal); default: JSON lines rendered as text")
     p["cancel"].add_argument("--checkpoint", action="store_true",
                              help="suspend instead of uninstall: pods checkpoint and exit 75; `sftjob resume` continues")
     p["list"].add_argument("--all-namespaces", "-A", action="store_true", help="every namespace")

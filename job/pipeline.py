@@ -6,7 +6,6 @@ load the prepared cache. status.json follows every phase; the exit code says why
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import re
@@ -197,4 +196,9 @@ def _summary(outcome, output: str, seconds: float, evaluation: dict | None = Non
             "tokens_per_second": m.get("tokens_per_second"), "adapter": output, "seconds": round(seconds, 1)}
     if evaluation:
         line["eval"] = evaluation
-    print(json.dumps(line), flush=True)
+    from job import logsetup
+
+    fields = {k: v for k, v in line.items() if k != "event"}
+    text = (f"done: {outcome.step} steps, final loss {m.get('loss')}, {m.get('tokens_per_second')} tok/s, "
+            f"published to {output} in {seconds:.0f}s" + (f"; eval {evaluation}" if evaluation else ""))
+    logsetup.event("done", text, **fields)

@@ -181,6 +181,9 @@ class RunSpec(BaseModel):
     resilience: ResilienceSpec = Field(default_factory=ResilienceSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
     cache_dir: str | None = Field(None, description="Cache root (default: $SFTJOB_CACHE_DIR, $XDG_CACHE_HOME/sftjob, ~/.cache/sftjob).")
+    log_format: Literal["auto", "text", "json"] = Field(
+        "auto", description="Log lines: text for people, json (one object per line) for Loki/CloudWatch/Elastic; "
+        "auto: text on a terminal, json otherwise. Each event is printed once either way.")
 
     @model_validator(mode="after")
     def _check(self) -> RunSpec:

@@ -362,6 +362,10 @@ def test_logs_follow_streams_the_pod_of_a_rank_until_it_ends(kube, out, tmp_path
         pods = [fake.run_pod(NS, name, i, log=f"rank {i}: starting\n") for i in (0, 1)]
         time.sleep(0.2)
         fake.logs[(NS, pods[1])] += "rank 1: step 10 loss 1.2\n"
+        fake.logs[(NS, pods[1])] += ('{"event": "progress", "step": 20, "max_steps": 40, "loss": 0.5, '
+                                     '"tokens_per_second": 900.0, "eta_seconds": 12.0}\n')
+        fake.logs[(NS, pods[1])] += ('{"time": "2026-11-29T21:00:00.000Z", "level": "INFO", "logger": "sftjob", '
+                                     '"message": "checkpoint step-20 mirrored"}\n')
         time.sleep(0.1)
         fake.finish_pod(NS, pods[1], 0)
     kube.on_create("jobs", controller)
@@ -371,7 +375,11 @@ def test_logs_follow_streams_the_pod_of_a_rank_until_it_ends(kube, out, tmp_path
 
     assert sftjob("logs", "run-logs", "--rank", "1", "--follow") == 0
 
-    assert capsys.readouterr().out == "rank 1: starting\nrank 1: step 10 loss 1.2\n"
+    assert capsys.readouterr().out == ("rank 1: starting\nrank 1: step 10 loss 1.2\n"
+                                       "step 20/40  loss 0.5000  900 tok/s  eta 12s\n"
+                                       "2026-11-29T21:00:00.000Z INFO sftjob: checkpoint step-20 mirrored\n")
+    assert sftjob("logs", "run-logs", "--rank", "1", "--raw") == 0
+    assert '{"event": "progress", "step": 20' in capsys.readouterr().out
     assert sftjob("logs", "run-logs", "--rank", "5") == 66
 
 

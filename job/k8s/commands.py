@@ -121,8 +121,21 @@ def logs(args) -> int:
     resp = kube.call("get", "pods/log", kube.core.read_namespaced_pod_log, pod["metadata"]["name"],
                      kube.namespace, stream=True, **kwargs)
     out = sys.stdout.buffer
-    for chunk in resp.stream(4096, decode_content=True):
-        out.write(chunk)
+    if getattr(args, "raw", False):
+        for chunk in resp.stream(4096, decode_content=True):
+            out.write(chunk)
+            out.flush()
+        return 0
+    from job.logsetup import as_text
+
+    pending = b""
+    for chunk in resp.stream(4096, decode_content=True):  # whole lines only: a JSON object may span chunks
+        *lines, pending = (pending + chunk).split(b"\n")
+        for line in lines:
+            out.write(as_text(line.decode("utf-8", "replace")).encode() + b"\n")
+        out.flush()
+    if pending:
+        out.write(as_text(pending.decode("utf-8", "replace")).encode())
         out.flush()
     return 0
 

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from job import logsetup
 from job.errors import ExitCode
 
 log = logging.getLogger("sftjob.train")
@@ -72,7 +73,8 @@ class StopFlag:
         if self.reason is None:
             self.reason = "sigterm"
             self.signalled_at = time.time()
-            print("sftjob: SIGTERM received — finishing the step, then checkpointing", file=sys.stderr, flush=True)
+            logsetup.event("sigterm", "sftjob: SIGTERM received — finishing the step, then checkpointing",
+                           message="SIGTERM received: finishing the step, then checkpointing")
 
     def agreed(self, step_seconds: float) -> str | None:
         if self.reason is None and self.deadline and time.time() + 3 * step_seconds + 10 > self.deadline:
@@ -132,7 +134,7 @@ def _callbacks(plan: dict, collator: Collator, stop: StopFlag, mirror, status):
                 rec = {"step": state.global_step, "eval_loss": logs["eval_loss"], "time": time.time()}
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(rec) + "\n")
-                print(json.dumps({"event": "eval", **rec}), flush=True)
+                logsetup.event("eval", f"eval step {rec['step']}  eval_loss {rec['eval_loss']:.4f}", **rec)
                 return
             if "loss" not in logs:
                 return
@@ -152,9 +154,8 @@ def _callbacks(plan: dict, collator: Collator, stop: StopFlag, mirror, status):
                 rec["gpu_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
-            print(json.dumps({"event": "progress", **rec}), flush=True)
-            print(f"step {rec['step']}/{rec['max_steps']}  loss {rec['loss']:.4f}  "
-                  f"{rec['tokens_per_second']:.0f} tok/s  eta {rec['eta_seconds']:.0f}s", file=sys.stderr, flush=True)
+            logsetup.event("progress", f"step {rec['step']}/{rec['max_steps']}  loss {rec['loss']:.4f}  "
+                           f"{rec['tokens_per_second']:.0f} tok/s  eta {rec['eta_seconds']:.0f}s", **rec)
             if status:
                 status.update(step=rec["step"], max_steps=rec["max_steps"], epoch=rec["epoch"], loss=rec["loss"],
                               tokens_per_second=rec["tokens_per_second"], eta_seconds=rec["eta_seconds"])
@@ -313,8 +314,6 @@ def train(plan: dict) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    from job import logsetup
-
     logsetup.setup(os.environ.get("SFTJOB_DEBUG") == "1")
     plan = json.loads(Path(argv[0]).read_text())
     return train(plan)
