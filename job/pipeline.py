@@ -104,7 +104,8 @@ def fetch_model(spec: RunSpec) -> str:
     """A local directory for the base model (S3 prefixes cached per node), or a hub id as given."""
     uri = spec.model.path
     if storage.is_remote(uri):
-        return str(storage.fetch(uri.rstrip("/") + "/", spec.cache_root() / "models"))
+        # the same node cache as every input: a tokenizer fetched by validate/plan is not downloaded again
+        return str(storage.fetch(uri.rstrip("/") + "/", spec.cache_root() / "inputs"))
     p = Path(uri)
     if p.exists():
         if not (p / "config.json").is_file():
