@@ -246,11 +246,33 @@ def _duplicate_issue(obj: Any, where: str = "") -> RowIssue | None:
 
 def parse_line(raw: bytes) -> Any:
     try:
-        return json.loads(raw, object_pairs_hook=_unique)
-    except _DuplicateKey:
-        raise _duplicate_issue(_MARKING.decode(raw.decode("utf-8-sig"))) from None
+        return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RowIssue("(row)", f"invalid JSON: {getattr(e, 'msg', None) or e}") from None
+
+
+def check_unique_keys(raw: bytes, obj: Any) -> None:
+    """RowIssue for a key repeated in one object of the row (json.loads keeps the last one silently).
+
+    The fast path proves there is none without a Python hook per object: when no key has whitespace before
+    its colon, every key adds one ``":`` to the raw bytes, so if their count equals the keys of the row
+    and its messages, no key is repeated (and nothing deeper has keys). Otherwise (nested objects, a
+    ``":`` inside a text) the row is parsed again with a hook that checks every object.
+    """
+    if type(obj) is not dict:
+        return
+    n = len(obj)
+    for v in obj.values():
+        if type(v) is list:
+            for m in v:
+                if type(m) is dict:
+                    n += len(m)
+    if raw.count(b'":') == n and b'" ' not in raw and b'"\t' not in raw and b'"\r' not in raw:
+        return
+    try:
+        json.loads(raw, object_pairs_hook=_unique)
+    except _DuplicateKey:
+        raise _duplicate_issue(_MARKING.decode(raw.decode("utf-8-sig"))) from None
 
 
 def _parsed(obj: Any) -> Any:
@@ -281,7 +303,9 @@ def normalize(obj: Any, fmt: str, columns: dict[str, str], roles: dict[str, str]
     if isinstance(obj, RowIssue):
         raise obj
     if isinstance(obj, bytes):  # a JSON line, parsed late so workers do it in parallel
-        obj = parse_line(obj)
+        raw = obj
+        obj = parse_line(raw)
+        check_unique_keys(raw, obj)
     if not isinstance(obj, dict):
         raise RowIssue("(row)", f"expected a JSON object, got {type(obj).__name__}")
     col = {**CANONICAL, **columns}
