@@ -221,6 +221,17 @@ def test_plan_exits_as_validate_would_on_bad_data_or_a_missing_tokenizer(tmp_pat
     assert 0 < trained < processed  # prompts are processed, only assistant tokens are trained
 
 
+def test_an_offline_plan_goes_on_without_the_tokenizer_but_not_with_bad_data(tmp_path, bad_file, tiny_model, capsys,
+                                                                           caplog):
+    """--model-config plans from shapes alone: unreachable inputs are a warning, bad rows are still an error."""
+    config = ["--model-config", str(tiny_model / "config.json"), "--cache-dir", str(tmp_path / "c")]
+    good = tmp_path / "ok.jsonl"
+    good.write_text("".join(json.dumps(r) + "\n" for r in conversations(20)))
+    assert main(["plan", "--model", "Org/not-here", "--data", str(good), "--max-steps", "3", *config]) == 0
+    assert "inputs not reachable" in caplog.text and "steps            3" in capsys.readouterr().out
+    assert main(["plan", "--model", str(tiny_model), "--data", str(bad_file), *config]) == 65
+
+
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     from job import tiny

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from job import storage
-from job.errors import ConfigError, NotFoundError
+from job.errors import ConfigError, NotFoundError, PermissionDeniedError, UnavailableError
 
 log = logging.getLogger("sftjob.plan")
 GiB = 2**30
@@ -146,11 +146,18 @@ def plan_command(spec, *, tokens_per_second: float | None = None, as_json: bool 
         log.warning("no tokenizer (--tokenizer or --model): data not prepared for the plan; steps come from max_steps only")
     elif spec.data_sources():
         # bad data or a missing tokenizer fail here as `validate` would (65/66): a dry run that says OK must be
-        # one the run can follow; the tokenizer alone is fetched (no weights), into the cache the run reuses
+        # one the run can follow; the tokenizer alone is fetched (no weights), into the cache the run reuses.
+        # Only an explicitly offline plan (--model-config: shapes without the model) may go on without inputs.
         from job.data.prepare import prepare
 
         storage.configure(spec.storage)
-        report = prepare(spec).report
+        try:
+            report = prepare(spec).report
+        except (NotFoundError, UnavailableError, PermissionDeniedError) as e:
+            if not model_config:
+                raise
+            log.warning("offline plan (--model-config): inputs not reachable (%s); steps come from max_steps only",
+                        str(e).splitlines()[0])
     plan = make_plan(spec, model_config=model_config, tokens_per_second=tokens_per_second, data_report=report)
     if as_json:
         print(json.dumps(plan, indent=1))
