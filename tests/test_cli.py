@@ -132,7 +132,9 @@ def test_every_sftjob_variable_the_code_reads_is_known():
     from job.cli import warn_unknown_env
 
     root = Path(__file__).resolve().parents[1] / "job"
-    read = {m for p in root.rglob("*.py") for m in re.findall(r"environ(?:\.get)?\(?\[?\s*\"(SFTJOB_[A-Z0-9_]+)\"", p.read_text())}
+    read = {m for p in root.rglob("*.py") for m in re.findall(r"[\"'](SFTJOB_[A-Z0-9_]+)[\"']", p.read_text())}
+    chart = root.parent / "charts" / "sftjob" / "templates"
+    read |= {m for p in chart.rglob("*") if p.is_file() for m in re.findall(r"name: (SFTJOB_[A-Z0-9_]+)", p.read_text())}
     assert {"SFTJOB_PROGRESS", "SFTJOB_TERMINATION_LOG", "SFTJOB_CACHE_DIR"} <= read
     assert warn_unknown_env(dict.fromkeys(read, "1")) == []
 
