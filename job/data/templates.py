@@ -135,8 +135,8 @@ def locate_tokenizer(spec, tokenizer_dir: Path | str | None = None) -> Path | No
     if not local.is_dir():
         if not local.exists() and re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", loc):  # org/name: a hub id
             offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
-            raise NotFoundError(f"tokenizer not found: '{loc}' looks like a Hugging Face hub id, and the data stage "
-                                f"reads tokenizers only from a local directory or S3{offline}",
+            raise NotFoundError(f"tokenizer not found: '{loc}' is no local directory, and if it is a Hugging Face "
+                                f"hub id: the data stage reads tokenizers only from a local directory or S3{offline}",
                                 hint=f"download it first (`hf download {loc} --local-dir DIR`) and pass --model DIR "
                                      "(or --tokenizer DIR), or copy it to S3 and pass the s3:// prefix")
         what = "is a file, not a directory" if local.exists() else "does not exist"
@@ -306,7 +306,10 @@ def syntax_error_at(name: str, text: str, e: Exception) -> str | None:
 
     if not isinstance(e, jinja2.TemplateSyntaxError) or not e.lineno:
         return None
-    from transformers.utils.chat_template_utils import _cached_compile_jinja_template
+    try:  # the environment apply_chat_template compiles with (its extensions, trim/lstrip settings)
+        from transformers.utils.chat_template_utils import _cached_compile_jinja_template
+    except ImportError:
+        return f"{name}:{e.lineno}"
 
     lines = text.split("\n")
     if e.lineno > len(lines):
