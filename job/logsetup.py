@@ -9,7 +9,7 @@ import logging
 import sys
 import warnings
 
-NOISY = ("botocore", "boto3", "urllib3", "s3transfer", "filelock", "httpx", "DeepSpeed")
+NOISY = ("botocore", "boto3", "urllib3", "s3transfer", "filelock", "httpx", "DeepSpeed", "matplotlib", "PIL", "fsspec")
 HARMLESS = (  # (category, message regex): emitted inside transformers/peft, not by our calls
     (FutureWarning, r".*is_gradient_checkpointing.* is deprecated"),
 )

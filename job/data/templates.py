@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ from pathlib import Path
 
 from job import storage
 from job.errors import ConfigError, NotFoundError
+
+log = logging.getLogger(__name__)
 
 # Written out from each family's published tokenizer_config.json chat_template.
 # "{eos_token}" in an end-of-turn list means "whatever the tokenizer's eos token is".
@@ -142,6 +145,7 @@ def locate_tokenizer(spec, tokenizer_dir: Path | str | None = None) -> Path | No
         what = "is a file, not a directory" if local.exists() else "does not exist"
         raise NotFoundError(f"tokenizer not found: {loc} {what}",
                             hint="pass --tokenizer DIR (or --model DIR) holding tokenizer.json / tokenizer_config.json")
+    log.debug("tokenizer from %s (%s)", loc, local)
     return local
 
 

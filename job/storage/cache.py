@@ -100,6 +100,7 @@ def fetch(uri: str, cache_dir: Path, only: Callable[[str], bool] | None = None) 
     root = cache_path(uri, cache_dir)
     marker = root.with_name(root.name + ".sftjob.json")
     if _fresh(marker, want, root, single, subset):
+        log.debug("%s: the cached copy is current (%d file(s)) at %s", uri, len(want), root)
         return root
     with _locked(root.with_name(root.name + ".lock")):
         if _fresh(marker, want, root, single, subset):
