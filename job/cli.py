@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
+import logging
 import os
+import re
 import sys
 import typing
 from typing import Any
@@ -13,6 +16,10 @@ from job import spec as specmod
 from job.errors import ExitCode, SftjobError
 
 SPEC_COMMANDS = ("run", "prepare", "preview", "validate", "plan")
+#: SFTJOB_* variables that are not RunSpec knobs but are read by the code (tools, tests, the chart)
+OTHER_ENV = ("SFTJOB_DEBUG", "SFTJOB_PROGRESS", "SFTJOB_TERMINATION_LOG", "SFTJOB_BOTO_DEBUG", "SFTJOB_HELM",
+             "SFTJOB_CHART", "SFTJOB_POLL_SECONDS", "SFTJOB_WEED", "SFTJOB_RANK_STORAGE")
+log = logging.getLogger("sftjob.cli")
 
 
 def _field_kind(annotation: Any) -> str:
@@ -67,19 +74,39 @@ def _parse_value(path: str, raw: str) -> Any:
 def spec_from_args(args: argparse.Namespace):
     overrides = {path: _parse_value(path, getattr(args, path)) for path in specmod.FLAGS_BY_PATH
                  if getattr(args, path, None) is not None}
+    env = specmod.env_overrides()
+    log.debug("settings: config file %s; from env %s; from flags %s", getattr(args, "config", None) or "none",
+              ", ".join(sorted(env)) or "none", ", ".join(sorted(overrides)) or "none")
     spec = specmod.build(getattr(args, "config", None), overrides)
     if spec.log_format != "auto" and "log_format" not in overrides:  # set in the YAML or SFTJOB_LOG_FORMAT
         logsetup.setup(os.environ.get("SFTJOB_DEBUG") == "1", spec.log_format)
     return spec
 
 
+def warn_unknown_env(environ: dict[str, str] | None = None) -> list[str]:
+    """A misspelt SFTJOB_* variable would be ignored silently: say so, with the closest known name."""
+    environ = os.environ if environ is None else environ
+    known = {"SFTJOB_" + f.replace("-", "_").upper() for f in specmod.ALL_FLAGS} | set(OTHER_ENV)
+    out = []
+    for key in sorted(k for k in environ if k.startswith("SFTJOB_") and k not in known):
+        close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.7)
+        out.append(f"sftjob: warning: unknown environment variable {key} is ignored"
+                   + (f" (did you mean {close[0]}?)" if close else " (see `sftjob schema --markdown` for every knob)"))
+    for line in out:
+        print(line, file=sys.stderr)
+    return out
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse that suggests the closest flag for a typo (the spec loader does the same for keys)."""
+    """argparse that suggests the closest flag for a typo (the spec loader does the same for keys), and
+    takes any negative number as a value (``--learning-rate -1e-4``, not only ``-1``)."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.I)
 
     def error(self, message: str):
         if "unrecognized arguments" in message:
-            import difflib
-
             known = [f"--{f}" for f in specmod.ALL_FLAGS] + ["--config", "--debug", "--json", "--limit"]
             for tok in message.split(":", 1)[1].split():
                 close = difflib.get_close_matches(tok.split("=")[0], known, n=1, cutoff=0.6) if tok.startswith("--") else []
@@ -90,7 +117,8 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="sftjob", description="Instruction tuning of chat models as a batch job.")
-    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    p.add_argument("--debug", action="store_true",
+                   help="debug logs (settings sources, storage endpoint, library warnings) and tracebacks on errors")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     helps = {
         "run": "fetch → prepare → train → publish (resumes from the newest complete checkpoint)",
@@ -151,7 +179,16 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return demo.main(out=args.out, max_steps=args.max_steps, workdir=args.workdir)
     if cmd in SPEC_COMMANDS:
+        warn_unknown_env()
         spec = spec_from_args(args)
+        from job import storage
+
+        storage.configure(spec.storage)  # every command reads inputs with the run's storage settings
+        if log.isEnabledFor(logging.DEBUG) and (spec.storage.endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
+                                                or os.environ.get("AWS_ENDPOINT_URL_S3")):
+            from job.storage import s3
+
+            log.debug("storage: endpoint %s, max_attempts %d", s3.safe_endpoint(), spec.storage.max_attempts)
         if cmd == "run":
             from job import pipeline
 

@@ -17,8 +17,10 @@ import warnings
 
 from job import redact
 
-NOISY = ("botocore", "boto3", "urllib3", "s3transfer", "filelock", "httpx", "DeepSpeed", "torch.distributed",
-         "accelerate", "datasets", "transformers", "peft", "trl")
+# protocol and plotting chatter: WARNING and up even with --debug (our own DEBUG lines are what --debug adds)
+QUIET = ("botocore", "boto3", "urllib3", "s3transfer", "filelock", "httpx", "matplotlib", "PIL", "fsspec")
+# the ML libraries: WARNING and up unless --debug
+NOISY = ("DeepSpeed", "torch.distributed", "accelerate", "datasets", "transformers", "peft", "trl")
 HARMLESS = (  # (category, message regex): emitted inside transformers/peft, not by our calls
     (FutureWarning, r".*is_gradient_checkpointing.* is deprecated"),
 )
@@ -65,6 +67,8 @@ def setup(debug: bool = False, fmt: str | None = None) -> str:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_Json() if _format == "json" else _Redacting("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, handlers=[handler], force=True)
+    for name in QUIET:
+        logging.getLogger(name).setLevel(logging.WARNING)
     if not debug:
         for name in NOISY:
             logging.getLogger(name).setLevel(logging.WARNING)

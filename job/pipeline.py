@@ -42,7 +42,7 @@ def run(spec: RunSpec) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     published = publish.check_output(output, spec.output.overwrite)  # exit 73 before touching anything
 
-    run_id = spec.name or f"{_slug(output)}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_id = make_run_id(spec.name, output)
     node_rank = launch.node_rank(spec)
     # Replacing a finished run: every node starts fresh (it saw _SUCCESS); node 0 retires the old run.
     fresh = spec.output.overwrite and published
@@ -114,7 +114,8 @@ def fetch_model(spec: RunSpec) -> str:
     """A local directory for the base model (S3 prefixes cached per node), or a hub id as given."""
     uri = spec.model.path
     if storage.is_remote(uri):
-        return str(storage.fetch(uri.rstrip("/") + "/", spec.cache_root() / "models"))
+        # the same node cache as every input: a tokenizer fetched by validate/plan is not downloaded again
+        return str(storage.fetch(uri.rstrip("/") + "/", spec.cache_root() / "inputs"))
     p = Path(uri)
     if p.exists():
         if not (p / "config.json").is_file():
@@ -175,6 +176,14 @@ def _stage_outputs(spec: RunSpec, prepared, outcome, workdir: Path, model_dir: s
     if spec.output.merged and spec.train.method != "full":
         merge(adapter, model_dir, stage / "merged", trust_remote_code=spec.model.trust_remote_code)
     return stage
+
+
+def make_run_id(name: str | None, output: str, now: float | None = None) -> str:
+    """spec.name, else the output's last part plus a timestamp (once: `demo-20261129-195229` has one)."""
+    if name:
+        return name
+    slug = _slug(output)
+    return slug if re.search(r"\d{8}-\d{6}$", slug) else f"{slug}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(now))}"
 
 
 def _slug(uri: str) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from job import redact
 from job.errors import ConfigError
@@ -109,6 +109,35 @@ class TrainSpec(Section):
     loraplus_lr_ratio: float | None = Field(None, gt=0, description="LoRA+: B matrices learn this many times faster than A (e.g. 16).")
     neftune_noise_alpha: float | None = Field(None, gt=0, description="NEFTune: noise on input embeddings while training (e.g. 5).")
     seed: int = Field(42, description="Seed for data order, init and dropout.")
+
+    @field_validator("max_steps")
+    @classmethod
+    def _steps(cls, v: int) -> int:
+        if v == 0 or v < -1:
+            raise ValueError("must be a positive number of optimizer steps, or -1 to train num_train_epochs")
+        return v
+
+    @field_validator("optim", "lr_scheduler_type")
+    @classmethod
+    def _transformers_name(cls, v: str, info) -> str:
+        """A typo here would pass every check and crash inside the ranks (a retryable exit 1)."""
+        if v == cls.model_fields[info.field_name].default:
+            return v  # the defaults need no transformers import (spec building stays fast)
+        names = _transformers_names(info.field_name)
+        if v not in names:
+            close = difflib.get_close_matches(v, names, n=1, cutoff=0.5)
+            raise ValueError(f"unknown name '{v}' — " + (f"did you mean '{close[0]}'?" if close
+                                                           else f"transformers accepts: {', '.join(names)}"))
+        return v
+
+
+def _transformers_names(field: str) -> list[str]:
+    """What transformers' TrainingArguments accepts for optim / lr_scheduler_type."""
+    if field == "optim":
+        from transformers.training_args import OptimizerNames as names
+    else:
+        from transformers.trainer_utils import SchedulerType as names
+    return [n.value for n in names]
 
 
 class DistributedSpec(Section):
@@ -322,9 +351,12 @@ def read_yaml_mapping(path: str | Path, *, missing: str = "config file not found
 
 def load_yaml(path: str | Path) -> dict:
     data = read_yaml_mapping(path)
-    # Helm-style files carry the spec under `run:`
-    if set(data) == {"run"} and isinstance(data["run"], dict):
-        data = data["run"]
+    # Helm values files carry the spec under `run:`; their other keys are the chart's (pods, image, ...)
+    if "run" in data and "run" not in RunSpec.model_fields:
+        run = data["run"]
+        if run is not None and not isinstance(run, dict):
+            raise ConfigError(f"{path}: `run:` must be a mapping (the run spec)", hint="see `sftjob schema`")
+        data = run or {}
     return data
 
 

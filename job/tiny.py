@@ -62,8 +62,16 @@ def build_model(tokenizer, seed: int = 0):
 
 def write(dest: str | Path, seed: int = 0) -> Path:
     """Write model + tokenizer to dest; loadable with Auto* classes from_pretrained(dest)."""
+    from job.errors import ConfigError
+
     dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ConfigError(f"cannot write the tiny model to {dest}: it is (or is under) a file, not a directory",
+                          hint="give a new or existing directory") from None
+    except OSError as e:
+        raise ConfigError(f"cannot write the tiny model to {dest}: {e.strerror}", hint="give a writable directory") from None
     tok = build_tokenizer()
     model = build_model(tok, seed)
     model.generation_config.pad_token_id = tok.pad_token_id

@@ -1,6 +1,7 @@
 """The CLI from outside: exit codes, one clear message, no traceback."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -104,3 +105,63 @@ def test_debug_shows_the_traceback_and_keeps_the_exit_code(tmp_path):
     cfg.write_text("learnig_rate: 0.1\n")
     r = sftjob("--debug", "run", "--config", str(cfg))
     assert r.returncode == 64 and "Traceback" in r.stderr and "learning_rate" in r.stderr
+
+
+def test_tiny_model_into_a_file_path_is_a_usage_error_not_a_traceback(tmp_path):
+    f = tmp_path / "taken"
+    f.write_text("x")
+    for dest in (f, f / "under"):
+        r = sftjob("tiny-model", str(dest))
+        assert r.returncode == 64 and "not a directory" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_unknown_sftjob_variables_are_warned_about_with_the_closest_name(capsys):
+    from job.cli import warn_unknown_env
+
+    lines = warn_unknown_env({"SFTJOB_MAX_STEP": "3", "SFTJOB_LEARNING_RATE": "1", "SFTJOB_CACHE_DIR": "/c",
+                              "SFTJOB_PROGRESS": "0", "SFTJOB_TERMINATION_LOG": "/t", "SFTJOB_DEBUG": "1"})
+    assert lines == ["sftjob: warning: unknown environment variable SFTJOB_MAX_STEP is ignored "
+                     "(did you mean SFTJOB_MAX_STEPS?)"]
+    assert "SFTJOB_MAX_STEP " in capsys.readouterr().err
+
+
+def test_every_sftjob_variable_the_code_reads_is_known():
+    """A variable read with os.environ is not 'unknown': grep the code for them."""
+    from pathlib import Path
+
+    from job.cli import warn_unknown_env
+
+    root = Path(__file__).resolve().parents[1] / "job"
+    read = {m for p in root.rglob("*.py") for m in re.findall(r"[\"'](SFTJOB_[A-Z0-9_]+)[\"']", p.read_text())}
+    chart = root.parent / "charts" / "sftjob" / "templates"
+    read |= {m for p in chart.rglob("*") if p.is_file() for m in re.findall(r"name: (SFTJOB_[A-Z0-9_]+)", p.read_text())}
+    assert {"SFTJOB_PROGRESS", "SFTJOB_TERMINATION_LOG", "SFTJOB_CACHE_DIR"} <= read
+    assert warn_unknown_env(dict.fromkeys(read, "1")) == []
+
+
+def test_negative_numbers_are_values_with_a_space_too():
+    from job.cli import build_parser
+
+    for value in ("-1", "-1e-4", "-0.5", "-.5", "-1E3"):
+        args = build_parser().parse_args(["plan", "--learning-rate", value, "--seed", "-3"])
+        assert getattr(args, "train.learning_rate") == value and getattr(args, "train.seed") == "-3"
+    r = sftjob("validate", "--learning-rate", "-1e-4")
+    assert r.returncode == 64 and "learning_rate" in r.stderr and "expected one argument" not in r.stderr
+
+
+def test_debug_gives_debug_logs(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n')
+    r = sftjob("--debug", "validate", "--data", str(data), env={"SFTJOB_MAX_STEPS": "4"})
+    assert r.returncode == 0, r.stderr
+    debug = [ln for ln in r.stderr.splitlines() if " DEBUG " in ln]
+    settings = [ln.split("settings: ", 1)[1] for ln in debug if "settings: " in ln]
+    assert settings and "train.max_steps" in settings[0].split("from env")[1] and "from flags data.path" in settings[0]
+
+
+def test_run_id_carries_one_timestamp():
+    from job.pipeline import make_run_id
+
+    assert make_run_id(None, "s3://b/runs/demo-20261129-195229") == "demo-20261129-195229"
+    assert make_run_id("mine", "s3://b/runs/x") == "mine"
+    assert re.fullmatch(r"run-42-\d{8}-\d{6}", make_run_id(None, "s3://b/runs/run-42/"))

@@ -164,3 +164,60 @@ def test_compact_json_array_rows_are_told_apart_and_a_mixed_format_row_says_so(t
     bad = rows_of(g)[2]
     assert isinstance(bad, BadRow) and bad.where.endswith("mixed.jsonl:3")
     assert "looks like sharegpt" in bad.problem and "one file holds one format" in bad.problem
+
+
+ROW = {"messages": [{"role": "user", "content": "¿Qué tal?"}, {"role": "assistant", "content": "Bien."}]}
+
+
+@pytest.mark.parametrize("name,encoding", [
+    ("bom.json", "utf-8-sig"), ("bom.jsonl", "utf-8-sig"), ("u16.jsonl", "utf-16"), ("u16.json", "utf-16"),
+    ("u16be.jsonl", "utf-16-be"), ("u32.json", "utf-32"), ("u16.jsonl.gz", "utf-16"),
+])
+def test_a_byte_order_mark_is_read_as_its_encoding_with_no_phantom_row(tmp_path, name, encoding):
+    rows = [ROW, {**ROW, "weight": 0.5}]
+    text = json.dumps(rows, ensure_ascii=False, indent=1) if ".json" == name[-5:] else \
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    data = text.encode(encoding)
+    if encoding == "utf-16-be":
+        data = b"\xfe\xff" + data
+    f = tmp_path / name
+    f.write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+    out = rows_of(f)
+    assert [type(r) for r in out] == [Row, Row], out
+    assert out[0].messages[0]["content"] == "¿Qué tal?" and out[1].weight == 0.5
+
+
+def test_utf16_without_a_byte_order_mark_is_one_file_error_saying_how_to_fix_it(tmp_path):
+    f = tmp_path / "u16.jsonl"
+    f.write_bytes((json.dumps(ROW) + "\n").encode("utf-16-le"))
+    with pytest.raises(DataError) as e:
+        rows_of(f)
+    assert "UTF-16" in str(e.value) and "UTF-8" in e.value.hint
+
+
+def test_a_gzip_file_named_jsonl_says_it_is_gzip_and_how_to_name_it(tmp_path):
+    f = tmp_path / "train.jsonl"
+    f.write_bytes(gzip.compress((json.dumps(ROW) + "\n").encode()))
+    with pytest.raises(DataError) as e:
+        rows_of(f)
+    assert "gzip" in str(e.value) and "train.jsonl.gz" in e.value.hint
+
+
+def test_a_duplicate_key_in_a_message_is_a_bad_row_naming_the_message(tmp_path):
+    dup = '{"messages": [{"role": "user", "content": "q"}, {"role": "user", "content": "a", "role": "assistant"}]}'
+    f = write_jsonl(tmp_path / "d.jsonl", [ROW, dup, '{"messages": [], "messages": ' + json.dumps(ROW["messages"]) + "}"])
+    ok, bad, top = rows_of(f)
+    assert isinstance(ok, Row)
+    assert str(bad) == f"{f}:2: messages[1]: duplicate key 'role' (the last value would silently win)"
+    assert isinstance(top, BadRow) and top.field == "(row)" and "'messages'" in top.problem
+    arr = tmp_path / "d.json"
+    arr.write_text("[\n" + json.dumps(ROW) + ",\n" + dup + ",\n" + json.dumps(ROW) + "\n]")
+    a, b, c = rows_of(arr)
+    assert isinstance(a, Row) and isinstance(c, Row)  # the rest of the array is still read
+    assert str(b) == f"{arr}:3: messages[1]: duplicate key 'role' (the last value would silently win)"
+
+
+def test_a_limit_of_zero_reads_no_rows(tmp_path):
+    f = write_jsonl(tmp_path / "d.jsonl", [ROW, ROW])
+    spec = specmod.build(overrides={"data.path": str(f)})
+    assert list(formats.iter_records(formats.expand(str(f), tmp_path), spec.data, limit=0)) == []

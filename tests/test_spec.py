@@ -97,3 +97,53 @@ def test_knob_table_is_generated_from_the_spec():
     assert doc.read_text() == knobs_markdown(), "docs/knobs.md is stale: run `make schema`"
     for flag in specmod.FLAGS_BY_PATH.values():
         assert f"`--{flag}`" in doc.read_text()
+
+
+@pytest.mark.parametrize("key,typo,closest", [
+    ("optim", "adamw_torc", "adamw_torch"), ("optim", "paged_adamw8bit", "paged_adamw_8bit"),
+    ("lr_scheduler_type", "cosin", "cosine"), ("lr_scheduler_type", "constant_warmup", "constant_with_warmup"),
+])
+def test_optimizer_and_scheduler_typos_are_config_errors_with_the_closest_name(key, typo, closest):
+    """transformers would reject them only inside the ranks, as a retryable exit 1."""
+    with pytest.raises(ConfigError) as e:
+        specmod.build(overrides={f"train.{key}": typo}, environ={})
+    assert f"train.{key}" in str(e.value) and f"did you mean '{closest}'" in str(e.value)
+    assert e.value.exit_code == 64
+
+
+def test_every_name_transformers_accepts_is_accepted():
+    from transformers.trainer_utils import SchedulerType
+    from transformers.training_args import OptimizerNames
+
+    for n in OptimizerNames:
+        assert specmod.build(overrides={"train.optim": n.value}, environ={}).train.optim == n.value
+    for n in SchedulerType:
+        assert specmod.build(overrides={"train.lr_scheduler_type": n.value}, environ={}).train.lr_scheduler_type == n.value
+
+
+@pytest.mark.parametrize("steps,ok", [(-1, True), (1, True), (500, True), (0, False), (-2, False), (-100, False)])
+def test_max_steps_is_positive_or_minus_one(steps, ok):
+    if ok:
+        assert specmod.build(overrides={"train.max_steps": steps}, environ={}).train.max_steps == steps
+    else:
+        with pytest.raises(ConfigError, match="train.max_steps.*-1 to train num_train_epochs"):
+            specmod.build(overrides={"train.max_steps": steps}, environ={})
+
+
+def test_the_charts_own_values_file_is_a_valid_config():
+    """`--config values.yaml`: the `run:` section is the spec, the chart's keys (image, nodes, ...) are ignored."""
+    from pathlib import Path
+
+    values = Path(__file__).resolve().parent.parent / "charts" / "sftjob" / "values.yaml"
+    s = specmod.build(values, environ={})
+    assert s.resilience.grace_seconds == 120
+
+
+def test_a_helm_values_file_with_pod_keys_beside_run_is_read_for_run(tmp_path):
+    f = tmp_path / "my-run.yaml"
+    f.write_text("nodes: 2\nimage: {tag: x}\nrun:\n  model: ./m\n  max_steps: 3\n")
+    s = specmod.build(f, environ={})
+    assert s.train.max_steps == 3 and s.model.path == "./m"
+    f.write_text("nodes: 2\nrun: 3\n")
+    with pytest.raises(ConfigError, match="run:. must be a mapping"):
+        specmod.build(f, environ={})

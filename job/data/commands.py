@@ -13,7 +13,15 @@ import sys
 from job.data import formats
 from job.data.formats import BadRow, Row
 from job.data.masks import IGNORE, Encoder, check_encoder
-from job.data.prepare import MAX_LISTED, _where_key, bad_rows_message, encode_stream, prepare
+from job.data.prepare import (
+    MAX_LISTED,
+    _where_key,
+    bad_rows_message,
+    encode_stream,
+    no_examples_hint,
+    no_examples_message,
+    prepare,
+)
 from job.data.templates import (
     describe,
     load_tokenizer,
@@ -33,14 +41,31 @@ def prepare_command(spec) -> int:
           f"{r['tokens']['trained']} trained)")
     if p.eval_path:
         print(f"  eval:  {p.eval_path} ({r['examples']['eval']} examples)")
-    dropped = r["rows"]["dropped"]
-    print(f"  rows read {r['rows']['read']}, kept {r['rows']['kept']}, dropped {sum(dropped.values())}"
-          + (f" ({', '.join(f'{k}: {v}' for k, v in dropped.items())})" if dropped else "")
-          + f", truncated {r['truncation']['truncated']}")
+    t = r["truncation"]
+    over = t.get("longer_than_max_length", t["truncated"] + t["dropped_too_long"])
+    print("  " + rows_line(r["rows"]["read"], r["rows"]["kept"], r["rows"]["dropped"], t["truncated"], over,
+                           t["max_length"], t["mode"]))
+    warn_truncation(r["rows"]["read"], over, t["max_length"], t["mode"])
     if r["packing"]["enabled"]:
         print(f"  packing efficiency {r['packing']['efficiency']:.1%}")
     print(f"  template {r['chat_template']['name']} sha256 {p.template_sha256[:12]}…; report {p.dir / 'data_report.json'}")
     return 0
+
+
+def rows_line(read: int, kept: int, dropped: dict, truncated: int, over: int, max_length: int, mode: str) -> str:
+    """The row counts, in the same words from validate and prepare."""
+    dropped = {k: v for k, v in sorted(dropped.items()) if v}
+    return (f"rows read {read}, kept {kept}, dropped {sum(dropped.values())}"
+            + (f" ({', '.join(f'{k}: {v}' for k, v in dropped.items())})" if dropped else "")
+            + f", truncated {truncated}; {over} longer than max_length {max_length} ({mode})")
+
+
+def warn_truncation(read: int, over: int, max_length: int, mode: str) -> None:
+    """More than 10 % of the rows do not fit: the run would learn from cut (or missing) conversations."""
+    if read and over / read > 0.10:
+        done = "dropped" if mode == "drop" else f"cut ({mode})"
+        print(f"sftjob: WARNING: {over} of {read} rows ({over / read:.0%}) are longer than max_length {max_length} "
+              f"and are {done}; raise --max-length if the model allows it", file=sys.stderr)
 
 
 def _sources(spec):
@@ -67,18 +92,25 @@ def validate_command(spec) -> int:
         chat = None
         notes.append("no tokenizer or chat template given: structural checks only")
     bad: list[BadRow] = []
-    n_read = n_tokens = n_trained = n_long = n_untrained = 0
+    n_read = n_tokens = n_trained = n_truncated = n_over = n_kept = n_weighted = 0
+    dropped: dict[str, int] = {}
     if chat is not None and tok is not None:
         enc = Encoder(tok, chat, spec.data.max_length, spec.data.truncation, spec.data.train_on_eos)
         check_encoder(enc)
         ex, bad, n_read = encode_stream(enc, formats.iter_records(files, spec.data), spec.data, spec.model,
                                         spec.data.num_proc or os.cpu_count() or 1)
-        for e in ex:
+        for e in ex:  # counted as prepare counts them (prepare.py), so both give one verdict
             n_tokens += int(e.lengths.sum())
             n_trained += int((e.labels != IGNORE).sum())
             bad += e.too_long
-            n_long += e.truncated
-            n_untrained += e.dropped.get("no_trained_tokens", 0)
+            n_truncated += e.truncated
+            n_over += e.over_length
+            n_kept += len(e.lengths)
+            n_weighted += int((e.weights > 0).sum())
+            for k, v in e.dropped.items():
+                dropped[k] = dropped.get(k, 0) + v
+        if n_kept - n_weighted:
+            dropped["weight_zero"] = n_kept - n_weighted
     else:
         enc = Encoder(plain_tokenizer(), chat, spec.data.max_length, spec.data.truncation, spec.data.train_on_eos) if chat else None
         if enc is not None:
@@ -98,21 +130,30 @@ def validate_command(spec) -> int:
     for n in notes + (chat.notes if chat else []):
         print(f"note: {n}")
     bad.sort(key=_where_key)
+    d = spec.data
+    if tok is not None:
+        warn_truncation(n_read, n_over, d.max_length, d.truncation)
     if bad:
         print(bad_rows_message(bad).split("\n", 1)[1])
         print(f"validate: {len(bad)} of {n_read} rows are bad ({len(files)} file(s))")
+        return int(ExitCode.DATA)
+    if tok is not None and not n_weighted:  # prepare would stop here: "no training examples left"
+        print(f"validate: {no_examples_message(n_read, dropped, n_over, d)} ({len(files)} file(s))")
+        print(f"  fix: {no_examples_hint(dropped, n_over)}")
         return int(ExitCode.DATA)
     summary = f"validate: OK, {n_read} rows in {len(files)} file(s)"
     if chat is not None:
         summary += f"; template {chat.name} ({chat.sha256[:12]}…, system {chat.system})"
     if tok is not None:
-        summary += (f"; {n_tokens} tokens, {n_trained} trained; {n_long} longer than max_length {spec.data.max_length}"
-                    f" ({spec.data.truncation}); {n_untrained} with no trained tokens (prepare drops them)")
+        summary += (f"; {n_tokens} tokens, {n_trained} trained\n  "
+                    + rows_line(n_read, n_kept, dropped, n_truncated, n_over, d.max_length, d.truncation))
     print(summary)
     return 0
 
 
 def preview_command(spec, limit: int, as_json: bool) -> int:
+    if limit < 1:
+        raise ConfigError(f"--limit {limit}: preview shows at least one example", hint="pass --limit 1 or more")
     files = _sources(spec)
     tok, _ = load_tokenizer(spec)
     if tok is None:
@@ -120,7 +161,7 @@ def preview_command(spec, limit: int, as_json: bool) -> int:
     chat = resolve_template(spec, tok)
     enc = Encoder(tok, chat, spec.data.max_length, spec.data.truncation, spec.data.train_on_eos)
     check_encoder(enc)
-    recs = formats.iter_records(files, spec.data, limit=max(limit, 0))
+    recs = formats.iter_records(files, spec.data, limit=limit)
     ex, bad, _ = encode_stream(enc, recs, spec.data, spec.model, 1, keep_text=True)
     for b in bad[:MAX_LISTED]:
         print(f"skipped bad row: {b}", file=sys.stderr)

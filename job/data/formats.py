@@ -9,6 +9,7 @@ only the completion is trained). The format is detected per file from its first 
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import zlib
 from collections import Counter
@@ -100,6 +101,25 @@ def _hidden(rel: str) -> bool:
     return any(part.startswith((".", "_")) for part in Path(rel).parts)
 
 
+_BOMS = ((b"\x00\x00\xfe\xff", "utf-32-be"), (b"\xff\xfe\x00\x00", "utf-32-le"), (b"\xef\xbb\xbf", "utf-8-sig"),
+         (b"\xfe\xff", "utf-16-be"), (b"\xff\xfe", "utf-16-le"))
+
+
+def _encoding(display: str, path: Path, gz: bool) -> str | None:
+    """The text encoding from the first bytes: None for UTF-8 (the fast path), else what to decode with."""
+    with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
+        head = f.read(4)
+    if not gz and head[:2] == b"\x1f\x8b":
+        stem = path.name[:-len(path.suffix)] if path.suffix else path.name
+        raise DataError(f"{display}: the file is gzip-compressed but its name does not end in .gz",
+                        hint=f"rename it to {stem}.jsonl.gz (gzip-compressed JSON lines), or decompress it")
+    enc = next((e for bom, e in _BOMS if head.startswith(bom)), None)
+    if enc is None and b"\x00" in head:
+        raise DataError(f"{display}: the file looks like UTF-16/UTF-32 text without a byte order mark",
+                        hint="re-save it as UTF-8 (e.g. `iconv -f UTF-16LE -t UTF-8`)")
+    return enc
+
+
 def iter_file(display: str, path: Path) -> Iterator[tuple[str, Any]]:
     """(FILE:LINE, object or RowIssue) for every row; file-level problems raise DataError."""
     name = path.name.lower()
@@ -108,9 +128,10 @@ def iter_file(display: str, path: Path) -> Iterator[tuple[str, Any]]:
         if name.endswith(".parquet"):
             it = _iter_parquet(path)
         elif name.endswith(".json"):
-            it = _iter_json_array(path)
+            it = _iter_json_array(path, _encoding(display, path, False))
         else:
-            it = _iter_jsonl(path, gz=name.endswith(".gz"))
+            gz = name.endswith(".gz")
+            it = _iter_jsonl(path, gz=gz, encoding=_encoding(display, path, gz))
         for line, obj in it:
             n += 1
             yield f"{display}:{line}", obj
@@ -121,21 +142,23 @@ def iter_file(display: str, path: Path) -> Iterator[tuple[str, Any]]:
         raise DataError(f"{display}: empty file (no rows)", hint="remove the file or add rows to it")
 
 
-def _iter_jsonl(path: Path, gz: bool) -> Iterator[tuple[int, Any]]:
+def _iter_jsonl(path: Path, gz: bool, encoding: str | None = None) -> Iterator[tuple[int, Any]]:
     f = gzip.open(path, "rb") if gz else open(path, "rb")
     with f:
-        for i, raw in enumerate(f, 1):
+        lines = f if encoding in (None, "utf-8-sig") else (  # json.loads takes a UTF-8 BOM; UTF-16/32 → UTF-8
+            line.encode("utf-8") for line in io.TextIOWrapper(f, encoding=encoding))
+        for i, raw in enumerate(lines, 1):
             if not raw.strip():
                 continue
             yield i, raw  # parsed by the worker that normalises it (to_row), not here
 
 
-def _iter_json_array(path: Path) -> Iterator[tuple[int, Any]]:
-    text = path.read_bytes().decode("utf-8", errors="replace")
-    dec = json.JSONDecoder()
+def _iter_json_array(path: Path, encoding: str | None = None) -> Iterator[tuple[int, Any]]:
+    text = path.read_bytes().decode(encoding or "utf-8", errors="replace").lstrip("\ufeff")
+    dec = json.JSONDecoder(object_pairs_hook=_unique)
     i = _skip_ws(text, 0)
     if i < len(text) and text[i] != "[":  # a JSON-lines file named .json
-        yield from _iter_jsonl(path, gz=False)
+        yield from _iter_jsonl(path, gz=False, encoding=encoding)
         return
     i = _skip_ws(text, i + 1)
     rows: list[tuple[int, Any]] = []
@@ -143,6 +166,9 @@ def _iter_json_array(path: Path) -> Iterator[tuple[int, Any]]:
         line = text.count("\n", 0, i) + 1
         try:
             obj, i = dec.raw_decode(text, i)
+        except _DuplicateKey:
+            obj, i = _MARKING.raw_decode(text, i)
+            obj = _duplicate_issue(obj)
         except json.JSONDecodeError as e:
             rows.append((text.count("\n", 0, e.pos) + 1,
                          RowIssue("(row)", f"invalid JSON: {e.msg}; the rest of the array is unreadable")))
@@ -179,11 +205,74 @@ def _iter_parquet(path: Path) -> Iterator[tuple[int, Any]]:
 
 # ---- formats -------------------------------------------------------------------------------
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique(pairs: list) -> dict:
+    """object_pairs_hook: a repeated key is an error (json.loads lets the last one win silently)."""
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        raise _DuplicateKey
+    return d
+
+
+class _Marked(dict):
+    duplicate: str | None = None
+
+
+def _mark(pairs: list) -> dict:
+    d = _Marked(pairs)
+    if len(d) != len(pairs):
+        seen: set = set()
+        d.duplicate = next(k for k, _ in pairs if k in seen or seen.add(k))
+    return d
+
+
+_MARKING = json.JSONDecoder(object_pairs_hook=_mark)
+
+
+def _duplicate_issue(obj: Any, where: str = "") -> RowIssue | None:
+    """The first object (depth first) with a repeated key, as a RowIssue naming its place in the row."""
+    if isinstance(obj, _Marked) and obj.duplicate is not None:
+        return RowIssue(where or "(row)", f"duplicate key '{obj.duplicate}' (the last value would silently win)")
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    for k, v in items:
+        found = _duplicate_issue(v, f"{where}[{k}]" if isinstance(k, int) else f"{where}.{k}" if where else str(k))
+        if found is not None:
+            return found
+    return None
+
+
 def parse_line(raw: bytes) -> Any:
     try:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RowIssue("(row)", f"invalid JSON: {getattr(e, 'msg', None) or e}") from None
+
+
+def check_unique_keys(raw: bytes, obj: Any) -> None:
+    """RowIssue for a key repeated in one object of the row (json.loads keeps the last one silently).
+
+    The fast path proves there is none without a Python hook per object: when no key has whitespace before
+    its colon, every key adds one ``":`` to the raw bytes, so if their count equals the keys of the row
+    and its messages, no key is repeated (and nothing deeper has keys). Otherwise (nested objects, a
+    ``":`` inside a text) the row is parsed again with a hook that checks every object.
+    """
+    if type(obj) is not dict:
+        return
+    n = len(obj)
+    for v in obj.values():
+        if type(v) is list:
+            for m in v:
+                if type(m) is dict:
+                    n += len(m)
+    if raw.count(b'":') == n and b'" ' not in raw and b'"\t' not in raw and b'"\r' not in raw:
+        return
+    try:
+        json.loads(raw, object_pairs_hook=_unique)
+    except _DuplicateKey:
+        raise _duplicate_issue(_MARKING.decode(raw.decode("utf-8-sig"))) from None
 
 
 def _parsed(obj: Any) -> Any:
@@ -214,7 +303,9 @@ def normalize(obj: Any, fmt: str, columns: dict[str, str], roles: dict[str, str]
     if isinstance(obj, RowIssue):
         raise obj
     if isinstance(obj, bytes):  # a JSON line, parsed late so workers do it in parallel
-        obj = parse_line(obj)
+        raw = obj
+        obj = parse_line(raw)
+        check_unique_keys(raw, obj)
     if not isinstance(obj, dict):
         raise RowIssue("(row)", f"expected a JSON object, got {type(obj).__name__}")
     col = {**CANONICAL, **columns}
@@ -407,6 +498,8 @@ def iter_records(files: list[tuple[str, Path]], data_spec, limit: int | None = N
                  ) -> Iterator[tuple[str, Any, str]]:
     """(FILE:LINE, raw row, format) for every row of the files (from expand), in order; cheap, unparsed."""
     n = 0
+    if limit is not None and limit <= 0:
+        return
     for display, path in files:
         it = iter_file(display, path)
         head: list[tuple[str, Any]] = []

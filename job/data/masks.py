@@ -25,7 +25,7 @@ from itertools import chain
 import numpy as np
 
 from job.data.formats import BadRow, Row, to_row
-from job.data.templates import ChatTemplate, sentinel
+from job.data.templates import ChatTemplate, sentinel, syntax_error_at
 from job.errors import ConfigError
 
 _SLOT = re.compile("\ue000(\\d+)\ue001")
@@ -46,7 +46,8 @@ class Encoded:
     bad: list[BadRow] = field(default_factory=list)  # rows the template rejects or that cannot be masked
     dropped: dict[str, int] = field(default_factory=dict)  # reason → rows (too_long, no_trained_tokens)
     too_long: list[BadRow] = field(default_factory=list)
-    truncated: int = 0
+    truncated: int = 0  # rows cut to max_length and kept
+    over_length: int = 0  # rows longer than max_length, whatever became of them (cut, dropped)
     rendered: list[tuple[str, list[tuple[int, int]], list[dict]]] | None = None  # preview: text, offsets, messages
 
 
@@ -400,6 +401,7 @@ class Encoder:
                        turns=np.asarray(turns, np.int32)[sel] if len(sel) else np.zeros(0, np.int32),
                        wheres=[rows[i].where for i in kept], bad=bad, dropped=dropped, too_long=too_long,
                        truncated=int(self.truncation != "drop") * len(long_rows) - int(none[long_rows].sum()),
+                       over_length=len(long_rows),
                        rendered=rendered)
 
 
@@ -513,5 +515,12 @@ def check_encoder(enc: Encoder) -> None:
     """Fail early (not per row) when the template cannot be rendered at all."""
     sk = enc._skeleton(("user", "assistant"))
     if isinstance(sk, Exception):
-        raise ConfigError(f"chat template '{enc.chat.name}' fails on a plain user/assistant exchange: {sk}",
-                        hint="fix the Jinja template or pick a built-in chat_template")
+        where = syntax_error_at(enc.chat.name, enc.chat.text, sk)
+        why = f"Jinja syntax error at {where}: {sk.message}" if where else _first_line(sk)
+        raise ConfigError(f"chat template '{enc.chat.name}' fails on a plain user/assistant exchange: {why}",
+                          hint="fix the Jinja template or pick a built-in chat_template")
+    if 1 not in sk:  # nothing to train on: the template never outputs the assistant's text
+        what = "the assistant message's content" if 0 in sk else "any message content"
+        raise ConfigError(f"chat template '{enc.chat.name}' does not render {what} (a user/assistant exchange "
+                          "renders without the messages' text)",
+                          hint="the template must output message['content'] for every message, or pick a built-in chat_template")

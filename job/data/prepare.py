@@ -93,7 +93,7 @@ def prepare(spec, tokenizer_dir: Path | None = None) -> Prepared:
     nproc = spec.data.num_proc or os.cpu_count() or 1
     rng = np.random.default_rng(spec.train.seed)
     per_source, pools, train_idx, eval_idx, read_total, bad_all, dropped, truncated = [], [], [], [], 0, [], {}, 0
-    offset = 0
+    offset = over_length = 0
     with worker_pool(encoder, spec.data, spec.model, nproc) as pool:
         report.preload_matplotlib()  # a thread, started only after the fork (never inherited mid-import)
         encoded = [(src, files, *encode_stream(encoder, formats.iter_records(files, spec.data), spec.data, spec.model,
@@ -104,6 +104,7 @@ def prepare(spec, tokenizer_dir: Path | None = None) -> Prepared:
         bad_all += bad
         read_total += read
         truncated += sum(e.truncated for e in ex)
+        over_length += sum(e.over_length for e in ex)
         _merge(dropped, ex)
         part = concat(ex)
         n = len(part["lengths"])
@@ -127,10 +128,12 @@ def prepare(spec, tokenizer_dir: Path | None = None) -> Prepared:
     every = _cat_parts(pools)
     order = np.concatenate(train_idx)
     if not len(order):
-        raise DataError("no training examples left after preparation", hint=f"dropped: {dropped or 'none'}")
+        raise DataError(no_examples_message(read_total, dropped, over_length, spec.data),
+                        hint=no_examples_hint(dropped, over_length))
     train = take(every, rng.permutation(order) if spec.data.shuffle else order)  # one gather per split
     evald = take(every, np.concatenate(eval_idx))
     rep = report.build(spec, chat, tok, per_source, read_total, dropped, truncated, train, evald, key)
+    rep["truncation"]["longer_than_max_length"] = over_length
     marks["split_and_mix"] = time.time()
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=_mkdir(root)))
     try:
@@ -276,6 +279,22 @@ def _where_key(b: BadRow):
     f, _, line = b.where.rpartition(":")
     nums = [int(n) for n in re.findall(r"\d+", line)] if line[:1].isdigit() else []
     return (f, *(nums + [0, 0])[:2]) if nums else (b.where, 0, 0)
+
+
+def no_examples_message(read: int, dropped: dict, over_length: int, data_spec) -> str:
+    """Why nothing is left to train on: the same words from validate and prepare."""
+    why = ", ".join(f"{k}: {v}" for k, v in sorted(dropped.items()) if v) or "none"
+    msg = f"no training examples left: {read} row(s) read, dropped {why}"
+    if over_length:
+        msg += f"; {over_length} longer than max_length {data_spec.max_length} ({data_spec.truncation})"
+    return msg
+
+
+def no_examples_hint(dropped: dict, over_length: int) -> str:
+    if over_length and (dropped.get("no_trained_tokens") or dropped.get("too_long")):
+        return ("raise max_length: the cut left no assistant tokens to train on (or use truncation: truncate_left "
+                "to keep the end of each conversation)")
+    return "check the data (`sftjob validate`) and the train flags / weights of the rows"
 
 
 def bad_rows_message(bad: list[BadRow]) -> str:

@@ -10,13 +10,18 @@ recorded in the data report, never a silent drop.
 """
 from __future__ import annotations
 
+import fnmatch
 import hashlib
+import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from job import storage
 from job.errors import ConfigError, NotFoundError
+
+log = logging.getLogger(__name__)
 
 # Written out from each family's published tokenizer_config.json chat_template.
 # "{eos_token}" in an end-of-turn list means "whatever the tokenizer's eos token is".
@@ -107,6 +112,15 @@ def template_sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+TOKENIZER_FILES = ("tokenizer*.json", "*.model", "*.tiktoken", "special_tokens_map.json", "added_tokens.json",
+                   "chat_template*", "additional_chat_templates/*", "config.json", "vocab*", "merges*.txt", "*.py")
+
+
+def is_tokenizer_file(rel: str) -> bool:
+    """What AutoTokenizer may read from a model directory (never the weights)."""
+    return any(fnmatch.fnmatchcase(rel, pat) for pat in TOKENIZER_FILES)
+
+
 def locate_tokenizer(spec, tokenizer_dir: Path | str | None = None) -> Path | None:
     """Local dir of the tokenizer: model.tokenizer, else tokenizer_dir (the fetched model dir), else model.path.
 
@@ -117,13 +131,21 @@ def locate_tokenizer(spec, tokenizer_dir: Path | str | None = None) -> Path | No
     if not loc:
         return None
     loc = str(loc)
-    if storage.is_remote(loc):
-        local = Path(storage.fetch(loc, spec.cache_root() / "inputs"))
+    if storage.is_remote(loc):  # the tokenizer files only, into the cache the model fetch (run) completes
+        local = Path(storage.fetch(loc.rstrip("/") + "/", spec.cache_root() / "inputs", only=is_tokenizer_file))
     else:
         local = Path(loc[len("file://"):] if loc.startswith("file://") else loc)
     if not local.is_dir():
-        raise NotFoundError(f"tokenizer not found: {loc} is not a directory",
+        if not local.exists() and re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", loc):  # org/name: a hub id
+            offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
+            raise NotFoundError(f"tokenizer not found: '{loc}' is no local directory, and if it is a Hugging Face "
+                                f"hub id: the data stage reads tokenizers only from a local directory or S3{offline}",
+                                hint=f"download it first (`hf download {loc} --local-dir DIR`) and pass --model DIR "
+                                     "(or --tokenizer DIR), or copy it to S3 and pass the s3:// prefix")
+        what = "is a file, not a directory" if local.exists() else "does not exist"
+        raise NotFoundError(f"tokenizer not found: {loc} {what}",
                             hint="pass --tokenizer DIR (or --model DIR) holding tokenizer.json / tokenizer_config.json")
+    log.debug("tokenizer from %s (%s)", loc, local)
     return local
 
 
@@ -150,15 +172,16 @@ def load_tokenizer_from(local: Path, trust_remote_code: bool = False):
     try:
         return AutoTokenizer.from_pretrained(str(local), local_files_only=True, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise NotFoundError(f"cannot load a tokenizer from {local}: {str(e).splitlines()[0]}",
+        why = " ".join(ln.strip() for ln in str(e).splitlines() if ln.strip()) or type(e).__name__
+        raise NotFoundError(f"cannot load a tokenizer from {local}: {why}",
                             hint="the directory needs tokenizer.json (or a SentencePiece model) and tokenizer_config.json") from None
 
 
 def tokenizer_files_sha256(local: Path) -> str:
     """Fingerprint of everything in a tokenizer dir that can change tokenization or the template (not weights)."""
     h = hashlib.sha256()
-    for f in sorted(Path(local).iterdir()):
-        if f.is_file() and f.suffix in (".json", ".jinja", ".model", ".txt", ".tiktoken", ".py"):
+    for f in sorted(Path(local).iterdir()):  # the same files with or without the weights beside them
+        if f.is_file() and is_tokenizer_file(f.name):
             h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
     return h.hexdigest()
 
@@ -227,6 +250,8 @@ def _eos_for(name: str, text: str, tok) -> list[str]:
         out = render(tok, text, [_msg("user", 0), _msg("assistant", 1), _msg("user", 2), _msg("assistant", 3)])
     except Exception:  # noqa: BLE001
         return [eos_token] if eos_token else []
+    if sentinel(1) not in out or sentinel(3) not in out:  # no assistant content rendered: check_encoder says so
+        return [eos_token] if eos_token else []
     after = out.split(sentinel(1), 1)[1].split(sentinel(2), 1)[0].lstrip()
     last = out.split(sentinel(3), 1)[1].lstrip()
     specials = sorted(set(_special_strings(tok)) | {eos_token or ""}, key=len, reverse=True)
@@ -276,6 +301,44 @@ def apply_template(tokenizer, chat: ChatTemplate | str):
     if not isinstance(chat, str) and chat.system == "folded":
         tokenizer.init_kwargs["chat_template_system"] = "folded into the first user turn"
     return tokenizer
+
+
+def syntax_error_at(name: str, text: str, e: Exception) -> str | None:
+    """NAME:LINE:COLUMN of a Jinja syntax error. Jinja gives only the line; the column is where parsing of
+    that line, cut short, first gives the same error (a binary search: ~log2(line length) compiles)."""
+    import jinja2
+
+    if not isinstance(e, jinja2.TemplateSyntaxError) or not e.lineno:
+        return None
+    try:  # the environment apply_chat_template compiles with (its extensions, trim/lstrip settings)
+        from transformers.utils.chat_template_utils import _cached_compile_jinja_template
+    except ImportError:
+        return f"{name}:{e.lineno}"
+
+    lines = text.split("\n")
+    if e.lineno > len(lines):
+        return f"{name}:{e.lineno}"
+    head, line = "".join(ln + "\n" for ln in lines[:e.lineno - 1]), lines[e.lineno - 1]
+
+    def same(c: int) -> bool:
+        try:
+            _cached_compile_jinja_template(head + line[:c])
+        except jinja2.TemplateSyntaxError as x:
+            return x.message == e.message and x.lineno == e.lineno
+        except Exception:  # noqa: BLE001
+            return False
+        return False
+
+    lo, hi = 0, len(line)
+    if not same(hi):
+        return f"{name}:{e.lineno}"
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if same(mid) else (mid + 1, hi)
+    quoted = re.findall(r"'([^']+)'", e.message or "")
+    tok = quoted[-1] if quoted else ""
+    col = lo - len(tok) + 1 if tok and line[:lo].endswith(tok) else max(lo, 1)
+    return f"{name}:{e.lineno}:{col}"
 
 
 def _msg(role: str, i: int) -> dict:

@@ -123,10 +123,11 @@ def upload_tree(src: Path, prefix: str, *, files: Iterable[Path] | None = None,
     return backend(prefix).upload_tree(Path(src), prefix, files=files, sha256=sha256)
 
 
-def fetch(uri: str, cache_dir: Path) -> Path:
+def fetch(uri: str, cache_dir: Path, *, only=None) -> Path:
     """A local path for uri: local paths as they are, remote files/prefixes cached under cache_dir.
 
     Remote copies are keyed by ETag/size, guarded by a lock and a completion marker, so the ranks
     (and pods sharing a PVC) of a node download once and a restarted download resumes.
+    ``only(relative name) -> bool`` takes part of a remote prefix (a tokenizer without the weights).
     """
-    return backend(uri).fetch(uri, Path(cache_dir))
+    return backend(uri).fetch(uri, Path(cache_dir), only)

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import threading
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -55,8 +56,11 @@ def _read_json(path: Path) -> dict:
         return {}
 
 
-def _fresh(marker: Path, want: dict, root: Path, single: bool) -> bool:
-    if _read_json(marker).get("files") != want:
+def _fresh(marker: Path, want: dict, root: Path, single: bool, subset: bool = False) -> bool:
+    have = _read_json(marker).get("files")
+    if not isinstance(have, dict):
+        return False
+    if (any(have.get(rel) != v for rel, v in want.items()) if subset else have != want):
         return False
     for rel, (_, size) in want.items():
         p = root if single else root / rel
@@ -68,8 +72,12 @@ def _fresh(marker: Path, want: dict, root: Path, single: bool) -> bool:
     return True
 
 
-def fetch(uri: str, cache_dir: Path) -> Path:
-    """A local path holding uri (object → file, prefix → directory), downloaded at most once per node."""
+def fetch(uri: str, cache_dir: Path, only: Callable[[str], bool] | None = None) -> Path:
+    """A local path holding uri (object → file, prefix → directory), downloaded at most once per node.
+
+    ``only`` (a prefix's relative names → keep?) takes part of a prefix, e.g. a model's tokenizer files
+    without its weights; a later full fetch of the same prefix downloads only what is still missing.
+    """
     _, key = s3.parse(uri)
     objs = s3.list_objects(uri)
     if not objs:
@@ -78,13 +86,21 @@ def fetch(uri: str, cache_dir: Path) -> Path:
     single = len(objs) == 1 and objs[0].key == key
     rels = [""] if single else [paths.confine(r, f"refusing to cache {uri}", hint="rename the object")
                                 for r in s3.relative_names(uri, objs)]
-    want = {rel: [o.etag, o.size] for o, rel in zip(objs, rels, strict=True)}
+    listing = {rel: [o.etag, o.size] for o, rel in zip(objs, rels, strict=True)}
+    subset = only is not None and not single
+    if subset:
+        objs, rels = [o for o, r in zip(objs, rels, strict=True) if only(r)], [r for r in rels if only(r)]
+        if not objs:
+            raise NotFoundError(f"none of the files wanted from {uri} is there ({len(listing)} other file(s))",
+                                hint="check the URI: it should be the directory that holds them")
+    want = {rel: listing[rel] for rel in rels}
     root = cache_path(uri, cache_dir)
     marker = root.with_name(root.name + ".sftjob.json")
-    if _fresh(marker, want, root, single):
+    if _fresh(marker, want, root, single, subset):
+        log.debug("%s: the cached copy is current (%d file(s)) at %s", uri, len(want), root)
         return root
     with _locked(root.with_name(root.name + ".lock")):
-        if _fresh(marker, want, root, single):
+        if _fresh(marker, want, root, single, subset):
             return root
         old = _read_json(marker).get("files", {})
         marker.unlink(missing_ok=True)
@@ -97,7 +113,7 @@ def fetch(uri: str, cache_dir: Path) -> Path:
                     have[e["rel"]] = e["v"]
                 except (ValueError, KeyError, TypeError):
                     continue
-        for rel in set(old) - set(want):  # gone from the remote prefix
+        for rel in [r for r in old if r not in want and listing.get(r) != old[r]]:  # gone or changed remotely
             (root / rel).unlink(missing_ok=True)
         todo = []
         for obj, rel in zip(objs, rels, strict=True):
@@ -116,7 +132,8 @@ def fetch(uri: str, cache_dir: Path) -> Path:
             log.info("downloading %d of %d file(s) of %s into %s", len(todo), len(objs), uri, root)
         transfer.download(todo, on_done=done)
         tmp = marker.with_name(marker.name + ".tmp")
-        tmp.write_text(json.dumps({"uri": uri, "files": want}, sort_keys=True))
+        kept = {r: v for r, v in old.items() if subset and r not in want and listing.get(r) == v and (root / r).is_file()}
+        tmp.write_text(json.dumps({"uri": uri, "files": {**kept, **want}}, sort_keys=True))
         os.replace(tmp, marker)
         journal.unlink(missing_ok=True)
     return root

@@ -211,7 +211,7 @@ def upload_tree(src: Path, prefix: str, *, files: Iterable[Path] | None = None,
     return out
 
 
-def fetch(uri: str, cache_dir: Path) -> Path:
+def fetch(uri: str, cache_dir: Path, only=None) -> Path:  # local files are used where they are
     p = _path(uri)
     if not p.exists():
         raise _missing(uri)

@@ -355,7 +355,7 @@ def upload_tree(src: Path, prefix: str, *, files: Iterable[Path] | None = None,
     return [f"s3://{bucket}/{k}" for _, _, k, _ in items]
 
 
-def fetch(uri: str, cache_dir: Path) -> Path:
+def fetch(uri: str, cache_dir: Path, only=None) -> Path:
     from job.storage import cache
 
-    return cache.fetch(uri, Path(cache_dir))
+    return cache.fetch(uri, Path(cache_dir), only)

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from job import storage
-from job.errors import ConfigError, NotFoundError, SftjobError
+from job.errors import ConfigError, NotFoundError, PermissionDeniedError, UnavailableError
 
 log = logging.getLogger("sftjob.plan")
 GiB = 2**30
@@ -117,12 +117,14 @@ def make_plan(spec, *, model_config: str | None = None, tokens_per_second: float
     if steps is not None:
         per_step = global_batch * seq if spec.data.packing or not tokens_epoch else tokens_epoch / max(examples or 1, 1) * global_batch
         trained_tokens = int(steps * per_step)
+    frac = ((data_report or {}).get("tokens") or {}).get("trained_fraction")
+    loss_tokens = int(trained_tokens * frac) if trained_tokens is not None and frac is not None else None
     plan = {
         "model": spec.model.path or model_config, "method": t.method, "strategy": topo.strategy,
         "zero_stage": d.zero_stage if topo.strategy == "deepspeed" else None,
         "nodes": topo.num_machines, "gpus_per_node": topo.per_node, "processes": gpus,
         "global_batch": global_batch, "max_length": seq, "steps": steps, "data_rows": rows,
-        "tokens": trained_tokens, "base_params": n, "trainable_params": trainable,
+        "tokens": trained_tokens, "trained_tokens": loss_tokens, "base_params": n, "trainable_params": trainable,
         "memory_gb_per_gpu": {"weights": round(weights / GiB, 2), "trainable_state": round(state / GiB, 2),
                               "activations": round(acts / GiB, 2), "logits": round(logits / GiB, 2),
                               "total": round(total / GiB, 2)},
@@ -146,16 +148,22 @@ def plan_command(spec, *, tokens_per_second: float | None = None, as_json: bool 
 
     parent.check(spec)
     report = None
-    if spec.data_sources():
-        try:
-            from job.data.prepare import prepare
-            from job.pipeline import fetch_model
+    if spec.data_sources() and not (spec.model.tokenizer or spec.model.path):
+        log.warning("no tokenizer (--tokenizer or --model): data not prepared for the plan; steps come from max_steps only")
+    elif spec.data_sources():
+        # bad data or a missing tokenizer fail here as `validate` would (65/66): a dry run that says OK must be
+        # one the run can follow; the tokenizer alone is fetched (no weights), into the cache the run reuses.
+        # Only an explicitly offline plan (--model-config: shapes without the model) may go on without inputs.
+        from job.data.prepare import prepare
 
-            storage.configure(spec.storage)
-            model_dir = fetch_model(spec)
-            report = prepare(spec, Path(model_dir) if Path(model_dir).exists() else None).report
-        except SftjobError as e:
-            log.warning("data not prepared for the plan (%s); steps come from max_steps only", str(e).splitlines()[0])
+        storage.configure(spec.storage)
+        try:
+            report = prepare(spec).report
+        except (NotFoundError, UnavailableError, PermissionDeniedError) as e:
+            if not model_config:
+                raise
+            log.warning("offline plan (--model-config): inputs not reachable (%s); steps come from max_steps only",
+                        str(e).splitlines()[0])
     plan = make_plan(spec, model_config=model_config, tokens_per_second=tokens_per_second, data_report=report)
     if as_json:
         print(json.dumps(plan, indent=1))
@@ -168,7 +176,8 @@ def plan_command(spec, *, tokens_per_second: float | None = None, as_json: bool 
         + (f", ZeRO-{plan['zero_stage']})" if plan["zero_stage"] else ")"),
         f"global batch     {plan['global_batch']} sequences x {plan['max_length']} tokens",
         f"steps            {plan['steps'] if plan['steps'] is not None else 'unknown (set max_steps or make the data reachable)'}",
-        f"trained tokens   {plan['tokens'] if plan['tokens'] is not None else 'unknown'}",
+        f"tokens           {plan['tokens'] if plan['tokens'] is not None else 'unknown'} processed"
+        + (f", {plan['trained_tokens']} trained (assistant tokens with a loss)" if plan["trained_tokens"] is not None else ""),
         f"memory per GPU   ~{mem['total']} GiB (weights {mem['weights']}, trainable state {mem['trainable_state']}, "
         f"activations {mem['activations']}, logits {mem['logits']}) — estimate",
     ]
