@@ -152,9 +152,11 @@ def test_negative_numbers_are_values_with_a_space_too():
 def test_debug_gives_debug_logs(tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n')
-    r = sftjob("--debug", "validate", "--data", str(data), env={"SFTJOB_MAX_STEPS": "4"})
+    r = sftjob("--debug", "validate", "--data", str(data), "--log-format", "text", env={"SFTJOB_MAX_STEPS": "4"})
     assert r.returncode == 0, r.stderr
     debug = [ln for ln in r.stderr.splitlines() if " DEBUG " in ln]
+    as_json = sftjob("--debug", "validate", "--data", str(data), env={"SFTJOB_MAX_STEPS": "4"})  # no terminal: JSON
+    assert any('"level": "DEBUG"' in ln and "settings: " in ln for ln in as_json.stderr.splitlines())
     settings = [ln.split("settings: ", 1)[1] for ln in debug if "settings: " in ln]
     assert settings and "train.max_steps" in settings[0].split("from env")[1] and "from flags data.path" in settings[0]
 
