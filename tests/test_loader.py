@@ -14,10 +14,12 @@ import torch
 import trainkit
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from job import evaluate, spec as specmod
+from job import evaluate
+from job import spec as specmod
 from job.data.prepare import prepare
 from job.demo_data import conversations
-from job.train import export, plan as planmod, sft
+from job.train import export, sft
+from job.train import plan as planmod
 
 ROOT = Path(__file__).resolve().parents[1]
 NEW = ["<|turn|>", "<|eot|>"]
