@@ -23,7 +23,6 @@ Prints one JSON object on stdout; progress goes to stderr.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -106,12 +105,10 @@ def make_rows(n_rows: int, seq_len: int, vocab: int, seed: int = 0) -> list[dict
 
 
 def pick_attention(requested: str, cuda: bool) -> str:
-    """The job's rule (job/train/launch.py::_attn): flash_attention_2 when flash_attn is installed on CUDA."""
-    if requested != "auto":
-        return requested
-    if cuda and importlib.util.find_spec("flash_attn"):
-        return "flash_attention_2"
-    return "sdpa"
+    """The job's rule (job.loader): flash_attention_2 when flash_attn is installed on CUDA, else sdpa."""
+    from job.loader import attn_implementation
+
+    return attn_implementation(requested, cuda)
 
 
 def build_model(config_kwargs: dict, dtype, device, attn: str, grad_ckpt: bool, lora: dict):
@@ -119,6 +116,8 @@ def build_model(config_kwargs: dict, dtype, device, attn: str, grad_ckpt: bool, 
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from job.loader import for_training
 
     cfg = LlamaConfig(**config_kwargs)
     notes = []
@@ -131,7 +130,7 @@ def build_model(config_kwargs: dict, dtype, device, attn: str, grad_ckpt: bool, 
             notes.append(f"attn_implementation {attn} unavailable ({str(e).splitlines()[0][:160]}); fell back to sdpa")
             attn = "sdpa"
             model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=attn)
-    model.config.use_cache = False
+    for_training(model)  # use_cache off, as the job's ranks: packed rows stay isolated per example
     n_base = sum(p.numel() for p in model.parameters())
     if grad_ckpt:  # what Trainer does for gradient_checkpointing=True with the job's kwargs
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x (old name deprecated)
@@ -181,7 +180,10 @@ def run(args) -> dict:
     device = torch.device("cuda" if cuda else "cpu")
     if tiny:  # tiny ops on a shared CPU: one thread beats OpenMP workers fighting over the cores
         torch.set_num_threads(1)
-    dtype = torch.bfloat16 if cuda else torch.float32
+    from job.loader import dtype_name, mixed_precision
+
+    precision = mixed_precision("auto", cuda, cuda and torch.cuda.is_bf16_supported())
+    dtype = getattr(torch, dtype_name("auto", precision))  # as the job loads weights: bf16 on H100/H200, fp32 on CPU
     seq_len = args.seq_len or (256 if tiny else 4096)
     steps = args.steps if args.steps is not None else (4 if tiny else 20)
     warmup = args.warmup if args.warmup is not None else (1 if tiny else 5)

@@ -170,35 +170,27 @@ def generate(model, tok, prompts: list[Prompt], max_new_tokens: int, stop_ids: l
 
 
 def _load_base(spec, model_dir: str, vocab: int):
+    """The base model as training loaded it (job.loader: dtype, attention, QLoRA quantization, added tokens)."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    cuda = torch.cuda.is_available()
-    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(spec.model.torch_dtype)
-    if dtype is None:
-        dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else torch.float32
-    kwargs: dict = {"dtype": dtype, "trust_remote_code": spec.model.trust_remote_code}
-    if spec.train.method == "qlora":
-        from transformers import BitsAndBytesConfig
+    from job.loader import load_model, local_settings
 
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                           bnb_4bit_compute_dtype=dtype)
-        kwargs["device_map"] = {"": 0}
-    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
-    if cuda and spec.train.method != "qlora":
+    precision, attn = local_settings(spec)
+    model = load_model(model_dir, spec, precision=precision, attn=attn, vocab=vocab)
+    if torch.cuda.is_available() and spec.train.method != "qlora":  # a quantized model is already on the GPU
         model.to("cuda")
-    if model.get_input_embeddings().weight.shape[0] < vocab:  # the run added tokens (saved via modules_to_save)
-        model.resize_token_embeddings(vocab)
     return model.eval()
 
 
 def _with_adapter(spec, base, adapter_dir: str):
     if spec.train.method == "full":
-        from transformers import AutoModelForCausalLM
+        from job.loader import load_weights
 
         device, dtype = next(base.parameters()).device, next(base.parameters()).dtype
+        attn = base.config._attn_implementation
         del base
-        return AutoModelForCausalLM.from_pretrained(adapter_dir, dtype=dtype).to(device).eval()
+        return load_weights(adapter_dir, dtype=str(dtype).replace("torch.", ""), attn=attn,
+                            trust_remote_code=spec.model.trust_remote_code).to(device).eval()
     from peft import PeftModel
 
     return PeftModel.from_pretrained(base, adapter_dir).eval()
@@ -264,6 +256,7 @@ def eval_loss(model, eval_path: Path, spec) -> float | None:
     import torch
     from datasets import Dataset
 
+    from job.loader import USE_CACHE_IN_TRAINING  # as the trainer computes it: no KV cache across packed rows
     from job.train.sft import Collator
 
     ds = Dataset.from_parquet(str(eval_path))
@@ -273,7 +266,7 @@ def eval_loss(model, eval_path: Path, spec) -> float | None:
     with torch.inference_mode():
         for start in range(0, len(ds), bs):
             batch = collate([ds[i] for i in range(start, min(start + bs, len(ds)))])
-            loss = model(**{k: v.to(device) for k, v in batch.items()}).loss.float().item()
+            loss = model(**{k: v.to(device) for k, v in batch.items()}, use_cache=USE_CACHE_IN_TRAINING).loss.float().item()
             n = len(batch["input_ids"])
             if math.isfinite(loss):  # as the trainer's logging_nan_inf_filter
                 total, rows = total + loss * n, rows + n
@@ -281,10 +274,14 @@ def eval_loss(model, eval_path: Path, spec) -> float | None:
 
 
 def _tokenizer(spec, prepared, model_dir: str, adapter_dir: str):
-    from transformers import AutoTokenizer
+    """The adapter's tokenizer (saved by training), else the one prepare used; with the run's added tokens."""
+    from job.data.templates import locate_tokenizer
+    from job.loader import load_tokenizer
 
-    tok_dir = adapter_dir if (Path(adapter_dir) / "tokenizer_config.json").exists() else model_dir
-    tok = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=spec.model.trust_remote_code)
+    saved = (Path(adapter_dir) / "tokenizer_config.json").exists()
+    tok = load_tokenizer(adapter_dir if saved else locate_tokenizer(spec, model_dir),
+                         add_special_tokens=spec.model.add_special_tokens,
+                         trust_remote_code=spec.model.trust_remote_code)
     tok.chat_template = prepared.chat_template
     return tok
 

@@ -78,7 +78,7 @@ def test_second_prepare_with_identical_inputs_is_a_cache_hit(tmp_path, tok_dir, 
 
     def no_tokenizer(*a, **k):
         raise AssertionError("a cache hit must not load the tokenizer or tokenize")
-    monkeypatch.setattr("job.data.prepare.load_tokenizer_from", no_tokenizer)
+    monkeypatch.setattr("job.data.prepare.load_tokenizer", no_tokenizer)
     assert prepare_command(spec) == 0
     monkeypatch.undo()
     assert capsys.readouterr().out.startswith(f"cache hit (inputs unchanged, nothing re-tokenized): {first.dir}")

@@ -30,13 +30,13 @@ from job.data.formats import BadRow
 from job.data.masks import Encoded, Encoder, check_encoder
 from job.data.templates import (
     describe,
-    load_tokenizer_from,
     locate_tokenizer,
     read_template_source,
     resolve_template,
     tokenizer_files_sha256,
 )
 from job.errors import ConfigError, DataError
+from job.loader import load_tokenizer
 
 log = logging.getLogger(__name__)
 PREP_VERSION = "2"  # bump when the same inputs would now be prepared differently
@@ -85,7 +85,8 @@ def prepare(spec, tokenizer_dir: Path | None = None) -> Prepared:
         return Prepared.load(dest, cache_hit=True)
 
     marks = {"inputs": time.time()}
-    tok = load_tokenizer_from(tdir, spec.model.trust_remote_code)
+    tok = load_tokenizer(tdir, add_special_tokens=spec.model.add_special_tokens,
+                         trust_remote_code=spec.model.trust_remote_code)
     chat = describe(*template_src, tok) if template_src else resolve_template(spec, tok)
     encoder = Encoder(tok, chat, spec.data.max_length, spec.data.truncation, spec.data.train_on_eos)
     check_encoder(encoder)
@@ -400,6 +401,8 @@ def cache_key(spec, template_src: tuple[str, str] | None, tdir: Path, sources, e
          "add_special_tokens": m.add_special_tokens,
          "template": template_src[1] if template_src else "(tokenizer's own)",
          "tokenizer": tokenizer_files_sha256(tdir)})
+    if m.add_special_tokens:  # caches from before the added tokens reached prepare split them into pieces
+        add({"added_tokens_are_special": True})
     for src, files in sources:
         add({"weight": src.weight, "files": [file_sha256(p) for _, p in files]})
     add({"eval": [file_sha256(p) for _, p in eval_files]})

@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from job import storage
+from job import loader, storage
 from job.errors import ConfigError, NotFoundError
 
 log = logging.getLogger(__name__)
@@ -150,31 +150,12 @@ def locate_tokenizer(spec, tokenizer_dir: Path | str | None = None) -> Path | No
 
 
 def load_tokenizer(spec, tokenizer_dir: Path | str | None = None):
-    """(tokenizer, local dir), loaded with AutoTokenizer exactly as training and inference load it."""
+    """(tokenizer, local dir), loaded by job.loader exactly as training and inference load it."""
     local = locate_tokenizer(spec, tokenizer_dir)
     if local is None:
         return None, None
-    return add_tokens(load_tokenizer_from(local, spec.model.trust_remote_code), spec.model.add_special_tokens), local
-
-
-def add_tokens(tok, tokens: list[str]):
-    """model.add_special_tokens: the same call in data prep and in training, so the ids agree."""
-    missing = [t for t in tokens if t not in tok.get_vocab()]
-    if missing:
-        tok.add_tokens(missing, special_tokens=True)
-    return tok
-
-
-def load_tokenizer_from(local: Path, trust_remote_code: bool = False):
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(local), local_files_only=True, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        why = " ".join(ln.strip() for ln in str(e).splitlines() if ln.strip()) or type(e).__name__
-        raise NotFoundError(f"cannot load a tokenizer from {local}: {why}",
-                            hint="the directory needs tokenizer.json (or a SentencePiece model) and tokenizer_config.json") from None
+    return loader.load_tokenizer(local, add_special_tokens=spec.model.add_special_tokens,
+                                 trust_remote_code=spec.model.trust_remote_code), local
 
 
 def tokenizer_files_sha256(local: Path) -> str:

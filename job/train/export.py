@@ -17,14 +17,12 @@ log = logging.getLogger("sftjob.export")
 _LORA = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 
 
-def _module_shapes(base_dir: str, trust_remote_code: bool) -> dict[str, tuple[int, int]]:
+def _module_shapes(base_dir: str, trust_remote_code: bool, vocab: int = 0) -> dict[str, tuple[int, int]]:
     import torch
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = AutoConfig.from_pretrained(base_dir, trust_remote_code=trust_remote_code)
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
+    from job.loader import empty_model
+
+    model = empty_model(base_dir, vocab=vocab, trust_remote_code=trust_remote_code)
     out = {}
     for name, mod in model.named_modules():
         if isinstance(mod, (torch.nn.Linear, torch.nn.Embedding)):
@@ -48,7 +46,7 @@ def verify_adapter(adapter_dir: Path, base_dir: str, *, forward: bool = True,
     tensors = load_file(str(weights))
     if not tensors:
         raise VerificationError(f"{weights} holds no tensors")
-    shapes = _module_shapes(base_dir, trust_remote_code)
+    shapes = _module_shapes(base_dir, trust_remote_code, _vocab(adapter_dir, trust_remote_code))
     problems, zero_b, n_lora = [], [], 0
     for key, t in tensors.items():
         if t.numel() == 0:
@@ -109,32 +107,37 @@ def verify_full(model_dir: Path, base_dir: str, *, trust_remote_code: bool = Fal
         problems.append(f"all {compared} weights equal the base model's (untrained)")
     _refuse("model", problems, untrained=untrained)
     def load():
-        from transformers import AutoModelForCausalLM
+        from job.loader import load_weights
 
-        return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, trust_remote_code=trust_remote_code)
+        return load_weights(model_dir, dtype="float32", trust_remote_code=trust_remote_code)
 
     _forward_check(load, "model", "the fine-tuned model does not load")
     return {"tensors": n, "compared_with_base": compared, "changed": moved, "forward_checked": True}
 
 
-def load_base_for(adapter_dir: Path, base_dir: str, dtype, trust_remote_code: bool = False):
-    """The base model, with embeddings resized when the adapter's tokenizer added special tokens."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _vocab(adapter_dir: Path, trust_remote_code: bool) -> int:
+    """Rows the embeddings need for the tokenizer saved with the adapter (0: none saved)."""
+    if not (Path(adapter_dir) / "tokenizer_config.json").is_file():
+        return 0
+    from job.loader import load_tokenizer
 
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype, trust_remote_code=trust_remote_code)
-    if (Path(adapter_dir) / "tokenizer_config.json").is_file():
-        n = len(AutoTokenizer.from_pretrained(str(adapter_dir), trust_remote_code=trust_remote_code))
-        if n > base.get_input_embeddings().weight.shape[0]:
-            base.resize_token_embeddings(n)
-    return base
+    return len(load_tokenizer(adapter_dir, trust_remote_code=trust_remote_code))
+
+
+def load_base_for(adapter_dir: Path, base_dir: str, dtype: str, trust_remote_code: bool = False):
+    """The base model (unquantized: verified and merged in full precision), with the embeddings grown as
+    training grew them when the adapter's tokenizer added special tokens."""
+    from job.loader import load_weights
+
+    return load_weights(base_dir, dtype=dtype, vocab=_vocab(adapter_dir, trust_remote_code),
+                        trust_remote_code=trust_remote_code)
 
 
 def _load_and_forward(adapter_dir: Path, base_dir: str, trust_remote_code: bool) -> None:
-    import torch
     from peft import PeftModel
 
     def load():
-        return PeftModel.from_pretrained(load_base_for(adapter_dir, base_dir, torch.float32, trust_remote_code),
+        return PeftModel.from_pretrained(load_base_for(adapter_dir, base_dir, "float32", trust_remote_code),
                                          str(adapter_dir))
 
     _forward_check(load, "adapter", "adapter does not load on the base model")
@@ -167,10 +170,9 @@ def _forward_check(load, what: str, unloadable: str) -> None:
 
 def merge(adapter_dir: Path, base_dir: str, dest: Path, *, trust_remote_code: bool = False) -> Path:
     """Merged full weights (sharded safetensors) for runtimes that don't load adapters."""
-    import torch
     from peft import PeftModel
 
-    base = load_base_for(adapter_dir, base_dir, torch.bfloat16, trust_remote_code)
+    base = load_base_for(adapter_dir, base_dir, "bfloat16", trust_remote_code)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     merged.save_pretrained(dest, max_shard_size="2GB")
     return dest

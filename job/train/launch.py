@@ -24,6 +24,7 @@ import yaml
 
 from job import redact
 from job.errors import ConfigError
+from job.loader import attn_implementation, mixed_precision
 
 log = logging.getLogger("sftjob.launch")
 
@@ -110,9 +111,7 @@ def topology(spec, environ: dict[str, str] | None = None, cuda_devices: int | No
                           hint="set MASTER_ADDR (the chart sets <release>-0.<headless service>) or main_process_ip")
     ip = ip or "127.0.0.1"
     port = d.main_process_port or int(env.get("MASTER_PORT") or env.get("PET_MASTER_PORT") or 0) or (29500 if machines > 1 else _free_port())
-    mp = d.mixed_precision
-    if mp == "auto":
-        mp = ("bf16" if bf16_ok else "fp16") if cuda_devices else "no"
+    mp = mixed_precision(d.mixed_precision, cuda_devices > 0, bool(bf16_ok))
     return Topology(strategy, total, per_node, machines, rank, ip, port, mp, cuda_devices > 0)
 
 
@@ -235,14 +234,7 @@ class Outcome:
 
 
 def _attn(spec, cuda: bool) -> str:
-    if spec.model.attn_implementation != "auto":
-        return spec.model.attn_implementation
-    if cuda:
-        import importlib.util
-
-        if importlib.util.find_spec("flash_attn"):
-            return "flash_attention_2"
-    return "sdpa"
+    return attn_implementation(spec.model.attn_implementation, cuda)
 
 
 def check_bitsandbytes(spec) -> None:

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from job import storage
-from job.errors import ConfigError, NotFoundError, PermissionDeniedError, UnavailableError
+from job.errors import ConfigError, NotFoundError, PermissionDeniedError, SftjobError, UnavailableError
 
 log = logging.getLogger("sftjob.plan")
 GiB = 2**30
@@ -32,30 +32,29 @@ def _config(spec, model_config: str | None) -> dict:
     if p.is_file():
         return json.loads(p.read_text())
     try:
-        from transformers import AutoConfig
+        from job.loader import model_config
 
-        return AutoConfig.from_pretrained(src).to_dict()
+        return model_config(src).to_dict()
     except Exception:  # noqa: BLE001
         raise NotFoundError(f"no config.json for {src}", hint="pass --model-config path/to/config.json") from None
 
 
-def _count(cfg: dict, spec) -> tuple[int, int, dict]:
-    """(base params, trainable params, shapes) from a meta-device model built from config."""
+def _count(cfg: dict, spec, vocab: int = 0) -> tuple[int, int, dict]:
+    """(base params, trainable params, shapes) from a meta-device model built as job.loader builds it
+    (embeddings grown to `vocab` rows for added tokens)."""
     import torch
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
 
-    conf = AutoConfig.for_model(**cfg) if "model_type" in cfg else None
-    if conf is None:
+    from job.loader import empty_model
+
+    if "model_type" not in cfg:
         raise ConfigError("config.json has no model_type", hint="use the model's own config.json")
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(conf)
-    model.tie_weights()  # from_config leaves tied embeddings untied on meta: they would count twice
+    model = empty_model(cfg, vocab=vocab)
+    conf = model.config
     n = sum(p.numel() for p in model.parameters())
     quantizable = sum(m.weight.numel() for name, m in model.named_modules()
                       if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head"))
     if spec.train.method == "full":
-        return n, n, {"quantizable_params": quantizable}
+        return n, n, {"quantizable_params": quantizable, "vocab_size": conf.vocab_size}
     targets = spec.train.target_modules
     trainable = 0
     for name, mod in model.named_modules():
@@ -71,12 +70,26 @@ def _count(cfg: dict, spec) -> tuple[int, int, dict]:
                           "vocab_size": conf.vocab_size, "quantizable_params": quantizable}
 
 
+def _vocab(spec) -> int:
+    """Tokens of the run's tokenizer with model.add_special_tokens (0 when none are added or it is not here)."""
+    if not spec.model.add_special_tokens or storage.is_remote(spec.model.tokenizer or spec.model.path or ""):
+        return 0  # a dry run downloads no model to count two tokens
+    from job.data.templates import load_tokenizer
+
+    try:
+        tok, _ = load_tokenizer(spec)
+    except SftjobError as e:
+        log.warning("tokenizer not loaded for the plan (%s); added tokens are not counted", str(e).splitlines()[0])
+        return 0
+    return len(tok) if tok is not None else 0
+
+
 def make_plan(spec, *, model_config: str | None = None, tokens_per_second: float | None = None,
               data_report: dict | None = None) -> dict:
     from job.train.launch import topology
 
     cfg = _config(spec, model_config)
-    n, trainable, shape = _count(cfg, spec)
+    n, trainable, shape = _count(cfg, spec, _vocab(spec))
     # a plan is made off-cluster: stand in for the rank-0 address the chart provides as MASTER_ADDR
     env = {**os.environ, "MASTER_ADDR": os.environ.get("MASTER_ADDR") or "rank-0.planned"}
     topo = topology(spec, environ=env, cuda_devices=spec.distributed.gpus_per_node or 0, bf16_ok=True)
@@ -96,7 +109,7 @@ def make_plan(spec, *, model_config: str | None = None, tokens_per_second: float
     state = trainable * (4 + 4 + 8) / opt_shard  # fp32 master/trainable + grads + Adam moments
     if d.offload_optimizer:
         state = trainable * 4 / opt_shard
-    h, layers, vocab = shape.get("hidden_size", cfg.get("hidden_size", 0)), cfg.get("num_hidden_layers", 0), cfg.get("vocab_size", 0)
+    h, layers, vocab = shape.get("hidden_size", cfg.get("hidden_size", 0)), cfg.get("num_hidden_layers", 0), shape.get("vocab_size", cfg.get("vocab_size", 0))
     per_layer = 34 * h * micro_tokens
     acts = (2 * h * micro_tokens * layers + per_layer) if t.gradient_checkpointing else per_layer * layers
     logits = micro_tokens * vocab * 4

@@ -202,35 +202,33 @@ def _training_args(spec, plan: dict):
     return SFTConfig(**kwargs)
 
 
-def _load_model(spec, plan: dict):
-    import torch
-    from transformers import AutoModelForCausalLM
+def _load_tokenizer(spec, plan: dict):
+    from job.data.templates import apply_template, locate_tokenizer
+    from job.loader import load_tokenizer
 
-    m = spec.model
-    dtype = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[m.torch_dtype]
-    if dtype is None:
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(plan["mixed_precision"], torch.float32)
-    kwargs = dict(dtype=dtype, trust_remote_code=m.trust_remote_code, attn_implementation=plan["attn_implementation"])
-    if spec.train.method == "qlora":
-        from transformers import BitsAndBytesConfig
+    # model.tokenizer when set, as prepare tokenized with it (a cache hit on this node: no download)
+    tok = load_tokenizer(locate_tokenizer(spec, plan["model_dir"]), add_special_tokens=spec.model.add_special_tokens,
+                         trust_remote_code=spec.model.trust_remote_code)
+    apply_template(tok, Path(plan["chat_template_path"]).read_text())
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
 
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype if dtype != torch.float32 else torch.bfloat16)
-        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
-    model = AutoModelForCausalLM.from_pretrained(plan["model_dir"], **kwargs)
-    model.config.use_cache = False
-    return model
+
+def _load_model(spec, plan: dict, vocab: int):
+    """Through job.loader (as eval, export and merge): new special tokens grow the embeddings to `vocab`."""
+    from job.loader import load_model
+
+    return load_model(plan["model_dir"], spec, precision=plan["mixed_precision"], attn=plan["attn_implementation"],
+                      vocab=vocab, training=True)
 
 
 def train(plan: dict) -> int:
     import torch
     from datasets import Dataset
-    from transformers import AutoTokenizer
     from trl import SFTTrainer
 
     from job import checkpoints, storage
-    from job.data.templates import add_tokens, apply_template
     from job.spec import RunSpec, StorageSpec
     from job.status import Status
     from job.train import lora
@@ -243,19 +241,13 @@ def train(plan: dict) -> int:
     node_rank = int(plan.get("node_rank", 0))
     stop = StopFlag(plan.get("deadline"))
 
-    tok = AutoTokenizer.from_pretrained(plan["model_dir"], trust_remote_code=spec.model.trust_remote_code)
-    add_tokens(tok, spec.model.add_special_tokens)
-    apply_template(tok, Path(plan["chat_template_path"]).read_text())
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
+    tok = _load_tokenizer(spec, plan)
     train_ds = Dataset.from_parquet(plan["train_path"])
     eval_ds = Dataset.from_parquet(plan["eval_path"]) if plan.get("eval_path") else None
     collator = Collator(tok.pad_token_id, packed=spec.data.packing,
                         flatten=plan["attn_implementation"] == "flash_attention_2")
 
-    model = _load_model(spec, plan)
-    if len(tok) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tok))  # new special tokens; consumers resize the base the same way
+    model = _load_model(spec, plan, len(tok))
     peft_config = lora.peft_config(spec) if spec.train.method in ("lora", "qlora") else None
     if plan.get("adapter_path"):  # continue a (verified, shape-checked) parent adapter: its config wins
         from peft import PeftModel
