@@ -64,9 +64,14 @@ def setup(debug: bool = False, fmt: str | None = None) -> str:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("TQDM_DISABLE", "1")
+    root = logging.getLogger()
+    for h in [h for h in root.handlers if getattr(h, "_sftjob", False)]:  # ours from an earlier call only
+        root.removeHandler(h)
     handler = logging.StreamHandler(sys.stderr)
+    handler._sftjob = True
     handler.setFormatter(_Json() if _format == "json" else _Redacting("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, handlers=[handler], force=True)
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
     for name in QUIET:
         logging.getLogger(name).setLevel(logging.WARNING)
     if not debug:
