@@ -19,7 +19,8 @@ from job import storage
 
 log = logging.getLogger("sftjob.status")
 
-STATES = ("pending", "fetching", "preparing", "training", "publishing", "succeeded", "failed", "interrupted")
+STATES = ("pending", "fetching", "preparing", "training", "publishing", "succeeded", "failed", "interrupted",
+          "stalled")
 TERMINATION_LOG = "/dev/termination-log"
 
 
@@ -84,7 +85,7 @@ class Status:
         return self.update(state=state, event=(state, message or state), **fields)
 
     def fail(self, exit_code: int, kind: str, message: str) -> dict:
-        state = "interrupted" if exit_code == 75 else "failed"
+        state = {75: "interrupted", 72: "stalled"}.get(int(exit_code), "failed")
         doc = self.update(state=state, error={"exit_code": int(exit_code), "kind": kind, "message": message},
                           event=(state, message))
         write_termination_log(doc)

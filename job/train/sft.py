@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from job.errors import ExitCode
+from job.train import watchdog
 
 log = logging.getLogger("sftjob.train")
 
@@ -193,6 +194,7 @@ def _training_args(spec, plan: dict):
         remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True},
         disable_tqdm=True, dataloader_num_workers=0, max_length=spec.data.max_length,
         ddp_find_unused_parameters=False if d.strategy == "ddp" else None,
+        ddp_timeout=d.ddp_timeout,
         activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
     )
     if plan.get("deepspeed_config"):
@@ -266,7 +268,7 @@ def train(plan: dict) -> int:
                                     keep=spec.resilience.save_total_limit)
     status = Status(Path(plan["workdir"]), plan.get("output_uri")) if rank == 0 else None
     args = _training_args(spec, plan)
-    callbacks = _callbacks(plan, collator, stop, mirror, status)
+    callbacks = _callbacks(plan, collator, stop, mirror, status) + [watchdog.heartbeat_callback()]
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tok, data_collator=collator, peft_config=peft_config,
                          callbacks=callbacks)
@@ -286,6 +288,7 @@ def train(plan: dict) -> int:
     stopped = Path(plan["workdir"]) / "stopped.json"
     if stop.reason == "sigterm":
         grace_left = plan["grace_seconds"] - 10 - (time.time() - stop.signalled_at)
+        watchdog.beat("uploading")
         saved = mirror.wait(timeout=max(grace_left, 1)) if mirror else True
         if rank == 0:
             stopped.write_text(json.dumps({"reason": "sigterm", "step": trainer.state.global_step,
@@ -297,6 +300,7 @@ def train(plan: dict) -> int:
     trainer.save_model(plan["adapter_dir"])  # gathers under ZeRO-3/FSDP; all ranks must call it
     if rank == 0:
         tok.save_pretrained(plan["adapter_dir"])
+    watchdog.beat("uploading")
     saved = mirror.wait(timeout=600) if mirror else True
     if rank == 0 and stop.reason == "deadline":
         stopped.write_text(json.dumps({"reason": "deadline", "step": trainer.state.global_step,
@@ -312,7 +316,18 @@ def main(argv: list[str] | None = None) -> int:
 
     logsetup.setup(os.environ.get("SFTJOB_DEBUG") == "1")
     plan = json.loads(Path(argv[0]).read_text())
-    return train(plan)
+    beacon = watchdog.rank_start(plan["workdir"], int(plan.get("node_rank", 0)))  # dies with its launcher
+    try:
+        code = train(plan)
+    except SystemExit as e:
+        beacon.exit(e.code if isinstance(e.code, int) else 1)
+        raise
+    except BaseException as e:
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        beacon.exit(1, f"{type(e).__name__}: {first}")
+        raise
+    beacon.exit(code)
+    return code
 
 
 if __name__ == "__main__":
