@@ -91,8 +91,8 @@ def test_a_stack_dump_is_summarised_per_thread():
             '  File "/x/threading.py", line 629 in wait\n\n'
             'Current thread 0x00007e (most recent call first):\n  File "/x/distributed_c10d.py", line 2 in all_reduce\n'
             '  File "/w/job/train/sft.py", line 90 in agreed\n')
-    assert watchdog._summarise(dump) == ("wait (threading.py:331) < wait (threading.py:629) | "
-                                         "all_reduce (distributed_c10d.py:2) < agreed (sft.py:90)")
+    assert watchdog._summarise(dump) == ("all_reduce (distributed_c10d.py:2) < agreed (sft.py:90) | "
+                                         "wait (threading.py:331) < wait (threading.py:629)")
 
 
 @pytest.mark.slow

@@ -396,12 +396,12 @@ class Watch:
 
 
 def _summarise(dump: str, frames: int = 4) -> str:
-    """The innermost frames of each thread of a faulthandler dump, one line per thread."""
+    """The innermost frames of each thread of a faulthandler dump, the interrupted (main) thread first."""
     out, cur = [], None
     for line in dump.splitlines():
         if line.startswith(("Thread 0x", "Current thread 0x")):
             cur = []
-            out.append(cur)
+            out.insert(0 if line.startswith("Current") else len(out), cur)
         elif cur is not None and line.strip().startswith("File ") and len(cur) < frames:
             m = re.match(r'\s*File "(.+)", line (\d+) in (\S+)', line)
             if m:
