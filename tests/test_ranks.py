@@ -4,6 +4,8 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -93,6 +95,43 @@ def test_a_stack_dump_is_summarised_per_thread():
             '  File "/w/job/train/sft.py", line 90 in agreed\n')
     assert watchdog._summarise(dump) == ("all_reduce (distributed_c10d.py:2) < agreed (sft.py:90) | "
                                          "wait (threading.py:331) < wait (threading.py:629)")
+
+
+def test_a_child_started_with_child_of_dies_with_its_parent(tmp_path):
+    """The mechanism alone: parent → child (preexec_fn=child_of(parent)); SIGKILL the parent, the child goes."""
+    pidfile = tmp_path / "child.pid"
+    code = ("import os, subprocess, sys, time\n"
+            "from job.train import watchdog\n"
+            "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], start_new_session=True,\n"
+            "                     preexec_fn=watchdog.child_of(os.getpid()))\n"
+            f"open({str(pidfile)!r}, 'w').write(str(c.pid))\n"
+            "time.sleep(60)\n")
+    parent = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        deadline = time.time() + 30
+        while not (pidfile.exists() and pidfile.read_text()) and time.time() < deadline:
+            time.sleep(0.05)
+        child = int(pidfile.read_text())
+        assert not _gone(child)
+        parent.kill()
+        parent.wait()
+        assert _wait_gone([child], 5) == set()
+    finally:
+        parent.kill()
+
+
+def test_ddp_timeout_reaches_the_trainer_and_nccl_error_handling_is_on_unless_set(tmp_path, monkeypatch):
+    from job.spec import build
+    from job.train import launch, sft
+
+    spec = build(overrides={"distributed.ddp_timeout": 90, "distributed.strategy": "ddp"})
+    args = sft._training_args(spec, {"checkpoint_dir": str(tmp_path / "ckpt"), "mixed_precision": "no"})
+    assert args.ddp_timeout == 90 and build().distributed.ddp_timeout == 1800
+    monkeypatch.setenv("TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC", "60")
+    env = launch.nccl_env()
+    assert env == {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "TORCH_NCCL_ENABLE_MONITORING": "1"}
+    assert build(overrides={"resilience.stall_seconds": 60}).resilience.stall_seconds == 60
+    assert watchdog.default_stall_seconds(cuda=True) == 600
 
 
 @pytest.mark.slow
