@@ -252,3 +252,30 @@ def test_a_sigstopped_rank_is_caught_by_the_stall_watchdog_with_every_other_rank
     assert stall["stopped_ranks"] == [1] and stall["step"] >= 2 and stall["stacks"]["0"] not in ("", "no stack dump")
     assert "state=stalled" in (tmp_path / "termlog").read_text()
     assert _wait_gone([pid, _rank(cache, 0)["pid"]], 10) == set()
+
+
+@pytest.mark.slow
+def test_a_dead_rank_whose_peer_cannot_notice_still_ends_the_job_within_60s(tmp_path):
+    """What NCCL can do on GPUs (a peer blocked in a collective that never errors), played with SIGSTOP."""
+    cache = tmp_path / "c"
+    out = tmp_path / "out"
+    env = {"SFTJOB_CACHE_DIR": str(cache), "SFTJOB_TERMINATION_LOG": str(tmp_path / "termlog")}
+    log = tmp_path / "run.log"
+    proc = trainkit.start(*_args(out, 100000, *DDP), env=env, log=log)
+    stopped = None
+    try:
+        trainkit.wait_until(lambda: (_rank(cache, 1).get("step") or 0) >= 2, proc, "rank 1 at step 2")
+        stopped = _rank(cache, 0)["pid"]
+        os.kill(stopped, signal.SIGSTOP)
+        os.kill(_rank(cache, 1)["pid"], signal.SIGKILL)
+        t0 = time.time()
+        proc.wait(timeout=120)
+        took = time.time() - t0
+    finally:
+        proc.kill()
+        if stopped:
+            _cleanup([stopped])
+    print(f"rank 1 killed, rank 0 stopped -> sftjob exited {proc.returncode} after {took:.1f}s")
+    assert proc.returncode == 71, log.read_text()[-4000:]
+    assert took < 60
+    _assert_names_rank_1_killed(json.loads((out / "status.json").read_text()), tmp_path / "termlog")

@@ -7,8 +7,8 @@ Each rank keeps a small file, ``<workdir>/ranks/rank-K.json`` (pid, node, phase,
 when it returns), written at start and after every optimizer step. The entrypoint reads those files while
 the launcher runs — a SIGSTOPped or deadlocked rank cannot report anything itself:
 - a rank gone without a clean exit: the others get ``DEAD_RANK_GRACE`` seconds to end (NCCL may not notice
-  a dead peer before its collective timeout), then the tree is killed; exit 71 naming the rank, its node and
-  its exit code or signal (the signal from the launcher's failure report, which only it can waitpid);
+  a dead peer before its collective timeout), then the watch kills them; exit 71 naming the rank, its node and
+  its exit code or signal (the signal from the launcher's failure report: only the launcher can waitpid it);
 - no optimizer step for ``stall_seconds`` (3× before the first step, while checkpointing and finishing):
   every rank dumps its Python stacks (faulthandler on SIGUSR1; a stopped rank cannot, so /proc names it),
   the stacks go to the log, the tree is killed, status.json says ``stalled``; exit 72.
@@ -200,7 +200,9 @@ class Watch:
         self.tail: deque[str] = deque(maxlen=600)
         self.proc = None
         self.verdict = None  # the error when the watchdog itself ended the tree
+        self.first_dead: int | None = None  # the rank this watch saw die first
         self.dead_since: float | None = None
+        self.ended_ranks: float | None = None  # when the watch killed the ranks that outlived a dead one
         self._tee: threading.Thread | None = None
 
     def env(self) -> dict[str, str]:
@@ -247,38 +249,39 @@ class Watch:
     def _dead(self, r: dict) -> bool:
         return self._state(r) in (None, "Z", "X") and r.get("exit") not in (0, 75)
 
-    def tick(self, signalled: bool = False) -> bool:
-        """Called about once a second while the launcher runs; True once the watchdog has ended the tree."""
-        if self.verdict is not None:
-            return True
-        if signalled:  # SIGTERM: the grace period bounds the rest
-            return False
+    def tick(self, signalled: bool = False) -> None:
+        """Called about once a second while the launcher runs: end the tree on a dead rank or a stall."""
+        if self.verdict is not None or signalled:  # SIGTERM: the grace period bounds the rest
+            return
         now = time.time()
         ranks = self.ranks()
-        dead = [r for r in ranks.values() if self._dead(r)]
+        # killed (no exit recorded) before crashed: a crash is often a peer noticing the kill
+        dead = sorted((r for r in ranks.values() if self._dead(r)), key=lambda r: (r.get("exit") is not None, r["time"]))
         if dead:
-            self.dead_since = self.dead_since or now
-            if now - self.dead_since > DEAD_RANK_GRACE:
+            if self.first_dead is None:
+                self.first_dead, self.dead_since = dead[0]["rank"], now
+            if self.ended_ranks is None and now - self.dead_since > DEAD_RANK_GRACE:
+                # the launcher waits for them (up to its shutdown timeout); once they are gone it reports the
+                # dead rank's signal itself
                 log.error("rank %s ended %ss ago and the others are still running: ending them",
-                          dead[0]["rank"], DEAD_RANK_GRACE)
-                self.verdict = self._died(dead[0], None, rc=None)
+                          self.first_dead, DEAD_RANK_GRACE)
+                self.kill(ranks, launcher=False)
+                self.ended_ranks = now
+            elif self.ended_ranks is not None and now - self.ended_ranks > 10:
                 self.kill(ranks)
-                return True
-            return False
+            return
         if not self.stall_seconds:
-            return False
+            return
         newest = max(ranks.values(), key=lambda r: r["time"], default=None)
         last = newest["time"] if newest else self.started
         phase = newest["phase"] if newest else "loading"
         if phase == "uploading":  # mirror.wait: the store's own retry bound applies
-            return False
+            return
         limit = self.stall_seconds * (1 if phase in ("train", "eval") else LENIENT)
         if now - last > limit:
             self.verdict = self._stall(ranks, now - last, phase)
-            return True
-        return False
 
-    def kill(self, ranks: dict[int, dict] | None = None) -> None:
+    def kill(self, ranks: dict[int, dict] | None = None, *, launcher: bool = True) -> None:
         """SIGKILL every known rank (each has a session of its own) and the launcher's group."""
         for r in (ranks if ranks is not None else self.ranks()).values():
             if self._state(r) not in (None, "Z", "X"):
@@ -286,7 +289,7 @@ class Watch:
                     os.kill(int(r["pid"]), signal.SIGKILL)
                 except (ProcessLookupError, PermissionError):
                     pass
-        if self.proc is not None:
+        if launcher and self.proc is not None:
             try:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
@@ -357,7 +360,10 @@ class Watch:
         reported = parse_elastic_failures("".join(self.tail))
         if launcher_is_rank and rc < 0 and ranks:
             reported.append({**ranks[min(ranks)], "exitcode": rc})
-        by_rank = {f["rank"]: f for f in reported}
+        by_rank = {f["rank"]: f for f in reversed(reported)}  # the root cause wins
+        if self.first_dead is not None:
+            f = by_rank.get(self.first_dead)
+            return self._died(ranks.get(self.first_dead) or f, f)
         # a signal first (the cause, not the peers it took down), then what the launcher saw fail first, then
         # the earliest non-zero exit a rank recorded, then a rank gone without recording one
         killed = [f for f in reported if f["exitcode"] < 0]
@@ -365,15 +371,15 @@ class Watch:
         silent = [r for r in ranks.values() if r.get("exit") is None]
         if killed or reported:
             f = (killed or reported)[0]
-            return self._died(ranks.get(f["rank"], f), f, rc)
+            return self._died(ranks.get(f["rank"], f), f)
         if erred or silent:
             r = (erred or silent)[0]
-            return self._died(r, by_rank.get(r["rank"]), rc)
+            return self._died(r, by_rank.get(r["rank"]))
         err = RankDiedError(f"training processes exited with code {rc} on node {self.node}; see the log above")
         err.details = {"failed_rank": {"node": self.node, "launcher_exit_code": rc}}
         return err
 
-    def _died(self, r: dict, reported: dict | None, rc: int | None) -> RankDiedError:
+    def _died(self, r: dict, reported: dict | None) -> RankDiedError:
         code = reported["exitcode"] if reported else r.get("exit")
         info = {"rank": r.get("rank"), "node": r.get("node", self.node), "host": r.get("host"), "pid": r.get("pid"),
                 "step": r.get("step"), "exit_code": None, "signal": None, "error": r.get("error")}
