@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from job import storage
+from job.errors import ExitCode
 
 log = logging.getLogger("sftjob.status")
 
@@ -85,7 +86,7 @@ class Status:
         return self.update(state=state, event=(state, message or state), **fields)
 
     def fail(self, exit_code: int, kind: str, message: str) -> dict:
-        state = {75: "interrupted", 72: "stalled"}.get(int(exit_code), "failed")
+        state = {ExitCode.INTERRUPTED: "interrupted", ExitCode.STALLED: "stalled"}.get(int(exit_code), "failed")
         doc = self.update(state=state, error={"exit_code": int(exit_code), "kind": kind, "message": message},
                           event=(state, message))
         write_termination_log(doc)
