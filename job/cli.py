@@ -18,7 +18,8 @@ from job.errors import ExitCode, SftjobError
 SPEC_COMMANDS = ("run", "prepare", "preview", "validate", "plan")
 #: SFTJOB_* variables that are not RunSpec knobs but are read by the code (tools, tests, the chart)
 OTHER_ENV = ("SFTJOB_DEBUG", "SFTJOB_PROGRESS", "SFTJOB_TERMINATION_LOG", "SFTJOB_BOTO_DEBUG", "SFTJOB_HELM",
-             "SFTJOB_CHART", "SFTJOB_POLL_SECONDS", "SFTJOB_WEED", "SFTJOB_RANK_STORAGE")
+             "SFTJOB_CHART", "SFTJOB_POLL_SECONDS", "SFTJOB_WEED", "SFTJOB_RANK_STORAGE",
+             "SFTJOB_ENTRYPOINT_PID")
 log = logging.getLogger("sftjob.cli")
 
 

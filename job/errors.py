@@ -10,6 +10,8 @@ class ExitCode(IntEnum):
     DATA = 65  # bad data: fix the rows, do not retry
     NOT_FOUND = 66  # input (bucket, key, file, model) not found
     VERIFY = 70  # the adapter failed verification: nothing published (retryable)
+    RANK_DIED = 71  # a training process died (killed, crashed); the others were ended (retryable, resumes)
+    STALLED = 72  # no optimizer step for resilience.stall_seconds; stacks logged, ranks ended (retryable, resumes)
     UNAVAILABLE = 69  # storage or service unavailable after retries (retryable)
     PUBLISHED = 73  # output already published; refused
     INTERRUPTED = 75  # SIGTERM / deadline after saving what could be saved (retryable, resumes)
@@ -33,6 +35,8 @@ MEANING = {
     ExitCode.DATA: "bad data",
     ExitCode.NOT_FOUND: "input not found (bucket, key, file, model)",
     ExitCode.VERIFY: "adapter failed verification; nothing published",
+    ExitCode.RANK_DIED: "a training process died (killed or crashed); the others were ended",
+    ExitCode.STALLED: "training stalled (no optimizer step for stall_seconds); stacks in the log",
     ExitCode.UNAVAILABLE: "storage or service unavailable after retries",
     ExitCode.PUBLISHED: "output already published; refused",
     ExitCode.INTERRUPTED: "interrupted (SIGTERM/deadline) after saving what it could",
@@ -70,6 +74,16 @@ class NotFoundError(SftjobError):
 
 class VerificationError(SftjobError):
     exit_code, kind = ExitCode.VERIFY, "verification"
+
+
+class RankDiedError(SftjobError):
+    exit_code, kind = ExitCode.RANK_DIED, "rank_died"
+    details: dict = {}  # for status.json: failed_rank {rank, node, host, pid, step, exit_code, signal, error}
+
+
+class StalledError(SftjobError):
+    exit_code, kind = ExitCode.STALLED, "stalled"
+    details: dict = {}  # for status.json: stall {step, seconds, phase, node, stopped_ranks, stacks}
 
 
 class UnavailableError(SftjobError):

@@ -154,6 +154,7 @@ class DistributedSpec(Section):
     main_process_ip: str | None = Field(None, description="Rank-0 address (default: $MASTER_ADDR).")
     main_process_port: int | None = Field(None, description="Rendezvous port (default: $MASTER_PORT, else 29500).")
     mixed_precision: Literal["auto", "bf16", "fp16", "no"] = Field("auto", description="auto: bf16 where supported, fp16 on older GPUs, no on CPU.")
+    ddp_timeout: int = Field(1800, ge=1, description="Collective timeout in seconds (TrainingArguments.ddp_timeout); a dead or stuck rank is caught sooner by the job's own watchdog.")
 
 
 class StorageSpec(Section):
@@ -182,6 +183,7 @@ class ResilienceSpec(Section):
     grace_seconds: int = Field(120, ge=5, description="Seconds between SIGTERM and SIGKILL (terminationGracePeriodSeconds).")
     max_runtime: float = Field(0, ge=0, description="Stop before this many seconds with a final checkpoint (0 = off).")
     train_to_deadline: bool = Field(False, description="At max_runtime publish the adapter as final instead of partial.")
+    stall_seconds: float | None = Field(None, ge=0, description="End the job (exit 72, stacks logged) when no optimizer step completes for this long; 3x before the first step and while checkpointing (default: 600 on GPUs, 1800 on CPU; 0 = off).")
 
 
 class EvalSpec(Section):

@@ -16,10 +16,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from job import redact, storage
+from job.errors import ExitCode
 
 log = logging.getLogger("sftjob.status")
 
-STATES = ("pending", "fetching", "preparing", "training", "publishing", "succeeded", "failed", "interrupted")
+STATES = ("pending", "fetching", "preparing", "training", "publishing", "succeeded", "failed", "interrupted",
+          "stalled")
 TERMINATION_LOG = "/dev/termination-log"
 
 
@@ -85,7 +87,7 @@ class Status:
 
     def fail(self, exit_code: int, kind: str, message: str) -> dict:
         message = redact.text(message)  # status.json is published and read by `sftjob status`
-        state = "interrupted" if exit_code == 75 else "failed"
+        state = {ExitCode.INTERRUPTED: "interrupted", ExitCode.STALLED: "stalled"}.get(int(exit_code), "failed")
         doc = self.update(state=state, error={"exit_code": int(exit_code), "kind": kind, "message": message},
                           event=(state, message))
         write_termination_log(doc)

@@ -25,6 +25,7 @@ import yaml
 from job import redact
 from job.errors import ConfigError
 from job.loader import attn_implementation, mixed_precision
+from job.train import watchdog
 
 log = logging.getLogger("sftjob.launch")
 
@@ -179,6 +180,13 @@ def write_configs(spec, topo: Topology, workdir: Path, hidden_size: int | None) 
     return out
 
 
+def nccl_env() -> dict[str, str | None]:
+    """NCCL notices a dead peer or a hung collective without waiting for ddp_timeout (unless the user said otherwise)."""
+    want = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "TORCH_NCCL_ENABLE_MONITORING": "1",
+            "TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC": "300"}
+    return {k: v for k, v in want.items() if k not in os.environ}
+
+
 def command(topo: Topology, configs: dict, plan_path: Path) -> list[str]:
     if topo.strategy == "single":
         return [sys.executable, "-m", "job.train.sft", str(plan_path)]
@@ -186,12 +194,18 @@ def command(topo: Topology, configs: dict, plan_path: Path) -> list[str]:
             "--module", "job.train.sft", str(plan_path)]
 
 
-def spawn(cmd: list[str], *, grace_seconds: int, env: dict | None = None) -> tuple[int, bool]:
-    """Run the ranks; on SIGTERM forward it and wait up to the grace period. → (returncode, signalled)."""
-    child_env = {**os.environ, **(env or {})}
+def spawn(cmd: list[str], *, grace_seconds: int, env: dict | None = None, watch=None) -> tuple[int, bool]:
+    """Run the ranks; on SIGTERM forward it and wait up to the grace period. → (returncode, signalled).
+
+    The launcher dies with us (PR_SET_PDEATHSIG), and so do the ranks (they set it themselves);
+    `watch` (watchdog.Watch) ends the tree when a rank dies or stalls."""
+    child_env = {**os.environ, **(env or {}), **(watch.env() if watch else {})}
     child_env = {k: v for k, v in child_env.items() if v is not None}
     child_env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = str(max(grace_seconds - 5, 5))
-    proc = subprocess.Popen(cmd, env=child_env, start_new_session=True)
+    proc = subprocess.Popen(cmd, env=child_env, start_new_session=True, preexec_fn=watchdog.child_of(os.getpid()),
+                            stderr=subprocess.PIPE if watch else None)
+    if watch:
+        watch.attach(proc)
     signalled = {"at": None}
 
     def forward(signum, frame):
@@ -210,6 +224,8 @@ def spawn(cmd: list[str], *, grace_seconds: int, env: dict | None = None) -> tup
                 rc = proc.wait(timeout=1)
                 break
             except subprocess.TimeoutExpired:
+                if watch:
+                    watch.tick(signalled["at"] is not None)
                 if signalled["at"] and time.time() - signalled["at"] > grace_seconds - 3:
                     log.error("ranks did not stop within the grace period; killing them")
                     os.killpg(proc.pid, signal.SIGKILL)
@@ -219,6 +235,8 @@ def spawn(cmd: list[str], *, grace_seconds: int, env: dict | None = None) -> tup
             os.killpg(proc.pid, signal.SIGKILL)  # no orphaned ranks, whatever happened
         except (ProcessLookupError, PermissionError):
             pass
+        if watch:
+            watch.kill()
     return rc, signalled["at"] is not None
 
 
@@ -304,21 +322,22 @@ def train(spec, prepared, model_dir: str, workdir: Path, status, *, started: flo
                  + (f", resuming from step {found.step}" if found else ""))
     # CPU ranks share the cores: one all-core thread pool per rank would oversubscribe them
     threads = None if topo.cuda or "OMP_NUM_THREADS" in os.environ else str(max(1, (os.cpu_count() or 1) // topo.per_node))
-    env = {"OMP_NUM_THREADS": threads}
+    env = {"OMP_NUM_THREADS": threads, **(nccl_env() if topo.cuda else {})}
     if public["spec"]["storage"] != plan["spec"]["storage"]:  # the ranks need the endpoint plan.json masks
         env["SFTJOB_RANK_STORAGE"] = json.dumps(plan["spec"]["storage"])
-    rc, signalled = spawn(cmd, grace_seconds=spec.resilience.grace_seconds, env=env)
+    stall = spec.resilience.stall_seconds
+    watch = watchdog.Watch(workdir, node=topo.machine_rank,
+                           stall_seconds=watchdog.default_stall_seconds(topo.cuda) if stall is None else stall)
+    rc, signalled = spawn(cmd, grace_seconds=spec.resilience.grace_seconds, env=env, watch=watch)
     stopped_file = workdir / "stopped.json"
     stopped = json.loads(stopped_file.read_text()) if stopped_file.exists() else {}
     metrics = _last_metrics(workdir / "metrics.jsonl")
     if signalled or stopped.get("reason") == "sigterm":
         return Outcome(str(adapter_dir), stopped.get("step", metrics.get("step", 0)), "sigterm",
                        bool(stopped.get("mirrored")), found.step if found else None, topo.machine_rank, metrics)
-    if rc != 0:
-        from job.errors import SftjobError
-
-        err = SftjobError(f"training processes exited with code {rc}; see the log above")
-        err.exit_code, err.kind = rc if 0 < rc < 256 else 1, "crash"
+    if rc != 0 or watch.verdict is not None:
+        err = watch.failure(rc, launcher_is_rank=topo.strategy == "single")
+        status.update(**err.details)
         raise err
     return Outcome(str(adapter_dir), metrics.get("step", 0), stopped.get("reason"), bool(stopped.get("mirrored", True)),
                    found.step if found else None, topo.machine_rank, metrics)

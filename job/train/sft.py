@@ -16,6 +16,7 @@ from pathlib import Path
 
 from job import logsetup
 from job.errors import ExitCode
+from job.train import watchdog
 
 log = logging.getLogger("sftjob.train")
 
@@ -194,6 +195,7 @@ def _training_args(spec, plan: dict):
         remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True},
         disable_tqdm=True, dataloader_num_workers=0, max_length=spec.data.max_length,
         ddp_find_unused_parameters=False if d.strategy == "ddp" else None,
+        ddp_timeout=d.ddp_timeout,
         activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         neftune_noise_alpha=t.neftune_noise_alpha,
     )
@@ -261,7 +263,7 @@ def train(plan: dict) -> int:
                                     keep=spec.resilience.save_total_limit)
     status = Status(Path(plan["workdir"]), plan.get("output_uri")) if rank == 0 else None
     args = _training_args(spec, plan)
-    callbacks = _callbacks(plan, collator, stop, mirror, status)
+    callbacks = _callbacks(plan, collator, stop, mirror, status) + [watchdog.heartbeat_callback()]
     trainer = lora.trainer_class(spec, SFTTrainer)(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tok,
         data_collator=collator, peft_config=peft_config, callbacks=callbacks)
@@ -282,6 +284,7 @@ def train(plan: dict) -> int:
     stopped = Path(plan["workdir"]) / "stopped.json"
     if stop.reason == "sigterm":
         grace_left = plan["grace_seconds"] - 10 - (time.time() - stop.signalled_at)
+        watchdog.beat("uploading")
         saved = mirror.wait(timeout=max(grace_left, 1)) if mirror else True
         if rank == 0:
             stopped.write_text(json.dumps({"reason": "sigterm", "step": trainer.state.global_step,
@@ -295,6 +298,7 @@ def train(plan: dict) -> int:
         tok.save_pretrained(plan["adapter_dir"])
         if lora_init:  # PiSSA/OLoRA: publish an adapter that fits the original base
             lora.convert_residual(Path(plan["adapter_dir"]), lora_init)
+    watchdog.beat("uploading")
     saved = mirror.wait(timeout=600) if mirror else True
     if rank == 0 and stop.reason == "deadline":
         stopped.write_text(json.dumps({"reason": "deadline", "step": trainer.state.global_step,
@@ -308,7 +312,18 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logsetup.setup(os.environ.get("SFTJOB_DEBUG") == "1")
     plan = json.loads(Path(argv[0]).read_text())
-    return train(plan)
+    beacon = watchdog.rank_start(plan["workdir"], int(plan.get("node_rank", 0)))  # dies with its launcher
+    try:
+        code = train(plan)
+    except SystemExit as e:
+        beacon.exit(e.code if isinstance(e.code, int) else 1)
+        raise
+    except BaseException as e:
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        beacon.exit(1, f"{type(e).__name__}: {first}")
+        raise
+    beacon.exit(code)
+    return code
 
 
 if __name__ == "__main__":
