@@ -88,6 +88,9 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="sftjob", description="Instruction tuning of chat models as a batch job.")
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    from job import version
+
+    p.add_argument("--version", action="version", version=f"sftjob {version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     helps = {
         "run": "fetch → prepare → train → publish (resumes from the newest complete checkpoint)",

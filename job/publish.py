@@ -26,7 +26,7 @@ MANIFEST = "manifest.json"
 SUCCESS = "_SUCCESS"
 FORMAT = "sftjob.manifest/1"
 _PACKAGES = ("sftjob", "torch", "transformers", "trl", "peft", "accelerate", "deepspeed", "datasets",
-             "tokenizers", "boto3")
+             "tokenizers", "boto3", "bitsandbytes", "liger-kernel", "flash-attn")
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "HF_TOKEN",
                "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "MLFLOW_TRACKING_PASSWORD")
 
@@ -63,8 +63,11 @@ def _previous_files(output_uri: str) -> list[str]:
 
 
 def versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for name in _PACKAGES:
+    """sftjob's own version always (a checkout run via PYTHONPATH has no metadata: its __version__)."""
+    from job import version
+
+    out = {"python": platform.python_version(), "sftjob": version()}
+    for name in (n for n in _PACKAGES if n != "sftjob"):
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

@@ -5,11 +5,12 @@ Written by `make schema` (`sftjob schema --helm`); a test fails when the file dr
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from importlib import resources
 
 from job import spec as specmod
 
-CHART_KEYS = Path(__file__).resolve().parent.parent / "charts" / "sftjob" / "chart-values.schema.json"
+# Package data (pyproject's package-data), so an installed wheel writes the same schema as a checkout.
+CHART_KEYS = resources.files("job") / "chart_values.schema.json"
 
 
 def _accept_shorthand(run: dict, defs: dict) -> None:
@@ -43,12 +44,12 @@ def _accept_numeric_strings(node):
 
 
 def helm_values_schema() -> dict:
-    """Chart-only keys come from charts/sftjob/chart-values.schema.json (hand-written, strict)."""
+    """Chart-only keys come from job/chart_values.schema.json (hand-written, strict, shipped in the wheel)."""
     run = specmod.json_schema()
     defs = run.pop("$defs", {})
     _accept_shorthand(run, defs)
     run, defs = _accept_numeric_strings(run), _accept_numeric_strings(defs)
-    chart = json.loads(CHART_KEYS.read_text()) if CHART_KEYS.exists() else {"properties": {}}
+    chart = json.loads(CHART_KEYS.read_text())  # missing = a broken install: fail, never drop the chart keys
     props = {"run": run, **chart.get("properties", {})}
     for name, d in chart.get("$defs", {}).items():
         if name in defs:

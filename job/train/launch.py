@@ -225,7 +225,7 @@ def _attn(spec, cuda: bool) -> str:
 
 
 def check_bitsandbytes(spec) -> None:
-    """QLoRA and the 8-bit/paged optimizers need CUDA and bitsandbytes (requirements-cuda.lock, in the
+    """QLoRA and the 8-bit/paged optimizers need CUDA and bitsandbytes (requirements-cuda13.lock, in the
     image; left out of the CPU venv): say so before any process starts, not as an ImportError per rank."""
     needs = ("method: qlora" if spec.train.method == "qlora" else
              f"optim: {spec.train.optim}" if re.search(r"8bit|bnb|paged", spec.train.optim) else None)
@@ -240,7 +240,7 @@ def check_bitsandbytes(spec) -> None:
                           hint="use method: lora / optim: adamw_torch on CPU, or run on a GPU node")
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError(f"{needs} needs bitsandbytes, which is not installed",
-                          hint="use the sftjob image, or pip install -r requirements-cuda.lock")
+                          hint="use the sftjob image, or pip install -r requirements-cuda13.lock")
 
 
 def train(spec, prepared, model_dir: str, workdir: Path, status, *, started: float, fresh: bool = False) -> Outcome:
