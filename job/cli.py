@@ -159,6 +159,9 @@ def _dispatch(args: argparse.Namespace) -> int:
             return commands.prepare_command(spec)
         if cmd == "validate":
             from job.data import commands
+            from job.train import dsops
+
+            dsops.check(spec)  # a knob whose DeepSpeed op cannot load is a config error, before any fetch
 
             return commands.validate_command(spec)
         if cmd == "preview":

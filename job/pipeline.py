@@ -19,7 +19,7 @@ from job import evaluate, publish, storage
 from job.errors import ConfigError, EvalGateError, Interrupted, NotFoundError, SftjobError, VerificationError
 from job.spec import RunSpec, to_yaml
 from job.status import Status, write_termination_log
-from job.train import launch
+from job.train import dsops, launch
 
 log = logging.getLogger("sftjob")
 
@@ -31,6 +31,7 @@ def run(spec: RunSpec) -> int:
         raise ConfigError("missing required setting 'data.path'", hint="pass --data URI or set data: in the run spec")
     evaluate.check(spec)  # an impossible eval section fails now, not after training
     launch.check_bitsandbytes(spec)  # QLoRA / 8-bit optimizers on a machine that cannot run them
+    dsops.check(spec)  # offload_optimizer where DeepSpeed's cpu_adam op cannot load
     started = time.time()
     output = spec.output.uri.rstrip("/")
     workdir = spec.cache_root() / "runs" / hashlib.sha256(output.encode()).hexdigest()[:16]

@@ -124,3 +124,18 @@ def test_dockerignore_sends_only_the_lockfiles_and_the_package():
                        "pyproject.toml", "README.md", "job/"}
     assert {f"!{s}" for s in sources} <= set(lines)
     assert "!requirements-dev.lock" not in lines
+
+
+def test_driver_floor_is_stated_in_the_readme_and_the_chart_notes(tmp_path):
+    import shutil
+
+    readme = (ROOT / "README.md").read_text()
+    assert "Minimum NVIDIA driver: R580" in readme and "--build-arg TORCH_CUDA=cu126" in readme
+    chart = tmp_path / "sftjob"
+    shutil.copytree(CHART, chart)
+    shutil.copy(CHART / "templates" / "NOTES.txt", chart / "notes.txt")  # helm template skips NOTES.txt
+    (chart / "templates" / "notes.yaml").write_text('notes: {{ tpl (.Files.Get "notes.txt") . | toJson }}\n')
+    out = run(tool("helm"), "template", "r", str(chart), "-f", str(CHART / "ci" / "1node-1gpu-values.yaml"),
+              "--show-only", "templates/notes.yaml").stdout
+    notes = yaml.safe_load(out)["notes"]
+    assert "needs NVIDIA driver R580 or newer" in notes and "TORCH_CUDA=cu126" in notes
