@@ -4,7 +4,8 @@
 prebuilds it for the CUDA accelerator (Dockerfile: DS_BUILD_CPU_ADAM=1); anywhere else DeepSpeed JIT-compiles it
 on first use, which needs a C++ compiler. Without either, every rank dies with "DeepSpeedCPUAdam requires the
 cpu_adam op" (exit 1, retried as a crash): a config problem, so it is refused up front instead.
-The probe runs in a child process: loading a prebuilt op built for another CPU (-march=native) can kill it.
+The probe runs in a child process and takes one optimizer step: DeepSpeed compiles the op with -march=native,
+so an image built on a newer CPU than the node's dies with SIGILL there, not in every rank.
 """
 from __future__ import annotations
 
@@ -25,7 +26,12 @@ b = acc.create_op_builder("CPUAdamBuilder")
 if b is None:
     out = {"ok": False, "why": f"the {acc._name} accelerator has no cpu_adam op"}
 elif installed_ops.get("cpu_adam") and accelerator_name == acc._name:
-    b.load()
+    import torch
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    p = torch.nn.Parameter(torch.zeros(64))
+    p.grad = torch.ones(64)
+    DeepSpeedCPUAdam([p]).step()  # one real step: an op built for a newer CPU (-march=native) dies here
     out = {"ok": True, "how": "prebuilt"}
 elif not b.is_compatible(False):
     out = {"ok": False, "why": "DeepSpeed reports it incompatible here: " + " ".join(b.error_log or [])}
@@ -48,6 +54,8 @@ def probe_cpu_adam(timeout: float = 180) -> dict:
     for line in p.stdout.splitlines():
         if line.startswith("SFTJOB_PROBE "):
             return json.loads(line.split(" ", 1)[1])
+    if p.returncode < 0:
+        return {"ok": False, "why": f"running it killed the probe (signal {-p.returncode}; built for another CPU?)"}
     last = (p.stderr.strip().splitlines() or [f"exit {p.returncode}"])[-1]
     return {"ok": False, "why": f"loading it failed ({last})"}
 
