@@ -13,11 +13,13 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 setup: $(STAMP)
 
-# torch first (its CPU wheel), then DeepSpeed and the rest from the lockfile without compiling ops.
-$(STAMP): requirements.lock pyproject.toml
+# torch first (its CPU wheel), then DeepSpeed and the rest from the runtime + dev lockfiles without compiling
+# ops, then the package itself (editable: `sftjob --version` reads its metadata). The image installs the runtime
+# lockfile only, plus its CUDA pins (requirements-cuda13.lock / requirements-cuda12.lock).
+$(STAMP): requirements.lock requirements-dev.lock pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q "$$(grep -E '^torch==' requirements.lock)"
-	DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation -r requirements.lock
+	DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation -r requirements.lock -r requirements-dev.lock
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="sftjob", description="Instruction tuning of chat models as a batch job.")
     p.add_argument("--debug", action="store_true",
                    help="debug logs (settings sources, storage endpoint, library warnings) and tracebacks on errors")
+    from job import version
+
+    p.add_argument("--version", action="version", version=f"sftjob {version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     helps = {
         "run": "fetch → prepare → train → publish (resumes from the newest complete checkpoint)",
@@ -200,6 +203,9 @@ def _dispatch(args: argparse.Namespace) -> int:
             return commands.prepare_command(spec)
         if cmd == "validate":
             from job.data import commands
+            from job.train import dsops
+
+            dsops.check(spec)  # a knob whose DeepSpeed op cannot load is a config error, before any fetch
 
             return commands.validate_command(spec)
         if cmd == "preview":

@@ -11,7 +11,6 @@ bench/gpu.py runs on a GPU machine without trl, datasets, deepspeed or boto3.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -53,13 +52,13 @@ def add_tokens(tok, tokens: Sequence[str]):
 
 # ---- settings ---------------------------------------------------------------------------------------
 
-def attn_implementation(requested: str, cuda: bool) -> str:
-    """auto: flash_attention_2 when flash_attn is installed on CUDA, else sdpa; anything else as asked."""
-    if requested != "auto":
-        return requested
-    if cuda and importlib.util.find_spec("flash_attn"):
-        return "flash_attention_2"
-    return "sdpa"
+def attn_implementation(requested: str, cuda: bool, packed: bool = False) -> str:
+    """The attention kernel, by the one rule the launcher records (job/train/fastpath.py): flash_attention_2
+    where flash_attn is installed on CUDA, FlexAttention for packed rows on CUDA without it, else sdpa."""
+    from job.train.fastpath import choose_attention, kernels
+
+    k = kernels() if cuda else {"flash_attn": False, "flex": False}
+    return choose_attention(requested, cuda=cuda, packed=packed, flash_attn=k["flash_attn"], flex=k["flex"]).implementation
 
 
 def mixed_precision(requested: str, cuda: bool, bf16_ok: bool) -> str:

@@ -18,7 +18,7 @@ from job import evaluate, publish, storage
 from job.errors import ConfigError, EvalGateError, Interrupted, NotFoundError, SftjobError, VerificationError
 from job.spec import RunSpec, to_yaml
 from job.status import Status, write_termination_log
-from job.train import launch
+from job.train import dsops, launch
 
 log = logging.getLogger("sftjob")
 
@@ -36,6 +36,7 @@ def run(spec: RunSpec) -> int:
     from job.train import parent
 
     parent.check(spec)
+    dsops.check(spec)  # offload_optimizer where DeepSpeed's cpu_adam op cannot load
     started = time.time()
     output = spec.output.uri.rstrip("/")
     workdir = spec.cache_root() / "runs" / hashlib.sha256(output.encode()).hexdigest()[:16]

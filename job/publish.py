@@ -30,7 +30,7 @@ SUCCESS = "_SUCCESS"
 RETIRED = ".sftjob-retired"  # the _SUCCESS retire() removed: still seals the old manifest for publish()
 FORMAT = "sftjob.manifest/1"
 _PACKAGES = ("sftjob", "torch", "transformers", "trl", "peft", "accelerate", "deepspeed", "datasets",
-             "tokenizers", "boto3")
+             "tokenizers", "boto3", "bitsandbytes", "liger-kernel", "flash-attn")
 
 
 def check_output(output_uri: str, overwrite: bool) -> bool:
@@ -108,8 +108,11 @@ def _previous_files(output_uri: str) -> list[str]:
 
 
 def versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for name in _PACKAGES:
+    """sftjob's own version always (a checkout run via PYTHONPATH has no metadata: its __version__)."""
+    from job import version
+
+    out = {"python": platform.python_version(), "sftjob": version()}
+    for name in (n for n in _PACKAGES if n != "sftjob"):
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

@@ -76,8 +76,8 @@ class ModelSpec(Section):
     system_prompt_mode: Literal["default", "override", "none"] = Field(
         "default", description="default: add system_prompt where a row has none; override: replace every row's; none: never add.")
     torch_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="Weights dtype (auto: bf16 on GPUs that support it, else fp32).")
-    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
-        "auto", description="Attention kernel (auto: flash_attention_2 when installed on CUDA, else sdpa).")
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"] = Field(
+        "auto", description="Attention kernel. auto: on CUDA flash_attention_2 when flash-attn is installed (packed rows go varlen), else flex_attention for packed rows (document masking), else sdpa; sdpa on CPU. A missing kernel falls back with a message.")
     trust_remote_code: bool = Field(False, description="Allow model code from the model repo.")
 
 
@@ -94,6 +94,7 @@ class TrainSpec(Section):
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping (0 = off).")
     optim: str = Field("adamw_torch", description="transformers optimizer name.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+    use_liger_kernel: bool | None = Field(None, description="Liger Triton kernels (RMSNorm, RoPE, SwiGLU) on CUDA. Unset: on where it applies (CUDA and liger-kernel installed, as in the image); true/false forces it (true falls back with a message where it cannot run).")
     logging_steps: int = Field(10, ge=1, description="Steps between progress lines / status updates.")
     report_to: list[str] = Field(default_factory=list, description="Trackers: tensorboard, mlflow, wandb (none by default).")
     lora_r: int = Field(16, ge=1, description="LoRA rank.")

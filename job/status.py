@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
-from job import redact, storage
+from job import redact, storage, version
 from job.errors import ExitCode
 
 log = logging.getLogger("sftjob.status")
@@ -59,7 +59,7 @@ class Status:
             except Exception:  # noqa: BLE001 - first attempt, or unreadable: start fresh
                 previous = {}
         doc = {
-            "state": "pending", "run_id": run_id, "output": self.output_uri, "step": 0,
+            "state": "pending", "run_id": run_id, "output": self.output_uri, "version": version(), "step": 0,
             "max_steps": max_steps, "epoch": 0.0, "loss": None, "tokens_per_second": None,
             "eta_seconds": None, "attempt": int(previous.get("attempt", 0)) + 1, "resumed_from": None,
             "started_at": now(), "updated_at": now(), "events": list(previous.get("events", []))[-200:],

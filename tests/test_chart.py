@@ -399,7 +399,7 @@ def test_chart_readme_is_what_make_schema_generates():
     """charts/sftjob/README.md drifts the moment a value or its help changes; `make schema` regenerates it."""
     readme = (CHART / "README.md").read_text()
     assert readme == schema.chart_readme(), "charts/sftjob/README.md is stale: run `make schema`"
-    chart_keys = json.loads((CHART / "chart-values.schema.json").read_text())["properties"]
+    chart_keys = json.loads((ROOT / "job" / "chart_values.schema.json").read_text())["properties"]
     for key in ("nodes", "gpusPerNode", "image.digest", "scheduling.volcano.enabled", "scheduling.kueue.requiredTopology"):
         assert f"| `{key}` |" in readme, key
     assert set(chart_keys) - {"global"} <= {ln.split("`")[1].split(".")[0] for ln in readme.splitlines()

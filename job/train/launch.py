@@ -24,7 +24,7 @@ import yaml
 
 from job import redact
 from job.errors import ConfigError
-from job.loader import attn_implementation, mixed_precision
+from job.loader import mixed_precision
 from job.train import watchdog
 
 log = logging.getLogger("sftjob.launch")
@@ -251,12 +251,19 @@ class Outcome:
     final_metrics: dict
 
 
-def _attn(spec, cuda: bool) -> str:
-    return attn_implementation(spec.model.attn_implementation, cuda)
+def _fast_path(spec, cuda: bool) -> dict:
+    """Attention kernel / packed-row masking and Liger (job/train/fastpath.py), logged with any fallback."""
+    from job.train import fastpath
+
+    fp = fastpath.resolve(spec, cuda)
+    log.info("attention: %s", fp["attention_summary"])
+    if fp["liger_note"]:
+        log.warning("%s", fp["liger_note"])
+    return fp
 
 
 def check_bitsandbytes(spec) -> None:
-    """QLoRA and the 8-bit/paged optimizers need CUDA and bitsandbytes (requirements-cuda.lock, in the
+    """QLoRA and the 8-bit/paged optimizers need CUDA and bitsandbytes (requirements-cuda13.lock, in the
     image; left out of the CPU venv): say so before any process starts, not as an ImportError per rank."""
     needs = ("method: qlora" if spec.train.method == "qlora" else
              f"optim: {spec.train.optim}" if re.search(r"8bit|bnb|paged", spec.train.optim) else None)
@@ -271,7 +278,7 @@ def check_bitsandbytes(spec) -> None:
                           hint="use method: lora / optim: adamw_torch on CPU, or run on a GPU node")
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError(f"{needs} needs bitsandbytes, which is not installed",
-                          hint="use the sftjob image, or pip install -r requirements-cuda.lock")
+                          hint="use the sftjob image, or pip install -r requirements-cuda13.lock")
 
 
 def train(spec, prepared, model_dir: str, workdir: Path, status, *, started: float, fresh: bool = False,
@@ -301,6 +308,7 @@ def train(spec, prepared, model_dir: str, workdir: Path, status, *, started: flo
     if found:
         status.update(resumed_from=found.step, step=found.step, event=("resume", f"resuming from checkpoint step-{found.step}"))
     deadline = started + spec.resilience.max_runtime if spec.resilience.max_runtime else None
+    fast = _fast_path(spec, topo.cuda)
     plan = {
         "spec": spec.public_dict(), "workdir": str(workdir), "model_dir": str(model_dir),
         "train_path": str(prepared.train_path), "eval_path": str(prepared.eval_path) if prepared.eval_path else None,
@@ -309,7 +317,7 @@ def train(spec, prepared, model_dir: str, workdir: Path, status, *, started: flo
         "resume_from": str(found.path) if found else None, "adapter_path": adapter_path, "grace_seconds": spec.resilience.grace_seconds,
         "deadline": deadline, "save_minutes": spec.resilience.save_minutes, "node_rank": topo.machine_rank,
         "num_machines": topo.num_machines, "mixed_precision": topo.mixed_precision,
-        "attn_implementation": _attn(spec, topo.cuda),
+        "attn_implementation": fast["attention"]["implementation"], "fast_path": fast,
         "deepspeed_config": str(configs["deepspeed"]) if "deepspeed" in configs else None,
     }
     plan_path = workdir / "launch" / "plan.json"
@@ -319,7 +327,8 @@ def train(spec, prepared, model_dir: str, workdir: Path, status, *, started: flo
     log.info("launching %d process(es) on node %d/%d (%s): %s", topo.per_node, topo.machine_rank,
              topo.num_machines, topo.strategy, " ".join(cmd[1:]))
     status.phase("training", f"{topo.num_processes} process(es) on {topo.num_machines} node(s), {topo.strategy}"
-                 + (f", resuming from step {found.step}" if found else ""))
+                 + (f", resuming from step {found.step}" if found else ""),
+                 fast_path={"attention": fast["attention_summary"], "use_liger_kernel": fast["use_liger_kernel"]})
     # CPU ranks share the cores: one all-core thread pool per rank would oversubscribe them
     threads = None if topo.cuda or "OMP_NUM_THREADS" in os.environ else str(max(1, (os.cpu_count() or 1) // topo.per_node))
     env = {"OMP_NUM_THREADS": threads, **(nccl_env() if topo.cuda else {})}

@@ -142,6 +142,14 @@ def make_plan(spec, *, model_config: str | None = None, tokens_per_second: float
                               "activations": round(acts / GiB, 2), "logits": round(logits / GiB, 2),
                               "total": round(total / GiB, 2)},
     }
+    import torch
+
+    from job.train import fastpath
+
+    # a GPU run planned off-cluster runs in the image: its kernels, not this machine's
+    off_cluster = topo.cuda and not torch.cuda.is_available()
+    fast = fastpath.resolve(spec, topo.cuda, fastpath.IMAGE_KERNELS if off_cluster else None)
+    plan["attention"], plan["use_liger_kernel"] = fast["attention_summary"], fast["use_liger_kernel"]
     if tokens_per_second and trained_tokens:
         plan["tokens_per_second_per_gpu"] = tokens_per_second
         plan["hours"] = round(trained_tokens / (tokens_per_second * gpus) / 3600, 2)
@@ -194,6 +202,7 @@ def plan_command(spec, *, tokens_per_second: float | None = None, as_json: bool 
         f"memory per GPU   ~{mem['total']} GiB (weights {mem['weights']}, trainable state {mem['trainable_state']}, "
         f"activations {mem['activations']}, logits {mem['logits']}) — estimate",
     ]
+    lines.append(f"attention        {plan['attention']}; Liger kernels {'on' if plan['use_liger_kernel'] else 'off'}")
     if "hours" in plan:
         lines.append(f"time             ~{plan['hours']} h at {plan['tokens_per_second_per_gpu']:.0f} tokens/s per GPU")
     print("\n".join(lines))

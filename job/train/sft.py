@@ -201,6 +201,8 @@ def _training_args(spec, plan: dict):
     )
     if plan.get("deepspeed_config"):
         kwargs["deepspeed"] = plan["deepspeed_config"]
+    if (plan.get("fast_path") or {}).get("use_liger_kernel") and cuda:  # decided (and logged) by the launcher
+        kwargs["use_liger_kernel"] = True
     return SFTConfig(**kwargs)
 
 
@@ -246,8 +248,9 @@ def train(plan: dict) -> int:
     tok = _load_tokenizer(spec, plan)
     train_ds = Dataset.from_parquet(plan["train_path"])
     eval_ds = Dataset.from_parquet(plan["eval_path"]) if plan.get("eval_path") else None
+    fast = plan.get("fast_path") or {}
     collator = Collator(tok.pad_token_id, packed=spec.data.packing,
-                        flatten=plan["attn_implementation"] == "flash_attention_2")
+                        flatten=fast.get("attention", {}).get("flatten", plan["attn_implementation"] == "flash_attention_2"))
 
     model = _load_model(spec, plan, len(tok))
     peft_config = lora.peft_config(spec) if spec.train.method in ("lora", "qlora") else None
