@@ -2,7 +2,8 @@
 
 A random-init Llama-3-8B-shaped model (no download: ``from_config`` under a ``torch.device`` context,
 bf16, on the GPU), PEFT LoRA r16/alpha 32 on all linear layers, gradient checkpointing (non-reentrant,
-as the job sets it), flash_attention_2 when ``flash_attn`` is importable else sdpa (the job's rule),
+as the job sets it), attention by the job's rule for packed rows (job/train/fastpath.py: flash_attention_2
+when ``flash_attn`` is importable, else FlexAttention document masking on CUDA, else sdpa),
 AdamW on the adapter, bf16 autocast (what Trainer's ``bf16=True`` does), grad clipping at 1.0.
 Batches are padding-free packed rows of --seq-len random token ids, several examples per row with
 position_ids restarting per example and the first label of each example masked (the layout
@@ -105,10 +106,10 @@ def make_rows(n_rows: int, seq_len: int, vocab: int, seed: int = 0) -> list[dict
 
 
 def pick_attention(requested: str, cuda: bool) -> str:
-    """The job's rule (job.loader): flash_attention_2 when flash_attn is installed on CUDA, else sdpa."""
+    """The job's rule for packed rows (job.loader → job/train/fastpath.py)."""
     from job.loader import attn_implementation
 
-    return attn_implementation(requested, cuda)
+    return attn_implementation(requested, cuda, packed=True)
 
 
 def build_model(config_kwargs: dict, dtype, device, attn: str, grad_ckpt: bool, lora: dict):

@@ -65,12 +65,14 @@ def tokenizer(vocab: int):
 
 
 def fast_attention(cuda: bool) -> tuple[str, list[str]]:
-    """Varlen (flash_attention_2) where flash_attn is importable, else flex document masking (CUDA only)."""
+    """The job's fast-path rule for packed rows (job/train/fastpath.py): varlen, else flex, else dense sdpa."""
     if not cuda:
         return "sdpa", ["fast path needs CUDA (no flex backward, no Liger on CPU): sdpa with a dense mask"]
-    if importlib.util.find_spec("flash_attn"):
-        return "flash_attention_2", []
-    return "flex_attention", ["flash_attn is not installed: flex_attention document masking instead of varlen"]
+    from job.train.fastpath import choose_attention, kernels
+
+    k = kernels()
+    a = choose_attention("auto", cuda=True, packed=True, flash_attn=k["flash_attn"], flex=k["flex"])
+    return a.implementation, [a.note] if a.note else []
 
 
 def liger_available(cuda: bool) -> tuple[bool, list[str]]:
