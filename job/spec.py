@@ -143,6 +143,7 @@ class ResilienceSpec(Section):
     grace_seconds: int = Field(120, ge=5, description="Seconds between SIGTERM and SIGKILL (terminationGracePeriodSeconds).")
     max_runtime: float = Field(0, ge=0, description="Stop before this many seconds with a final checkpoint (0 = off).")
     train_to_deadline: bool = Field(False, description="At max_runtime publish the adapter as final instead of partial.")
+    store_wait_seconds: float = Field(300, ge=1, description="How long the end of a run keeps retrying an unavailable store (last checkpoint, publish) before exit 69; the adapter stays in the local cache and a rerun publishes it without retraining. Training itself never waits for the store.")
 
 
 class EvalSpec(Section):

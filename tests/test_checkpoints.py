@@ -43,7 +43,7 @@ def test_find_and_fetch_takes_the_newest_complete_and_removes_incomplete(tmp_pat
     m = checkpoints.Mirror(out, node_rank=0, num_nodes=1, is_main=True, keep=3)
     for step in (2, 4):
         m.submit(_ckpt(tmp_path / "local", step, {"optimizer.pt": f"opt{step}"}), step)
-    assert m.wait(30)
+        assert m.wait(30)
     partial = tmp_path / "out/checkpoints/step-6"
     partial.mkdir(parents=True)
     (partial / "optimizer.pt").write_text("half")
@@ -58,7 +58,7 @@ def test_a_corrupted_checkpoint_is_skipped_for_the_previous_one(tmp_path):
     m = checkpoints.Mirror(out, node_rank=0, num_nodes=1, is_main=True, keep=3)
     for step in (2, 4):
         m.submit(_ckpt(tmp_path / "local", step, {"optimizer.pt": f"opt{step}"}), step)
-    assert m.wait(30)
+        assert m.wait(30)
     (tmp_path / "out/checkpoints/step-4/optimizer.pt").write_text("bitrot")
     found = checkpoints.find_and_fetch(out, tmp_path / "resume")
     assert found.step == 2
@@ -67,8 +67,8 @@ def test_a_corrupted_checkpoint_is_skipped_for_the_previous_one(tmp_path):
 def test_only_the_last_save_total_limit_checkpoints_are_kept(tmp_path):
     out = str(tmp_path / "out")
     m = checkpoints.Mirror(out, node_rank=0, num_nodes=1, is_main=True, keep=2)
-    for step in (1, 2, 3, 4):
+    for step in (1, 2, 3, 4):  # each mirrored before the next (a newer pending one replaces an older)
         m.submit(_ckpt(tmp_path / "local", step, {"x": str(step)}), step)
-    assert m.wait(30)
+        assert m.wait(30)
     assert checkpoints.complete_steps(out) == [3, 4]
     assert sorted(p.name for p in (tmp_path / "local").iterdir()) == ["checkpoint-3", "checkpoint-4"]

@@ -259,12 +259,12 @@ def train(plan: dict) -> int:
             r=spec.train.lora_r, lora_alpha=spec.train.lora_alpha, lora_dropout=spec.train.lora_dropout,
             target_modules=spec.train.target_modules, modules_to_save=spec.train.modules_to_save or None,
             task_type="CAUSAL_LM")
+    status = Status(Path(plan["workdir"]), plan.get("output_uri")) if rank == 0 else None
     mirror = None
     if local_rank == 0 and plan.get("output_uri"):
         mirror = checkpoints.Mirror(plan["output_uri"], node_rank=node_rank,
                                     num_nodes=int(plan.get("num_machines", 1)), is_main=rank == 0,
-                                    keep=spec.resilience.save_total_limit)
-    status = Status(Path(plan["workdir"]), plan.get("output_uri")) if rank == 0 else None
+                                    keep=spec.resilience.save_total_limit, **_mirror_reports(plan, status))
     args = _training_args(spec, plan)
     callbacks = _callbacks(plan, collator, stop, mirror, status)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
@@ -285,11 +285,13 @@ def train(plan: dict) -> int:
 
     stopped = Path(plan["workdir"]) / "stopped.json"
     if stop.reason == "sigterm":
-        grace_left = plan["grace_seconds"] - 10 - (time.time() - stop.signalled_at)
+        # the ranks' share of the grace period; the rest is for teardown and the entrypoint's last status
+        grace_left = plan["grace_seconds"] - SIGTERM_RESERVE_SECONDS - (time.time() - stop.signalled_at)
         saved = mirror.wait(timeout=max(grace_left, 1)) if mirror else True
         if rank == 0:
-            stopped.write_text(json.dumps({"reason": "sigterm", "step": trainer.state.global_step,
-                                           "mirrored": bool(saved)}))
+            stopped.write_text(json.dumps(_stopped("sigterm", trainer.state.global_step, saved, mirror)))
+        if status:
+            status.flush(2)
         trainer.accelerator.wait_for_everyone()
         trainer.accelerator.end_training()
         return int(ExitCode.INTERRUPTED)
@@ -297,13 +299,41 @@ def train(plan: dict) -> int:
     trainer.save_model(plan["adapter_dir"])  # gathers under ZeRO-3/FSDP; all ranks must call it
     if rank == 0:
         tok.save_pretrained(plan["adapter_dir"])
-    saved = mirror.wait(timeout=600) if mirror else True
+    # the adapter is safe locally; the final checkpoint only matters if publishing fails, so wait for it
+    # no longer than the run waits for the store at its end
+    saved = mirror.wait(timeout=spec.resilience.store_wait_seconds) if mirror else True
     if rank == 0 and stop.reason == "deadline":
-        stopped.write_text(json.dumps({"reason": "deadline", "step": trainer.state.global_step,
-                                       "mirrored": bool(saved)}))
+        stopped.write_text(json.dumps(_stopped("deadline", trainer.state.global_step, saved, mirror)))
+    if status:
+        status.flush(2)
     trainer.accelerator.wait_for_everyone()
     trainer.accelerator.end_training()
     return 0
+
+
+#: seconds of the grace period left to teardown and the entrypoint after the ranks stop waiting for the store
+SIGTERM_RESERVE_SECONDS = 20
+
+
+def _mirror_reports(plan: dict, status) -> dict:
+    """Mirror callbacks: the newest stored checkpoint and every failed mirror go into status.json (rank 0)."""
+    resumed = plan.get("resume_from")
+    out: dict = {"resumed_step": int(Path(resumed).name.rsplit("-", 1)[-1]) if resumed else None}
+    if status:
+        out["on_complete"] = lambda step: status.update(checkpoint=step)
+        out["on_error"] = lambda step, e: status.update(
+            event=("checkpoint_failed", f"checkpoint step-{step} could not be stored in the output: {e}"))
+    return out
+
+
+def _stopped(reason: str, step: int, saved: bool, mirror) -> dict:
+    """stopped.json: what the entrypoint says about the stop, and which checkpoint the next attempt uses."""
+    doc = {"reason": reason, "step": step, "mirrored": bool(saved)}
+    if mirror is not None:
+        doc["resume_step"] = step if saved else mirror.last_complete
+        if not saved:
+            doc["mirror_error"] = str(mirror.error or "not stored")[:500]
+    return doc
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -312,7 +342,20 @@ def main(argv: list[str] | None = None) -> int:
 
     logsetup.setup(os.environ.get("SFTJOB_DEBUG") == "1")
     plan = json.loads(Path(argv[0]).read_text())
-    return train(plan)
+    code = train(plan)
+    if _abandoned_uploads():
+        # an upload hung on a frozen store sits in a transfer pool that interpreter exit would join;
+        # the outcome is on disk (stopped.json, the adapter): leave now, within the grace period
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _abandoned_uploads() -> bool:
+    from job import checkpoints
+
+    return checkpoints.uploads_in_flight()
 
 
 if __name__ == "__main__":
