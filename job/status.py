@@ -135,8 +135,9 @@ class _Pusher:
         self._pending = False  # the local doc changed since the last successful push
         self._busy = False
         self._failing = False
+        self._late = False  # a flush ran out of time (the store hangs rather than fails)
         self._thread: threading.Thread | None = None
-        atexit.register(self.flush, 2)  # a last chance; the final states already flushed with their deadline
+        atexit.register(self._last_chance)
 
     def request(self) -> None:
         with self._cond:
@@ -152,11 +153,18 @@ class _Pusher:
             while self._pending or self._busy:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    if not self._failing:
+                    if not (self._failing or self._late):
                         log.warning("status.json not yet updated in the output after %.0fs", timeout)
+                    self._late = True
                     return False
                 self._cond.wait(left)
         return True
+
+    def _last_chance(self) -> None:
+        """At exit, a short wait for an update not yet sent; none when the store is known to be failing
+        (the final states already waited for it with their own deadline)."""
+        if not (self._failing or self._late):
+            self.flush(2)
 
     def _run(self) -> None:
         delay = 0.5
@@ -179,7 +187,7 @@ class _Pusher:
                 if ok:
                     if self._failing:
                         log.info("status.json reaches the output again")
-                    self._failing, delay = False, 0.5
+                    self._failing, self._late, delay = False, False, 0.5
                 else:
                     self._pending = True  # send the (newest) state again after a pause
                 self._cond.notify_all()

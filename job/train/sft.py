@@ -311,8 +311,9 @@ def train(plan: dict) -> int:
     return 0
 
 
-#: seconds of the grace period left to teardown and the entrypoint after the ranks stop waiting for the store
-SIGTERM_RESERVE_SECONDS = 20
+#: seconds of the grace period left after the ranks stop waiting for the store: rank teardown, the
+#: entrypoint's last status.json (FINAL_FLUSH_SECONDS) and interpreter exit (seconds of GC on a busy node)
+SIGTERM_RESERVE_SECONDS = 25
 
 
 def _mirror_reports(plan: dict, status) -> dict:
