@@ -180,34 +180,37 @@ def test_kill_9_of_the_whole_tree_at_any_moment_leaves_no_false_complete_nor_suc
     args = _args(out, 40, "--save-steps", "2", "--save-total-limit", "2")
     c = s3.client()
 
-    def uploading() -> bool:  # some step has objects but no COMPLETE yet: an upload is in flight
+    def dirs() -> dict[int, bool]:  # step → has COMPLETE
         keys = s3.keys(bucket, f"{prefix}/checkpoints/")
-        dirs = {k.split("/checkpoints/")[1].split("/")[0] for k in keys}
-        return any(f"{prefix}/checkpoints/{d}/COMPLETE" not in keys for d in dirs)
+        steps = {int(k.split("/checkpoints/step-")[1].split("/")[0]) for k in keys}
+        return {st: f"{prefix}/checkpoints/step-{st}/COMPLETE" in keys for st in steps}
 
-    def pruning() -> bool:  # right after a new COMPLETE: older checkpoints are being deleted
-        return len(_steps_with_complete(s3, bucket, prefix)) >= 2
+    def uploading(newest: int) -> bool:  # a newer step has objects but no COMPLETE yet: an upload in flight
+        return any(st > newest and not done for st, done in dirs().items())
 
-    moments = [("mid-upload", uploading), ("mid-prune", pruning), ("between saves", None)]
-    for i, (moment, when) in enumerate(moments):
+    def pruning(newest: int) -> bool:  # a newer COMPLETE was just written: older checkpoints are being deleted
+        return any(st > newest and done for st, done in dirs().items())
+
+    def between_saves(newest: int) -> bool:  # mid-step, after a newer checkpoint is in
+        return pruning(newest) and max(_progress(log)) % 2 == 1
+
+    for i, when in enumerate((uploading, pruning, between_saves)):
+        newest = max([0, *_steps_with_complete(s3, bucket, prefix)])
         log = tmp_path / f"run{i}.log"
         proc = trainkit.start(*args, log=log, env=env)
         try:
-            first = trainkit.wait_for_step(log, proc, 3 if i == 0 else 1)
-            if when is not None:
-                deadline = time.monotonic() + 120
-                while not when() and time.monotonic() < deadline and proc.poll() is None:
-                    time.sleep(0.02)
-            else:
-                trainkit.wait_for_step(log, proc, max(_progress(log)) + 1)
-            caught = when() if when else True
+            trainkit.wait_for_step(log, proc, 1)
+            caught, deadline = False, time.monotonic() + 300
+            while not caught and time.monotonic() < deadline and proc.poll() is None:
+                caught = when(newest)
+                time.sleep(0.02)
             n = _kill_whole_tree(proc.pid)
         finally:
             if proc.poll() is None:
                 proc.kill()
         assert n >= 2, "the tree holds the entrypoint and its training process"
         verified = _verify_every_complete(s3, bucket, prefix)
-        print(f"kill -9 {moment} (caught: {caught}, {n} processes, first step {first}): "
+        print(f"kill -9 {when.__name__} (caught: {caught}, {n} processes, at step {max(_progress(log))}): "
               f"complete checkpoints {verified}, all verify")
         assert not [k for k in s3.keys(bucket, f"{prefix}/") if k.endswith("_SUCCESS")]
 
