@@ -128,13 +128,12 @@ class Mirror:
         self.is_main, self.keep, self.on_complete, self.on_error = is_main, keep, on_complete, on_error
         self._cond = threading.Condition()
         self._pending: tuple[Path, int, Future] | None = None
-        self._newest: Future | None = None
+        self._newest: tuple[Future, int] | None = None  # the newest submitted checkpoint and its step
         self._give_up_at: float | None = None  # monotonic; set by wait(): stop retrying then
         self.completed: list[int] = []
         #: the newest checkpoint known to be complete in the output: the one the next attempt resumes from
         self.last_complete: int | None = resumed_step
         self.error: BaseException | None = None
-        self._steps: dict[int, int] = {}  # id(newest future) → its step
         self._reported: set[int] = set()
         _mirrors.add(self)
         threading.Thread(target=self._work, daemon=True, name="checkpoint-mirror").start()
@@ -150,8 +149,7 @@ class Mirror:
                 if old_local != Path(local_dir):
                     shutil.rmtree(old_local, ignore_errors=True)
             self._pending = (Path(local_dir), step, fut)
-            self._newest = fut
-            self._steps = {id(fut): step}
+            self._newest = (fut, step)
             self._cond.notify_all()
         return fut
 
@@ -161,25 +159,21 @@ class Mirror:
         False when its upload failed or did not finish within ``timeout``; retries stop at that deadline.
         """
         with self._cond:
-            fut = self._newest
+            newest = self._newest
             if timeout is not None:
                 self._give_up_at = time.monotonic() + timeout
             self._cond.notify_all()
-        if fut is None:
+        if newest is None:
             return True
+        fut, step = newest
         try:
             fut.result(timeout)
         except FutureTimeout:
-            self._report(self._step_of(fut), TimeoutError(
-                f"not stored within {timeout:.0f}s (the store is slow or unreachable)"))
+            self._report(step, TimeoutError(f"not stored within {timeout:.0f}s (the store is slow or unreachable)"))
             return False
         except Exception:  # noqa: BLE001 - failed or cancelled: self.error has the reason
             return False
         return True
-
-    def _step_of(self, fut: Future) -> int:
-        with self._cond:
-            return self._steps.get(id(fut), -1)
 
     def _report(self, step: int, e: BaseException) -> None:
         """A checkpoint that did not reach the output: logged and handed to on_error once per step."""
@@ -196,7 +190,7 @@ class Mirror:
     def busy(self) -> bool:
         """An upload is still running or pending (its thread may hang on a frozen store)."""
         with self._cond:
-            return self._pending is not None or (self._newest is not None and not self._newest.done())
+            return self._pending is not None or (self._newest is not None and not self._newest[0].done())
 
     def _work(self) -> None:
         while True:
