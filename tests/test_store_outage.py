@@ -55,6 +55,9 @@ def test_mirror_retries_in_the_background_and_keeps_only_the_newest_pending(s3, 
     m = checkpoints.Mirror(out, node_rank=0, num_nodes=1, is_main=True, keep=5)
     with s3.frozen():
         first = m.submit(_ckpt(tmp_path, 1), 1)
+        deadline = time.monotonic() + 30
+        while not first.running() and time.monotonic() < deadline:  # the worker took it (and hangs)
+            time.sleep(0.01)
         t0 = time.monotonic()
         later = [m.submit(_ckpt(tmp_path, s), s) for s in (2, 3, 4)]
         assert time.monotonic() - t0 < 5  # submit never waits for the store
