@@ -3,7 +3,7 @@
 Training never waits for the store (checkpoints and status.json go out in the background). Publishing
 must reach it, so the end of a run retries for ``resilience.store_wait_seconds`` and then exits 69
 (retryable) with the reason. The adapter stays in the run's work dir under the cache, beside
-``trained.json`` (the outcome, the spec hash and the sha256 of every adapter file): a rerun of the same
+``trained.json`` (the outcome, the spec hash, the size and mtime of every adapter file): a rerun of the same
 spec on a node that kept its cache publishes that adapter without training again.
 """
 from __future__ import annotations
@@ -67,10 +67,11 @@ def bounded(what: str, fn, seconds: float, *, kept: str | None = None):
                                if kept else "check the store's endpoint and health, then rerun")
 
 
-def _files(adapter: Path) -> dict[str, str]:
-    from job.checkpoints import sha256_file
-
-    return {p.relative_to(adapter).as_posix(): sha256_file(p) for p in sorted(adapter.rglob("*")) if p.is_file()}
+def _files(adapter: Path) -> dict[str, list[int]]:
+    """rel path → [size, mtime_ns]: enough to see the local adapter was not touched since (full fine-tunes
+    are gigabytes; hashing them twice would cost minutes, and publish hashes them for the manifest anyway)."""
+    return {p.relative_to(adapter).as_posix(): [p.stat().st_size, p.stat().st_mtime_ns]
+            for p in sorted(adapter.rglob("*")) if p.is_file()}
 
 
 def keep(workdir: Path, spec_hash: str, outcome) -> None:

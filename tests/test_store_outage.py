@@ -112,3 +112,21 @@ def test_bounded_store_call_retries_a_refused_connection_until_its_deadline(s3, 
     with pytest.raises(UnavailableError, match="unreachable"):
         outage.bounded("publishing", put, 5)
     assert len(calls) >= 2
+
+
+def test_a_kept_adapter_is_reused_only_for_the_same_spec_and_untouched_files(tmp_path):
+    from job.train.launch import Outcome
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_model.safetensors").write_bytes(b"weights")
+    outcome = Outcome(str(adapter), 14, None, True, None, 0, {"step": 14, "loss": 1.5})
+    outage.keep(tmp_path, "spec-a", outcome)
+    assert outage.trained(tmp_path, "spec-a", Outcome) == outcome
+    assert outage.trained(tmp_path, "spec-b", Outcome) is None  # another spec trains again
+    outage.settle(tmp_path, UnavailableError("store down"))  # 69 keeps it
+    assert outage.trained(tmp_path, "spec-a", Outcome) == outcome
+    (adapter / "adapter_model.safetensors").write_bytes(b"weights, changed")
+    assert outage.trained(tmp_path, "spec-a", Outcome) is None
+    outage.settle(tmp_path, ValueError("anything else"))  # any other end forgets it
+    assert not (tmp_path / outage.MARKER).exists()

@@ -339,24 +339,18 @@ def _stopped(reason: str, step: int, saved: bool, mirror) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    from job import logsetup
+    from job import checkpoints, logsetup
 
     logsetup.setup(os.environ.get("SFTJOB_DEBUG") == "1")
     plan = json.loads(Path(argv[0]).read_text())
     code = train(plan)
-    if _abandoned_uploads():
+    if checkpoints.uploads_in_flight():
         # an upload hung on a frozen store sits in a transfer pool that interpreter exit would join;
         # the outcome is on disk (stopped.json, the adapter): leave now, within the grace period
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
     return code
-
-
-def _abandoned_uploads() -> bool:
-    from job import checkpoints
-
-    return checkpoints.uploads_in_flight()
 
 
 if __name__ == "__main__":
