@@ -221,6 +221,8 @@ class Mirror:
                 if warned:
                     log.info("checkpoint step-%d reached the output after retries", step)
                 return
+            except Superseded:
+                raise
             except Exception as e:
                 with self._cond:
                     newer = self._pending[1] if self._pending else None
@@ -274,6 +276,9 @@ class Mirror:
                 return sorted(merged.values(), key=lambda e: e["path"])
             if time.time() > deadline:
                 raise TimeoutError(f"nodes {sorted(set(range(self.num_nodes)) - set(docs))} never mirrored {prefix}")
+            with self._cond:  # another node may have skipped this step for a newer one: so do we
+                if self._pending is not None:
+                    raise Superseded(f"{prefix}: step-{self._pending[1]} is newer; not waiting for the other nodes")
             time.sleep(0.5)
 
     def _prune_remote(self) -> None:

@@ -72,3 +72,18 @@ def test_only_the_last_save_total_limit_checkpoints_are_kept(tmp_path):
         assert m.wait(30)
     assert checkpoints.complete_steps(out) == [3, 4]
     assert sorted(p.name for p in (tmp_path / "local").iterdir()) == ["checkpoint-3", "checkpoint-4"]
+
+
+def test_the_main_node_stops_waiting_for_a_step_the_other_nodes_skipped_for_a_newer_one(tmp_path):
+    """With one pending checkpoint per node, node 1 may skip step 3 for step 6: node 0 must not wait for
+    its part of step 3 (600 s) but move on to step 6, which both nodes send."""
+    out = str(tmp_path / "out")
+    main = checkpoints.Mirror(out, node_rank=0, num_nodes=2, is_main=True, keep=2)
+    three = main.submit(_ckpt(tmp_path / "node0", 3, {"a.pt": "a3"}), 3)
+    assert not main.wait(1)  # gathering: node 1 never sends step 3
+    six = main.submit(_ckpt(tmp_path / "node0", 6, {"a.pt": "a6"}), 6)
+    checkpoints.Mirror(out, node_rank=1, num_nodes=2, is_main=False, keep=2).submit(
+        _ckpt(tmp_path / "node1", 6, {"b.pt": "b6"}), 6)
+    assert main.wait(30)
+    assert six.result() == 6 and isinstance(three.exception(), checkpoints.Superseded)
+    assert checkpoints.complete_steps(out) == [6]
