@@ -114,7 +114,10 @@ def test_sigterm_with_the_store_frozen_ends_within_grace_exit_75_and_says_not_st
     print(f"SIGTERM with the store frozen: exit {rc} after {took:.1f}s (grace {grace}s)")
     assert rc == 75, text[-3000:]
     assert took < grace, text[-3000:]
-    err = _workdir_status(cache)["error"]["message"]
+    status = _workdir_status(cache)  # the local copy: the output's cannot be updated while the store hangs
+    err = status["error"]["message"]
+    assert any(e["type"] == "checkpoint_failed" and "could not be stored" in e["message"] for e in status["events"])
+    assert status["checkpoint"] == stored  # the newest checkpoint that did reach the output
     assert "could not be stored" in err and f"resumes from checkpoint step-{stored}" in err, err
     assert "could not be stored" in text and "could not be stored" in termlog.read_text()
     assert "checkpoint saved" not in text
