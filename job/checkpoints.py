@@ -10,11 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import queue
 import re
 import shutil
 import threading
 import time
+import weakref
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,39 +130,147 @@ def _matches(local: Path, marker: dict) -> bool:
     return True
 
 
+_mirrors: weakref.WeakSet = weakref.WeakSet()
+
+
+def uploads_in_flight() -> bool:
+    """Some mirror is still uploading (its transfer threads may hang on a frozen store and block exit)."""
+    return any(m.busy for m in list(_mirrors))
+
+
+class Superseded(Exception):
+    """A newer checkpoint was submitted before this one reached the output; the newer one is mirrored."""
+
+
 class Mirror:
-    """Background uploader of local checkpoints, one per node (run by each node's local rank 0)."""
+    """Background uploader of local checkpoints, one per node (run by each node's local rank 0).
+
+    Training never waits for the store: ``submit`` returns at once with a Future. At most one checkpoint
+    is pending behind the one being uploaded; a newer submit replaces it (its Future is cancelled), so a
+    long outage leaves one checkpoint to send, never a backlog. A failed upload is retried with backoff
+    until it succeeds, a newer checkpoint supersedes it, or ``wait``'s deadline passes. ``wait`` says the
+    truth: True only when the newest checkpoint really is in the output.
+    The worker is a daemon thread (not an executor): an upload hung on a frozen store must not keep the
+    process from exiting at the end of its grace period.
+    """
 
     def __init__(self, output_uri: str, *, node_rank: int, num_nodes: int, is_main: bool, keep: int,
-                 on_complete=None):
+                 on_complete=None, on_error=None, resumed_step: int | None = None):
         self.output_uri, self.node_rank, self.num_nodes = output_uri, node_rank, num_nodes
-        self.is_main, self.keep, self.on_complete = is_main, keep, on_complete
-        self._q: queue.Queue = queue.Queue()
-        self._idle = threading.Event()
-        self._idle.set()
+        self.is_main, self.keep, self.on_complete, self.on_error = is_main, keep, on_complete, on_error
+        self._cond = threading.Condition()
+        self._pending: tuple[Path, int, Future] | None = None
+        self._newest: tuple[Future, int] | None = None  # the newest submitted checkpoint and its step
+        self._give_up_at: float | None = None  # monotonic; set by wait(): stop retrying then
         self.completed: list[int] = []
-        self.error: Exception | None = None
+        #: the newest checkpoint known to be complete in the output: the one the next attempt resumes from
+        self.last_complete: int | None = resumed_step
+        self.error: BaseException | None = None
+        self._reported: set[int] = set()
+        _mirrors.add(self)
         threading.Thread(target=self._work, daemon=True, name="checkpoint-mirror").start()
 
-    def submit(self, local_dir: Path, step: int) -> None:
-        self._idle.clear()
-        self._q.put((Path(local_dir), step))
+    def submit(self, local_dir: Path, step: int) -> Future:
+        fut: Future = Future()
+        with self._cond:
+            if self._pending is not None:
+                old_local, old_step, old = self._pending
+                old.cancel()
+                log.warning("checkpoint step-%d was not mirrored yet (store slow or down); step-%d replaces it",
+                            old_step, step)
+                if old_local != Path(local_dir):
+                    shutil.rmtree(old_local, ignore_errors=True)
+            self._pending = (Path(local_dir), step, fut)
+            self._newest = (fut, step)
+            self._cond.notify_all()
+        return fut
 
     def wait(self, timeout: float | None = None) -> bool:
-        """True when every submitted checkpoint is mirrored (and COMPLETE written by the main node)."""
-        return self._idle.wait(timeout)
+        """True when the newest submitted checkpoint is in the output (COMPLETE written by the main node).
+
+        False when its upload failed or did not finish within ``timeout``; retries stop at that deadline.
+        """
+        with self._cond:
+            newest = self._newest
+            if timeout is not None:
+                self._give_up_at = time.monotonic() + timeout
+            self._cond.notify_all()
+        if newest is None:
+            return True
+        fut, step = newest
+        try:
+            fut.result(timeout)
+        except FutureTimeout:
+            self._report(step, TimeoutError(f"not stored within {timeout:.0f}s (the store is slow or unreachable)"))
+            return False
+        except Exception:  # noqa: BLE001 - failed or cancelled: self.error has the reason
+            return False
+        return True
+
+    def _report(self, step: int, e: BaseException) -> None:
+        """A checkpoint that did not reach the output: logged and handed to on_error once per step."""
+        with self._cond:
+            if step in self._reported:
+                return
+            self._reported.add(step)
+        self.error = e
+        log.error("mirroring checkpoint step-%d failed: %s", step, e)
+        if self.on_error:
+            self.on_error(step, e)
+
+    @property
+    def busy(self) -> bool:
+        """An upload is still running or pending (its thread may hang on a frozen store)."""
+        with self._cond:
+            return self._pending is not None or (self._newest is not None and not self._newest[0].done())
 
     def _work(self) -> None:
         while True:
-            local, step = self._q.get()
+            with self._cond:
+                while self._pending is None:
+                    self._cond.wait()
+                local, step, fut = self._pending
+                self._pending = None
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                self._mirror_retrying(local, step)
+            except BaseException as e:  # noqa: BLE001 - a failed mirror leaves the previous checkpoint valid
+                if not isinstance(e, Superseded):
+                    self._report(step, e)  # before the Future: wait() returns with the event recorded
+                fut.set_exception(e)
+            else:
+                self.error = None
+                fut.set_result(step)
+            finally:
+                self._prune_local(local.parent)
+
+    def _mirror_retrying(self, local: Path, step: int) -> None:
+        delay, warned = 1.0, False
+        while True:
             try:
                 self._mirror(local, step)
-            except Exception as e:  # noqa: BLE001 - a failed mirror leaves the previous checkpoint valid
-                self.error = e
-                log.error("mirroring checkpoint step-%d failed: %s", step, e)
-            finally:
-                if self._q.empty():
-                    self._idle.set()
+                if warned:
+                    log.info("checkpoint step-%d reached the output after retries", step)
+                return
+            except Superseded:
+                raise
+            except Exception as e:
+                with self._cond:
+                    newer = self._pending[1] if self._pending else None
+                    left = None if self._give_up_at is None else self._give_up_at - time.monotonic()
+                if newer is not None:
+                    log.warning("mirroring checkpoint step-%d failed (%s); mirroring the newer step-%d instead",
+                                step, e, newer)
+                    raise Superseded(f"step-{step} superseded by step-{newer}") from e
+                if left is not None and left <= delay:
+                    raise
+                if not warned:
+                    log.warning("mirroring checkpoint step-%d failed (%s); retrying in the background", step, e)
+                    warned = True
+                with self._cond:  # woken early by wait() (a deadline) or a newer submit
+                    self._cond.wait(delay)
+                delay = min(delay * 2, 30.0)
 
     def _mirror(self, local: Path, step: int) -> None:
         t0 = time.time()
@@ -168,6 +278,8 @@ class Mirror:
         files = sorted(p for p in local.rglob("*") if p.is_file())
         entries = [{"path": str(p.relative_to(local)), "size": p.stat().st_size, "sha256": sha256_file(p)}
                    for p in files]
+        if self.is_main:  # a COMPLETE from an earlier attempt at this step must never cover new bytes
+            storage.delete(storage.join(prefix, "COMPLETE"))
         storage.upload_tree(local, prefix, files=files)
         storage.write_bytes(storage.join(prefix, ".nodes", f"node-{self.node_rank}.json"),
                             json.dumps({"files": entries}).encode())
@@ -176,6 +288,7 @@ class Mirror:
             marker = {"step": step, "files": all_entries, "created_at": time.time()}
             storage.write_bytes(storage.join(prefix, "COMPLETE"), json.dumps(marker, indent=1).encode())
             self.completed.append(step)
+            self.last_complete = step
             log.info("checkpoint step-%d mirrored to %s in %.1fs", step, prefix, time.time() - t0)
             if self.on_complete:
                 self.on_complete(step)
@@ -197,6 +310,9 @@ class Mirror:
                 return sorted(merged.values(), key=lambda e: e["path"])
             if time.time() > deadline:
                 raise TimeoutError(f"nodes {sorted(set(range(self.num_nodes)) - set(docs))} never mirrored {prefix}")
+            with self._cond:  # another node may have skipped this step for a newer one: so do we
+                if self._pending is not None:
+                    raise Superseded(f"{prefix}: step-{self._pending[1]} is newer; not waiting for the other nodes")
             time.sleep(0.5)
 
     def _prune_remote(self) -> None:
@@ -206,7 +322,10 @@ class Mirror:
         newest = max(done) if done else -1
         for s in steps:
             if s not in keep and s < newest:
-                storage.delete_prefix(remote_prefix(self.output_uri, s))
+                prefix = remote_prefix(self.output_uri, s)
+                if "COMPLETE" in steps[s]:  # the marker goes first: a kill mid-delete leaves no false COMPLETE
+                    storage.delete(storage.join(prefix, "COMPLETE"))
+                storage.delete_prefix(prefix)
 
     def _prune_local(self, root: Path) -> None:
         local = sorted((int(m.group(1)), p) for p in root.glob("checkpoint-*") if (m := _STEP.search(p.name)))

@@ -6,15 +6,18 @@ load the prepared cache. status.json follows every phase; the exit code says why
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
+import os
 import re
 import shutil
 import signal
+import sys
 import time
 from pathlib import Path
 
-from job import evaluate, publish, storage
+from job import evaluate, outage, publish, storage
 from job.errors import ConfigError, EvalGateError, Interrupted, NotFoundError, SftjobError, VerificationError
 from job.spec import RunSpec, to_yaml
 from job.status import Status, write_termination_log
@@ -66,13 +69,25 @@ def run(spec: RunSpec) -> int:
         prepared = prepare(spec, Path(model_dir) if Path(model_dir).exists() else None)
         log.info("prepared data %s (%s)", prepared.dir, "cache hit" if prepared.cache_hit else "new")
 
-        outcome = launch.train(spec, prepared, model_dir, workdir, status, started=started, fresh=fresh,
-                               adapter_path=str(adapter.path) if adapter else None)
+        kept = None
+        if not fresh and spec.distributed.num_machines == 1:  # other nodes would wait for a rendezvous
+            kept = outage.trained(workdir, spec.spec_hash(), launch.Outcome)
+        if kept:
+            log.warning("publishing the adapter the previous attempt trained (step %d) without training again",
+                        kept.step)
+            status.update(step=kept.step, event=("reuse", f"adapter trained to step {kept.step} by the previous "
+                                                 "attempt is kept locally; publishing it without retraining"))
+            outcome = kept
+        else:
+            outage.forget(workdir)
+            outcome = launch.train(spec, prepared, model_dir, workdir, status, started=started, fresh=fresh,
+                                   adapter_path=str(adapter.path) if adapter else None)
         if outcome.node_rank != 0:
             return 0
         if outcome.stopped == "sigterm":
-            raise Interrupted(f"stopped by SIGTERM at step {outcome.step}; "
-                              + ("checkpoint saved" if outcome.mirrored else "no new checkpoint (resumes from the previous)"))
+            raise Interrupted(_stopped_message(outcome, workdir))
+        if outcome.stopped is None:
+            outage.keep(workdir, spec.spec_hash(), outcome)
 
         status.phase("publishing", f"verify and upload to {output}")
         partial = outcome.stopped == "deadline" and not spec.resilience.train_to_deadline
@@ -86,12 +101,17 @@ def run(spec: RunSpec) -> int:
             status.update(eval=evaluation.summary)
             if evaluation.failures:
                 _reject(stage, output, evaluation)
-        manifest = publish.publish(stage, output, overwrite=spec.output.overwrite, partial=partial, run_info={
+        run_info = {
             "run_id": run_id, "spec_hash": spec.spec_hash(), "base_model": spec.model.path,
             "chat_template_sha256": prepared.template_sha256, "metrics": outcome.final_metrics,
             "attempt": status.read().get("attempt"), "resumed_from": outcome.resumed_from,
             "parent_adapter": adapter.info if adapter else None,
-        })
+        }
+        manifest = outage.bounded(
+            f"publishing to {output}", lambda: publish.publish(stage, output, overwrite=spec.output.overwrite,
+                                                               partial=partial, run_info=run_info),
+            spec.resilience.store_wait_seconds, kept=str(workdir) if outcome.stopped is None else None)
+        outage.forget(workdir)
         if partial:
             raise Interrupted(f"max_runtime reached at step {outcome.step}: partial adapter published "
                               f"(manifest partial: true, no _SUCCESS); rerun to resume")
@@ -100,11 +120,34 @@ def run(spec: RunSpec) -> int:
         _summary(outcome, output, time.time() - started, evaluation.summary if evaluation else None)
         return 0
     except SftjobError as e:
+        outage.settle(workdir, e)
         status.fail(int(e.exit_code), e.kind, str(e))
+        if outage.abandoned():
+            # a publish thread hangs on a frozen store inside a transfer pool that interpreter exit
+            # would join (for read_timeout × attempts): say why and leave now
+            print(f"sftjob: error: {e}", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(int(e.exit_code))
         raise
     except BaseException as e:
         status.fail(1, "crash", f"{type(e).__name__}: {e}")
         raise
+
+
+def _stopped_message(outcome, workdir: Path) -> str:
+    """The SIGTERM line: was this step's checkpoint stored, and where the next attempt starts."""
+    try:
+        stopped = json.loads((workdir / "stopped.json").read_text())
+    except (OSError, ValueError):
+        stopped = {}
+    head = f"stopped by SIGTERM at step {outcome.step}; "
+    if outcome.mirrored:
+        return head + f"checkpoint step-{outcome.step} saved; the next attempt resumes from it"
+    resume = stopped.get("resume_step", outcome.resumed_from)
+    why = stopped.get("mirror_error")
+    return (head + f"the checkpoint of step {outcome.step} could not be stored in the output"
+            + (f" ({why})" if why else "") + "; the next attempt resumes from "
+            + (f"checkpoint step-{resume}" if resume is not None else "the start"))
 
 
 def _interrupt(signum, frame):

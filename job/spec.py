@@ -185,6 +185,7 @@ class ResilienceSpec(Section):
     max_runtime: float = Field(0, ge=0, description="Stop before this many seconds with a final checkpoint (0 = off).")
     train_to_deadline: bool = Field(False, description="At max_runtime publish the adapter as final instead of partial.")
     stall_seconds: float | None = Field(None, ge=0, description="End the job (exit 72, stacks logged) when no optimizer step completes for this long; 3x before the first step and while checkpointing (default: 600 on GPUs, 1800 on CPU; 0 = off).")
+    store_wait_seconds: float = Field(300, ge=1, description="How long the end of a run keeps retrying an unavailable store (last checkpoint, publish) before exit 69; the adapter stays in the local cache and a rerun publishes it without retraining. Training itself never waits for the store.")
 
 
 class EvalSpec(Section):

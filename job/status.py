@@ -1,15 +1,21 @@
 """status.json: where a run is, for people, `sftjob status` and Kubernetes.
 
 The local copy under the run's work dir is the source of truth; every update is merged into it under a
-file lock (the entrypoint and rank 0 both write) and then copied to ``<output>/status.json``.
+file lock (the entrypoint and rank 0 both write) and then copied to ``<output>/status.json`` by a
+background writer: rank 0 updates status from the training loop, and a slow or frozen store must not
+stall the step (every rank waits for rank 0 at the next collective). The writer always sends the newest
+local document (latest state wins, at most one pending), retries with backoff, and ``flush`` waits for
+it with a deadline at the end of a phase.
 The last lines also go to the termination log so `kubectl describe pod` shows why a pod ended.
 """
 from __future__ import annotations
 
+import atexit
 import fcntl
 import json
 import logging
 import os
+import threading
 import time
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -34,6 +40,7 @@ class Status:
         self.path = Path(workdir) / "status.json"
         self.output_uri = output_uri
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._pusher = _Pusher(self) if output_uri else None
 
     @contextmanager
     def _locked(self):
@@ -83,7 +90,10 @@ class Status:
 
     def phase(self, state: str, message: str | None = None, **fields) -> dict:
         assert state in STATES, state
-        return self.update(state=state, event=(state, message or state), **fields)
+        doc = self.update(state=state, event=(state, message or state), **fields)
+        if state in ("succeeded", "failed", "interrupted"):  # the last word: give it time to arrive
+            self.flush(FINAL_FLUSH_SECONDS)
+        return doc
 
     def fail(self, exit_code: int, kind: str, message: str) -> dict:
         message = redact.text(message)  # status.json is published and read by `sftjob status`
@@ -91,6 +101,7 @@ class Status:
         doc = self.update(state=state, error={"exit_code": int(exit_code), "kind": kind, "message": message},
                           event=(state, message))
         write_termination_log(doc)
+        self.flush(FINAL_FLUSH_SECONDS)
         return doc
 
     def _write(self, doc: dict) -> None:
@@ -99,17 +110,93 @@ class Status:
         os.replace(tmp, self.path)
 
     def push(self, doc: dict | None = None) -> None:
-        if not self.output_uri:
-            return
-        body = json.dumps(doc or self.read(), indent=1, default=str).encode()
-        for attempt in range(3):
+        """Ask the background writer to copy the newest local status.json to the output (returns at once)."""
+        if self._pusher:
+            self._pusher.request()
+
+    def flush(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for the newest state to reach the output; False if it has not."""
+        return self._pusher.flush(timeout) if self._pusher else True
+
+
+#: how long the end of a run (fail, succeeded) waits for status.json to reach a slow store
+FINAL_FLUSH_SECONDS = 5.0
+
+
+class _Pusher:
+    """One daemon thread that copies the local status.json to ``<output>/status.json``.
+
+    It reads the local file when it sends (so a push is never older than the newest update), keeps at
+    most one request pending however often ``request`` is called, and retries a failed PUT with
+    backoff until a newer state or a success. A daemon thread: a PUT hung on a frozen store never
+    keeps the process from exiting.
+    """
+
+    def __init__(self, status: Status):
+        self.status = status
+        self._cond = threading.Condition()
+        self._pending = False  # the local doc changed since the last successful push
+        self._busy = False
+        self._failing = False
+        self._late = False  # a flush ran out of time (the store hangs rather than fails)
+        self._thread: threading.Thread | None = None
+        atexit.register(self._last_chance)
+
+    def request(self) -> None:
+        with self._cond:
+            self._pending = True
+            if self._thread is None or not self._thread.is_alive():  # none yet, or forked away
+                self._thread = threading.Thread(target=self._run, daemon=True, name="status-push")
+                self._thread.start()
+            self._cond.notify_all()
+
+    def flush(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._pending or self._busy:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    if not (self._failing or self._late):
+                        log.warning("status.json not yet updated in the output after %.0fs", timeout)
+                    self._late = True
+                    return False
+                self._cond.wait(left)
+        return True
+
+    def _last_chance(self) -> None:
+        """At exit, a short wait for an update not yet sent; none when the store is known to be failing
+        (the final states already waited for it with their own deadline)."""
+        if not (self._failing or self._late):
+            self.flush(2)
+
+    def _run(self) -> None:
+        delay = 0.5
+        while True:
+            with self._cond:
+                while not self._pending:
+                    self._cond.wait()
+                self._pending, self._busy = False, True
+            ok = False
             try:
-                storage.write_bytes(storage.join(self.output_uri, "status.json"), body)
-                return
+                body = json.dumps(self.status.read(), indent=1, default=str).encode()
+                storage.write_bytes(storage.join(self.status.output_uri, "status.json"), body)
+                ok = True
             except Exception as e:  # noqa: BLE001 - status is best effort; training goes on
-                if attempt == 2:
-                    log.warning("could not update status.json: %s", e)
-                time.sleep(0.2 * (attempt + 1))
+                if not self._failing:
+                    log.warning("could not update status.json in the output (retrying in the background): %s", e)
+                self._failing = True
+            with self._cond:
+                self._busy = False
+                if ok:
+                    if self._failing:
+                        log.info("status.json reaches the output again")
+                    self._failing, self._late, delay = False, False, 0.5
+                else:
+                    self._pending = True  # send the (newest) state again after a pause
+                self._cond.notify_all()
+            if not ok:
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
 
 
 def write_termination_log(doc: dict) -> None:

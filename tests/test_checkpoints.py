@@ -45,7 +45,7 @@ def test_find_and_fetch_takes_the_newest_complete_and_removes_incomplete(tmp_pat
     m = checkpoints.Mirror(out, node_rank=0, num_nodes=1, is_main=True, keep=3)
     for step in (2, 4):
         m.submit(_ckpt(tmp_path / "local", step, {"optimizer.pt": f"opt{step}"}), step)
-    assert m.wait(30)
+        assert m.wait(30)
     partial = tmp_path / "out/checkpoints/step-6"
     partial.mkdir(parents=True)
     (partial / "optimizer.pt").write_text("half")
@@ -60,7 +60,7 @@ def test_a_corrupted_checkpoint_is_skipped_for_the_previous_one(tmp_path):
     m = checkpoints.Mirror(out, node_rank=0, num_nodes=1, is_main=True, keep=3)
     for step in (2, 4):
         m.submit(_ckpt(tmp_path / "local", step, {"optimizer.pt": f"opt{step}"}), step)
-    assert m.wait(30)
+        assert m.wait(30)
     (tmp_path / "out/checkpoints/step-4/optimizer.pt").write_text("bitrot")
     found = checkpoints.find_and_fetch(out, tmp_path / "resume")
     assert found.step == 2
@@ -69,9 +69,9 @@ def test_a_corrupted_checkpoint_is_skipped_for_the_previous_one(tmp_path):
 def test_only_the_last_save_total_limit_checkpoints_are_kept(tmp_path):
     out = str(tmp_path / "out")
     m = checkpoints.Mirror(out, node_rank=0, num_nodes=1, is_main=True, keep=2)
-    for step in (1, 2, 3, 4):
+    for step in (1, 2, 3, 4):  # each mirrored before the next (a newer pending one replaces an older)
         m.submit(_ckpt(tmp_path / "local", step, {"x": str(step)}), step)
-    assert m.wait(30)
+        assert m.wait(30)
     assert checkpoints.complete_steps(out) == [3, 4]
     assert sorted(p.name for p in (tmp_path / "local").iterdir()) == ["checkpoint-3", "checkpoint-4"]
 
@@ -143,3 +143,18 @@ def test_a_node_file_naming_a_path_outside_the_checkpoint_never_becomes_a_comple
         time.sleep(0.05)
     assert "'/etc/cron.d/x'" in caplog.text and "node-1.json" in caplog.text
     assert checkpoints.complete_steps(out) == []
+
+
+def test_the_main_node_stops_waiting_for_a_step_the_other_nodes_skipped_for_a_newer_one(tmp_path):
+    """With one pending checkpoint per node, node 1 may skip step 3 for step 6: node 0 must not wait for
+    its part of step 3 (600 s) but move on to step 6, which both nodes send."""
+    out = str(tmp_path / "out")
+    main = checkpoints.Mirror(out, node_rank=0, num_nodes=2, is_main=True, keep=2)
+    three = main.submit(_ckpt(tmp_path / "node0", 3, {"a.pt": "a3"}), 3)
+    assert not main.wait(1)  # gathering: node 1 never sends step 3
+    six = main.submit(_ckpt(tmp_path / "node0", 6, {"a.pt": "a6"}), 6)
+    checkpoints.Mirror(out, node_rank=1, num_nodes=2, is_main=False, keep=2).submit(
+        _ckpt(tmp_path / "node1", 6, {"b.pt": "b6"}), 6)
+    assert main.wait(30)
+    assert six.result() == 6 and isinstance(three.exception(), checkpoints.Superseded)
+    assert checkpoints.complete_steps(out) == [6]

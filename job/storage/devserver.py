@@ -19,6 +19,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -169,10 +170,26 @@ class S3Server:
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
             try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
+                os.killpg(self.proc.pid, signal.SIGKILL)  # a frozen (SIGSTOPped) server dies too
             except ProcessLookupError:
                 pass
             self.proc.wait(timeout=10)
+
+    def freeze(self) -> None:
+        """SIGSTOP the server: connections are accepted by the kernel but never answered (a hung store)."""
+        os.killpg(self.proc.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGCONT)
+
+    @contextmanager
+    def frozen(self):
+        """The server frozen for the duration of the block, resumed whatever happens inside it."""
+        self.freeze()
+        try:
+            yield self
+        finally:
+            self.thaw()
 
     def client(self, *, reader: bool = False):
         import boto3

@@ -259,12 +259,12 @@ def train(plan: dict) -> int:
 
         model = PeftModel.from_pretrained(model, plan["adapter_path"], is_trainable=True)
         peft_config = None
+    status = Status(Path(plan["workdir"]), plan.get("output_uri")) if rank == 0 else None
     mirror = None
     if local_rank == 0 and plan.get("output_uri"):
         mirror = checkpoints.Mirror(plan["output_uri"], node_rank=node_rank,
                                     num_nodes=int(plan.get("num_machines", 1)), is_main=rank == 0,
-                                    keep=spec.resilience.save_total_limit)
-    status = Status(Path(plan["workdir"]), plan.get("output_uri")) if rank == 0 else None
+                                    keep=spec.resilience.save_total_limit, **_mirror_reports(plan, status))
     args = _training_args(spec, plan)
     callbacks = _callbacks(plan, collator, stop, mirror, status) + [watchdog.heartbeat_callback()]
     trainer = lora.trainer_class(spec, SFTTrainer)(
@@ -286,12 +286,14 @@ def train(plan: dict) -> int:
 
     stopped = Path(plan["workdir"]) / "stopped.json"
     if stop.reason == "sigterm":
-        grace_left = plan["grace_seconds"] - 10 - (time.time() - stop.signalled_at)
+        # the ranks' share of the grace period; the rest is for teardown and the entrypoint's last status
+        grace_left = plan["grace_seconds"] - SIGTERM_RESERVE_SECONDS - (time.time() - stop.signalled_at)
         watchdog.beat("uploading")
         saved = mirror.wait(timeout=max(grace_left, 1)) if mirror else True
         if rank == 0:
-            stopped.write_text(json.dumps({"reason": "sigterm", "step": trainer.state.global_step,
-                                           "mirrored": bool(saved)}))
+            stopped.write_text(json.dumps(_stopped("sigterm", trainer.state.global_step, saved, mirror)))
+        if status:
+            status.flush(2)
         trainer.accelerator.wait_for_everyone()
         trainer.accelerator.end_training()
         return int(ExitCode.INTERRUPTED)
@@ -302,17 +304,48 @@ def train(plan: dict) -> int:
         if lora_init:  # PiSSA/OLoRA: publish an adapter that fits the original base
             lora.convert_residual(Path(plan["adapter_dir"]), lora_init)
     watchdog.beat("uploading")
-    saved = mirror.wait(timeout=600) if mirror else True
+    # the adapter is safe locally; the final checkpoint only matters if publishing fails, so wait for it
+    # no longer than the run waits for the store at its end
+    saved = mirror.wait(timeout=spec.resilience.store_wait_seconds) if mirror else True
     if rank == 0 and stop.reason == "deadline":
-        stopped.write_text(json.dumps({"reason": "deadline", "step": trainer.state.global_step,
-                                       "mirrored": bool(saved)}))
+        stopped.write_text(json.dumps(_stopped("deadline", trainer.state.global_step, saved, mirror)))
+    if status:
+        status.flush(2)
     trainer.accelerator.wait_for_everyone()
     trainer.accelerator.end_training()
     return 0
 
 
+#: seconds of the grace period left after the ranks stop waiting for the store: rank teardown, the
+#: entrypoint's last status.json (FINAL_FLUSH_SECONDS) and interpreter exit (seconds of GC on a busy node)
+SIGTERM_RESERVE_SECONDS = 25
+
+
+def _mirror_reports(plan: dict, status) -> dict:
+    """Mirror callbacks: the newest stored checkpoint and every failed mirror go into status.json (rank 0)."""
+    resumed = plan.get("resume_from")
+    out: dict = {"resumed_step": int(Path(resumed).name.rsplit("-", 1)[-1]) if resumed else None}
+    if status:
+        out["on_complete"] = lambda step: status.update(checkpoint=step)
+        out["on_error"] = lambda step, e: status.update(
+            event=("checkpoint_failed", f"checkpoint step-{step} could not be stored in the output: {e}"))
+    return out
+
+
+def _stopped(reason: str, step: int, saved: bool, mirror) -> dict:
+    """stopped.json: what the entrypoint says about the stop, and which checkpoint the next attempt uses."""
+    doc = {"reason": reason, "step": step, "mirrored": bool(saved)}
+    if mirror is not None:
+        doc["resume_step"] = step if saved else mirror.last_complete
+        if not saved:
+            doc["mirror_error"] = str(mirror.error or "not stored")[:500]
+    return doc
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    from job import checkpoints
+
     logsetup.setup(os.environ.get("SFTJOB_DEBUG") == "1")
     plan = json.loads(Path(argv[0]).read_text())
     beacon = watchdog.rank_start(plan["workdir"], int(plan.get("node_rank", 0)))  # dies with its launcher
@@ -326,6 +359,12 @@ def main(argv: list[str] | None = None) -> int:
         beacon.exit(1, f"{type(e).__name__}: {first}")
         raise
     beacon.exit(code)
+    if checkpoints.uploads_in_flight():
+        # an upload hung on a frozen store sits in a transfer pool that interpreter exit would join;
+        # the outcome is on disk (stopped.json, the adapter): leave now, within the grace period
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     return code
 
 
