@@ -98,12 +98,12 @@ def _adapter_dir(tmp_path, spec) -> Path:
 
 
 def _train_plan(spec, tmp_path, **kw) -> dict:
-    from job.train.launch import _attn, topology
+    from job.train.launch import _fast_path, topology
 
     (tmp_path / "chat_template.jinja").write_text(TEMPLATE)
     topo = topology(spec, cuda_devices=0)
     return {"model_dir": str(trainkit.tiny_model()), "chat_template_path": str(tmp_path / "chat_template.jinja"),
-            "mixed_precision": topo.mixed_precision, "attn_implementation": _attn(spec, False), **kw}
+            "mixed_precision": topo.mixed_precision, "attn_implementation": _fast_path(spec, False)["attention"]["implementation"], **kw}
 
 
 def test_prepare_train_eval_export_and_plan_see_the_same_tokenizer(tmp_path, template):
