@@ -39,4 +39,16 @@ timeout 150 bash -c "python3 -m job tiny-model $T/tiny && python3 -c 'from job i
   --per-device-train-batch-size 8 --logging-steps 10 --warmup-ratio 0 --max-length 256 --packing true \
   --save-steps 20 --cache-dir $T/cache" > "$OUT/run.log" 2>&1; echo "run exit $?"
 grep -E '"event": "(progress|done)"|ERROR|Error|error' "$OUT/run.log" | tail -n 8
-ls $T/out 2>/dev/null | head -30; cat $T/out/status.json 2>/dev/null | head -c 600; echo
+ls $T/out 2>/dev/null | head -30
+python3 - "$T" <<'PY'
+import json, sys
+t = sys.argv[1]
+try:
+    st = json.load(open(f"{t}/out/status.json"))
+    plan = json.load(open(f"{t}/out/launch/plan.json"))
+except Exception as e:
+    sys.exit(f"no run outputs: {e}")
+print("state", st.get("state"), "step", st.get("step"), "loss", st.get("loss"), "tok/s", st.get("tokens_per_second"))
+print("fast_path", json.dumps(plan.get("fast_path")))
+print("status fast_path", json.dumps(st.get("fast_path")))
+PY

@@ -21,8 +21,9 @@ from job import redact
 QUIET = ("botocore", "boto3", "urllib3", "s3transfer", "filelock", "httpx", "matplotlib", "PIL", "fsspec")
 # the ML libraries: WARNING and up unless --debug
 NOISY = ("DeepSpeed", "torch.distributed", "accelerate", "datasets", "transformers", "peft", "trl")
-HARMLESS = (  # (category, message regex): emitted inside transformers/peft, not by our calls
+HARMLESS = (  # (category, message regex): emitted inside transformers/peft/trl, not by our calls
     (FutureWarning, r".*is_gradient_checkpointing.* is deprecated"),
+    (FutureWarning, r".*use_liger_kernel=True.* is deprecated"),  # TRL 1.16; the option still works (H200-tested)
 )
 ENV = "SFTJOB_LOG_FORMAT"
 _format = "text"
@@ -79,6 +80,8 @@ def setup(debug: bool = False, fmt: str | None = None) -> str:
             logging.getLogger(name).setLevel(logging.WARNING)
         # DeepSpeed sets its own level and handler when it is imported; a filter on the logger survives that
         logging.getLogger("DeepSpeed").addFilter(lambda r: r.levelno >= logging.ERROR)
+        # Liger lists every optional backend it cannot import (CuTe DSL, Ascend) as a warning, once per op
+        logging.getLogger("liger_kernel").setLevel(logging.ERROR)
         for category, message in HARMLESS:
             warnings.filterwarnings("ignore", message=message, category=category)
     return _format
