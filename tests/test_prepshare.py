@@ -230,3 +230,20 @@ def test_prepare_reports_progress_to_the_status_sink(tmp_path, tok_dir, monkeypa
         progress.set_sink(None)
     assert sink and sink[-1]["rows"] == 1200 and sink[-1]["percent"] == 100.0 and sink[-1]["tokens"] > 0
     assert [d["rows"] for d in sink] == sorted(d["rows"] for d in sink)
+
+
+def test_sftjob_prepare_cli_second_pod_says_prepared_data_from_cache(s3, tmp_path):
+    """The acceptance, whole processes: a second `sftjob prepare --cache-uri` with an empty node cache."""
+    import trainkit
+
+    bucket = s3.bucket("prepshare")
+    args = ("prepare", "--model", str(trainkit.tiny_model()), "--data", str(trainkit.chat_data()),
+            "--max-length", "128", "--cache-uri", f"s3://{bucket}/cli-cache/")
+    first = trainkit.run(*args, env={"SFTJOB_CACHE_DIR": str(tmp_path / "pod1")}, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "prepared data from cache" not in first.stdout + first.stderr
+    second = trainkit.run(*args, env={"SFTJOB_CACHE_DIR": str(tmp_path / "pod2")}, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"prepared data from cache s3://{bucket}/cli-cache/" in second.stdout + second.stderr
+    (d1,), (d2,) = (list((tmp_path / p / "prepared").iterdir()) for p in ("pod1", "pod2"))
+    assert d1.name == d2.name and sha(d1 / "train.parquet") == sha(d2 / "train.parquet")
