@@ -247,3 +247,18 @@ def test_sftjob_prepare_cli_second_pod_says_prepared_data_from_cache(s3, tmp_pat
     assert f"prepared data from cache s3://{bucket}/cli-cache/" in second.stdout + second.stderr
     (d1,), (d2,) = (list((tmp_path / p / "prepared").iterdir()) for p in ("pod1", "pod2"))
     assert d1.name == d2.name and sha(d1 / "train.parquet") == sha(d2 / "train.parquet")
+
+
+def test_node1_alone_exits_69_with_a_clear_message_when_node0_never_publishes(s3, tmp_path):
+    """Whole process: `sftjob run` as node 1 of 2 with no node 0 → the retryable 69 after prepare_timeout."""
+    import trainkit
+
+    bucket = s3.bucket("prepshare")
+    r = trainkit.run("run", "--model", str(trainkit.tiny_model()), "--data", str(trainkit.chat_data()),
+                     "--output", f"s3://{bucket}/runs/alone", "--max-length", "128", "--distributed", "ddp",
+                     "--num-machines", "2", "--main-process-ip", "127.0.0.1", "--prepare-timeout", "3",
+                     env={"SFTJOB_CACHE_DIR": str(tmp_path / "node1"), "JOB_COMPLETION_INDEX": "1"}, timeout=300)
+    assert r.returncode == 69, r.stderr[-3000:]
+    assert "node 0 did not publish the prepared data" in r.stderr and "data.prepare_timeout 3s" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "node1" / "prepared").exists() or not any((tmp_path / "node1" / "prepared").iterdir())
