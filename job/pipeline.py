@@ -65,7 +65,7 @@ def run(spec: RunSpec) -> int:
         from job.data.prepare import prepare
 
         sharing = shared.for_spec(spec, node_rank, shared.num_machines(spec), output)  # node 0 prepares once
-        progress.set_sink(lambda d: status.update(percent=d["percent"], preparing=d))
+        progress.set_sink(progress.to_status(status))
         try:
             prepared = prepare(spec, Path(model_dir) if Path(model_dir).exists() else None, sharing)
         finally:

@@ -219,17 +219,25 @@ def test_estimate_rows_counts_jsonl_lines_and_parquet_rows_but_not_gzip(tmp_path
 
 
 def test_prepare_reports_progress_to_the_status_sink(tmp_path, tok_dir, monkeypatch):
+    from job.status import Status
+
     data = tmp_path / "d.jsonl"
     data.write_bytes(jsonl(conversations(1200, seed=3)))
     monkeypatch.setattr(progress, "EVERY", 0.0)  # report on every chunk
+    status = Status(tmp_path / "run", None)
+    status.start(run_id="r")
+    status.phase("preparing")
+    to_status = progress.to_status(status)
     sink = []
-    progress.set_sink(sink.append)
+    progress.set_sink(lambda d: (sink.append(d), to_status(d)))
     try:
         prepare(make_spec(tmp_path / "a", tok_dir, str(data)))
     finally:
         progress.set_sink(None)
     assert sink and sink[-1]["rows"] == 1200 and sink[-1]["percent"] == 100.0 and sink[-1]["tokens"] > 0
     assert [d["rows"] for d in sink] == sorted(d["rows"] for d in sink)
+    doc = status.read()
+    assert doc["state"] == "preparing" and doc["percent"] == 100.0 and doc["preparing"]["rows"] == 1200
 
 
 def test_sftjob_prepare_cli_second_pod_says_prepared_data_from_cache(s3, tmp_path):

@@ -22,6 +22,12 @@ def set_sink(fn: Callable[[dict], None] | None) -> None:
     _sink = fn
 
 
+def to_status(status) -> Callable[[dict], None]:
+    """A sink for job/status.py: status.json gets ``percent`` (None until the total is known) and the figures
+    under ``preparing`` (rows, tokens, rates, eta_seconds)."""
+    return lambda d: status.update(percent=d["percent"], preparing=d)
+
+
 def estimate_rows(files: list[Path]) -> int | None:
     """Rows in these files when cheap to know (parquet metadata, lines of .jsonl); None otherwise."""
     total = 0
