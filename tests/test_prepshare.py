@@ -56,7 +56,8 @@ def test_second_run_with_cache_uri_downloads_instead_of_preparing(s3, tmp_path, 
     assert not first.cache_hit
     key = first.dir.name
     keys = s3.keys(bucket, f"sftjob-cache/{key}/")
-    assert {f"sftjob-cache/{key}/{n}" for n in ("READY", "manifest.json", "train.parquet", "meta.json")} <= set(keys)
+    upload = json.loads(c.get_object(Bucket=bucket, Key=f"sftjob-cache/{key}/READY")["Body"].read())["id"]
+    assert {f"sftjob-cache/{key}/{upload}/{n}" for n in ("manifest.json", "train.parquet", "meta.json")} <= set(keys)
 
     caplog.set_level(logging.INFO, logger="job.data.shared")
     second = prepare(make_spec(tmp_path / "b", tok_dir, f"s3://{bucket}/data/", **{"data.cache_uri": cache_uri}))
@@ -80,34 +81,57 @@ def _published_entry(s3, tmp_path, tok_dir, name):
     return bucket, data, cache_uri, p.dir.name
 
 
-def _reseal(c, bucket, prefix, manifest: dict) -> None:
+def _reseal(c, bucket, prefix, upload, manifest: dict, write: bool = True) -> None:
     body = json.dumps(manifest).encode()
-    c.put_object(Bucket=bucket, Key=f"{prefix}/manifest.json", Body=body)
+    if write:
+        c.put_object(Bucket=bucket, Key=f"{prefix}/{upload}/manifest.json", Body=body)
     c.put_object(Bucket=bucket, Key=f"{prefix}/READY",
-                 Body=json.dumps({"manifest_sha256": hashlib.sha256(body).hexdigest()}).encode())
+                 Body=json.dumps({"id": upload, "manifest_sha256": hashlib.sha256(body).hexdigest()}).encode())
 
 
 def test_cache_entry_with_a_bad_sha256_or_an_unsafe_name_is_refused(s3, tmp_path, tok_dir):
     bucket, data, cache_uri, key = _published_entry(s3, tmp_path, tok_dir, "tampered")
     c = s3.client()
-    prefix = f"tampered/{key}"
-    c.put_object(Bucket=bucket, Key=f"{prefix}/train.parquet", Body=b"not the parquet that was published")
+    ready = json.loads(c.get_object(Bucket=bucket, Key=f"tampered/{key}/READY")["Body"].read())
+    prefix, upload = f"tampered/{key}", ready["id"]
+    c.put_object(Bucket=bucket, Key=f"{prefix}/{upload}/train.parquet", Body=b"not the parquet that was published")
     spec = make_spec(tmp_path / "b", tok_dir, str(data), **{"data.cache_uri": cache_uri})
     with pytest.raises(VerificationError, match="train.parquet: sha256") as e:
         prepare(spec)
     assert e.value.exit_code == ExitCode.VERIFY
     assert not (tmp_path / "b" / "prepared" / key).exists()  # nothing half-downloaded looks complete
 
-    manifest = json.loads(c.get_object(Bucket=bucket, Key=f"{prefix}/manifest.json")["Body"].read())
+    manifest = json.loads(c.get_object(Bucket=bucket, Key=f"{prefix}/{upload}/manifest.json")["Body"].read())
     manifest["files"].append({"path": "../../outside", "size": 1, "sha256": "0" * 64})
-    _reseal(c, bucket, prefix, manifest)
+    _reseal(c, bucket, prefix, upload, manifest)
     with pytest.raises(DataError, match="unsafe path '../../outside'"):
         prepare(spec)
     assert not (tmp_path / "outside").exists() and not (tmp_path / "b" / "prepared" / key).exists()
 
-    c.put_object(Bucket=bucket, Key=f"{prefix}/manifest.json", Body=b'{"files": []}')  # READY no longer matches
+    _reseal(c, bucket, prefix, "../elsewhere", manifest, write=False)  # the id in READY is a name read back too
+    with pytest.raises(DataError, match="unsafe path '../elsewhere'"):
+        prepare(spec)
+
+    _reseal(c, bucket, prefix, upload, manifest)
+    c.put_object(Bucket=bucket, Key=f"{prefix}/{upload}/manifest.json", Body=b'{"files": []}')  # READY no longer matches
     with pytest.raises(VerificationError, match="does not match the sha256 in READY"):
         prepare(spec)
+
+
+def test_two_publishers_of_one_key_never_mix_their_files(s3, tmp_path, tok_dir, monkeypatch):
+    """A sweep: two runs finish preparing the same key at once; READY is create-if-absent, the loser's
+    upload is removed, and the entry downloads and verifies (their data reports differ in timings)."""
+    bucket, data, cache_uri, key = _published_entry(s3, tmp_path, tok_dir, "race")
+    c = s3.client()
+    first = json.loads(c.get_object(Bucket=bucket, Key=f"race/{key}/READY")["Body"].read())["id"]
+    other = prepare(make_spec(tmp_path / "other", tok_dir, str(data)))  # prepared apart: another report
+    monkeypatch.setattr(shared, "_ready", lambda prefix: None)  # it looked before the first one sealed
+    shared.publish(other.dir, f"{cache_uri}/{key}")
+    monkeypatch.undo()
+    assert json.loads(c.get_object(Bucket=bucket, Key=f"race/{key}/READY")["Body"].read())["id"] == first
+    assert {k.split("/")[2] for k in s3.keys(bucket, f"race/{key}/") if k.count("/") > 2} == {first}
+    got = prepare(make_spec(tmp_path / "b", tok_dir, str(data), **{"data.cache_uri": cache_uri}))
+    assert got.cache_hit and sha(got.train_path) == sha(tmp_path / "a" / "prepared" / key / "train.parquet")
 
 
 def test_local_fingerprints_keep_the_old_key(tmp_path, tok_dir):
@@ -270,3 +294,19 @@ def test_node1_alone_exits_69_with_a_clear_message_when_node0_never_publishes(s3
     assert "node 0 did not publish the prepared data" in r.stderr and "data.prepare_timeout 3s" in r.stderr
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "node1" / "prepared").exists() or not any((tmp_path / "node1" / "prepared").iterdir())
+
+
+def test_an_unwritable_cache_uri_is_a_warning_for_a_single_node(tmp_path, tok_dir, caplog):
+    data = tmp_path / "d.jsonl"
+    data.write_bytes(jsonl(conversations(10, seed=4)))
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the cache directory should be")
+    caplog.set_level(logging.WARNING, logger="job.data.shared")
+    p = prepare(make_spec(tmp_path / "a", tok_dir, str(data), **{"data.cache_uri": str(blocker / "cache")}))
+    assert not p.cache_hit and (p.dir / "meta.json").exists()
+    assert "could not read data.cache_uri" in caplog.text
+    assert "could not store the prepared data in data.cache_uri" in caplog.text
+    # node 0 of a multi-node run must publish (the others wait for it): there the failure is an error
+    spec = make_spec(tmp_path / "b", tok_dir, str(data), **{"data.cache_uri": str(blocker / "cache")})
+    with pytest.raises(UnavailableError, match="Not a directory"):
+        prepare(spec, sharing=shared.for_spec(spec, 0, 2, str(tmp_path / "out")))

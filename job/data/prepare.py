@@ -87,8 +87,7 @@ def prepare(spec, tokenizer_dir: Path | None = None, sharing=None) -> Prepared:
     sharing = sharing or shared.for_spec(spec)
     if (dest / "meta.json").exists():  # checked before loading transformers: a hit takes well under a second
         log.info("prepared data: cache hit %s", dest)
-        if sharing.publishes_to:  # other nodes / runs want it too, even when this node already had it
-            shared.publish(dest, storage.join(sharing.publishes_to, key))
+        shared.offer(sharing, dest, key)  # other nodes / runs want it too, even when this node already had it
         return Prepared.load(dest, cache_hit=True)
     if shared.from_cache(sharing, key, dest):
         return Prepared.load(dest, cache_hit=True)
@@ -96,8 +95,7 @@ def prepare(spec, tokenizer_dir: Path | None = None, sharing=None) -> Prepared:
         shared.wait_for_node0(sharing, key, dest)
         return Prepared.load(dest, cache_hit=True)
     prepared = _prepare(spec, tdir, template_src, inputs, key, root, dest, t0)
-    if sharing.publishes_to:
-        shared.publish(dest, storage.join(sharing.publishes_to, key))
+    shared.offer(sharing, dest, key)
     return prepared
 
 

@@ -1,10 +1,11 @@
 """Prepared data shared through the store: across runs (``data.cache_uri``) and across the nodes of one run.
 
-Layout of an entry, ``<prefix>/<key>/``: the prepared files, then ``manifest.json`` (every file's size and
-sha256), then ``READY`` (the manifest's sha256) — written last, so an entry without ``READY`` is never read.
-A reader confines every name from the manifest (job/storage/paths.py), downloads into a temp directory,
-checks each sha256 and renames the directory into the node's prepared cache, so a bad or half entry never
-looks complete locally either.
+Layout of an entry, ``<prefix>/<key>/``: one upload, ``<id>/`` (the prepared files, then ``manifest.json``
+with every file's size and sha256), then ``READY`` (the id and the manifest's sha256), written last and only if
+absent (If-None-Match): two runs of a sweep preparing the same key at once never mix their files (the
+data report's timings differ); the loser removes its own upload. A reader confines the id and every name
+from the manifest (job/storage/paths.py), downloads into a temp directory, checks each sha256 and renames the
+directory into the node's prepared cache, so a bad or half entry never looks complete locally either.
 
 Node 0 of a multi-node run prepares and publishes; the other nodes wait for ``READY`` (bounded by
 ``data.prepare_timeout``) and exit with the retryable 69 when node 0 failed or the wait runs out.
@@ -18,11 +19,12 @@ import os
 import shutil
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 from job import storage
-from job.errors import NotFoundError, UnavailableError, VerificationError
+from job.errors import AlreadyPublishedError, NotFoundError, SftjobError, UnavailableError, VerificationError
 from job.storage import paths
 
 log = logging.getLogger(__name__)
@@ -85,56 +87,83 @@ def _ready(prefix: str) -> bytes | None:
         return None
 
 
+def offer(sharing: Sharing, local: Path, key: str) -> None:
+    """Publish local (a finished prepared dir) where this process should: required when other nodes wait
+    for it; best effort for data.cache_uri alone (a cache that cannot be written costs the next run time,
+    never this run)."""
+    if not sharing.publishes_to:
+        return
+    prefix = storage.join(sharing.publishes_to, key)
+    if sharing.node_prefix:
+        publish(local, prefix)
+        return
+    try:
+        publish(local, prefix)
+    except Exception as e:  # noqa: BLE001 - see the docstring
+        log.warning("could not store the prepared data in data.cache_uri %s (%s); continuing without it", prefix,
+                    str(e).splitlines()[0] if str(e) else type(e).__name__)
+
+
 def publish(local: Path, prefix: str) -> None:
-    """Upload a finished prepared dir under prefix: files, then manifest.json, then READY (last)."""
-    if _ready(prefix) is not None:  # same key = same content; another run or node published it first
+    """Upload a finished prepared dir under prefix: files and manifest.json under a fresh id, then READY."""
+    if _ready(prefix) is not None:  # same key = same tokens; another run or node published it first
         log.info("prepared data already in the store at %s", prefix)
         return
+    upload = uuid.uuid4().hex[:12]
+    base = storage.join(prefix, upload)
     files = sorted(p for p in local.rglob("*") if p.is_file())
     entries = [{"path": p.relative_to(local).as_posix(), "size": p.stat().st_size, "sha256": storage.sha256(str(p))}
                for p in files]
-    storage.upload_tree(local, prefix, files=files, sha256={e["path"]: e["sha256"] for e in entries})
+    storage.upload_tree(local, base, files=files, sha256={e["path"]: e["sha256"] for e in entries})
     body = json.dumps({"files": entries}, indent=1).encode()
     digest = hashlib.sha256(body).hexdigest()
-    storage.write_bytes(storage.join(prefix, MANIFEST), body, sha256=digest)
-    storage.write_bytes(storage.join(prefix, READY), json.dumps({"manifest_sha256": digest}).encode())
+    storage.write_bytes(storage.join(base, MANIFEST), body, sha256=digest)
+    try:
+        storage.write_bytes(storage.join(prefix, READY), json.dumps({"id": upload, "manifest_sha256": digest}).encode(),
+                            if_none_match=True)
+    except AlreadyPublishedError:  # another publisher sealed first: its upload is the entry, ours goes
+        log.info("prepared data was published to %s meanwhile by another run; removing this upload", prefix)
+        storage.delete_prefix(base)
+        return
     log.info("published the prepared data to %s (%d files)", prefix, len(entries))
 
 
 def download(prefix: str, dest: Path, ready: bytes) -> Path:
     """Download a READY entry into dest (temp dir, every sha256 checked, then renamed); returns dest."""
-    where = storage.join(prefix, MANIFEST)
-    body = storage.read_bytes(where)
+    hint = "delete that prefix; the next run prepares and publishes it again"
     try:
-        want = json.loads(ready)["manifest_sha256"]
-        manifest = json.loads(body)
-        entries = manifest["files"]
+        seal = json.loads(ready)
+        want, upload = seal["manifest_sha256"], seal["id"]
+    except (ValueError, KeyError, TypeError):
+        raise VerificationError(f"{prefix}/{READY}: unreadable", hint=hint) from None
+    base = paths.child(prefix, upload, f"{prefix}/{READY}")
+    where = storage.join(base, MANIFEST)
+    body = storage.read_bytes(where)
+    if hashlib.sha256(body).hexdigest() != want:
+        raise VerificationError(f"{where} does not match the sha256 in {READY} (modified after publishing)", hint=hint)
+    try:
+        entries = json.loads(body)["files"]
         names = [paths.confine(e["path"], where) for e in entries]
     except (ValueError, KeyError, TypeError):
-        raise VerificationError(f"{prefix}: unreadable {READY} or {MANIFEST}",
-                                hint="delete that prefix; the next run prepares and publishes it again") from None
-    if hashlib.sha256(body).hexdigest() != want:
-        raise VerificationError(f"{where} does not match the sha256 in {READY} (modified after publishing)",
-                                hint="delete that prefix; the next run prepares and publishes it again")
+        raise VerificationError(f"{where}: unreadable", hint=hint) from None
     if "meta.json" not in names:
-        raise VerificationError(f"{where}: no meta.json listed; not a prepared-data entry",
-                                hint="delete that prefix; the next run prepares and publishes it again")
+        raise VerificationError(f"{where}: no meta.json listed; not a prepared-data entry", hint=hint)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".dl-{dest.name}-", dir=dest.parent))
     try:
         for e, rel in zip(entries, names, strict=True):
             local = paths.local_child(tmp, rel, where)
             local.parent.mkdir(parents=True, exist_ok=True)
-            storage.download_file(paths.child(prefix, rel, where), local)
+            storage.download_file(paths.child(base, rel, where), local)
             got = storage.sha256(str(local))
             if got != e.get("sha256"):
-                raise VerificationError(f"{prefix}/{rel}: sha256 {got[:12]}… != {str(e.get('sha256'))[:12]}… "
-                                        f"in {MANIFEST}", hint="delete that prefix; the next run prepares it again")
+                raise VerificationError(f"{base}/{rel}: sha256 {got[:12]}… != {str(e.get('sha256'))[:12]}… "
+                                        f"in {MANIFEST}", hint=hint)
         if dest.exists() and not (dest / "meta.json").exists():
             shutil.rmtree(dest, ignore_errors=True)
         try:
             os.rename(tmp, dest)
-        except OSError:  # a local prepare or another download finished first: same key, same content
+        except OSError:  # a local prepare or another download finished first: same key, same tokens
             shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -147,7 +176,13 @@ def from_cache(sharing: Sharing, key: str, dest: Path) -> bool:
     if not sharing.cache_uri:
         return False
     prefix = storage.join(sharing.cache_uri, key)
-    ready = _ready(prefix)
+    try:
+        ready = _ready(prefix)
+    except SftjobError as e:  # unreachable or denied: a cache costs time, never the run (unless nodes wait on it)
+        if sharing.node_prefix:
+            raise
+        log.warning("could not read data.cache_uri %s (%s); preparing here", prefix, str(e).splitlines()[0])
+        return False
     if ready is None:
         return False
     download(prefix, dest, ready)
