@@ -64,9 +64,17 @@ def run(spec: RunSpec) -> int:
             status.update(event=("adapter", f"continuing adapter {adapter.info['uri']} (sha256 {adapter.info['sha256'][:12]}…)"))
 
         status.phase("preparing", "normalise, render, tokenize, mask, pack")
+        from job.data import progress, shared
         from job.data.prepare import prepare
 
-        prepared = prepare(spec, Path(model_dir) if Path(model_dir).exists() else None)
+        sharing = shared.for_spec(spec, node_rank, shared.num_machines(spec), output)  # node 0 prepares once
+        progress.set_sink(progress.to_status(status))
+        try:
+            prepared = prepare(spec, Path(model_dir) if Path(model_dir).exists() else None, sharing)
+        finally:
+            progress.set_sink(None)
+        if status.read().get("percent") is not None:  # the preparing percentage is not training's
+            status.update(percent=None, push=False)
         log.info("prepared data %s (%s)", prepared.dir, "cache hit" if prepared.cache_hit else "new")
 
         kept = None
@@ -115,6 +123,7 @@ def run(spec: RunSpec) -> int:
         if partial:
             raise Interrupted(f"max_runtime reached at step {outcome.step}: partial adapter published "
                               f"(manifest partial: true, no _SUCCESS); rerun to resume")
+        shared.cleanup(sharing)  # this run's node-to-node copy of the prepared data (never data.cache_uri)
         doc = status.phase("succeeded", f"published {len(manifest['files'])} files to {output}")
         write_termination_log(doc)
         _summary(outcome, output, time.time() - started, evaluation.summary if evaluation else None)

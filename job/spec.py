@@ -62,6 +62,8 @@ class DataSpec(Section):
     packing: bool = Field(False, description="Pack examples into max_length bins (best-fit decreasing); position_ids restart per example.")
     num_proc: int = Field(0, ge=0, description="Processes for tokenization (0 = number of CPU cores).")
     shuffle: bool = Field(True, description="Shuffle rows (with seed) before splitting and packing.")
+    cache_uri: str | None = Field(None, description="Shared store for prepared data (e.g. s3://bucket/sftjob-cache/): kept under its content hash, so another run, pod or sweep member with the same data, template, tokenizer and knobs downloads it instead of preparing.")
+    prepare_timeout: float = Field(7200, gt=0, description="Multi-node: seconds nodes other than 0 wait for node 0 to publish the prepared data before exiting 69 (retryable).")
 
 
 class ModelSpec(Section):

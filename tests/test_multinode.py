@@ -53,3 +53,17 @@ def test_two_nodes_train_mirror_their_parts_and_node0_publishes(s3, tmp_path):
     assert (topo["num_machines"], topo["num_processes"], topo["machine_rank"]) == (2, 2, 0)
     assert '{"event": "done"' in (tmp_path / "node0.log").read_text()  # node 0 published
     assert '{"event": "done"' not in (tmp_path / "node1.log").read_text()  # node 1 only trained
+    # the data was prepared once: node 0 prepared and published it, node 1 downloaded the same shards
+    assert "downloaded the prepared data from node 0" in (tmp_path / "node1.log").read_text()
+    assert "downloaded the prepared data" not in (tmp_path / "node0.log").read_text()
+    shards = [[p for p in (tmp_path / f"cache{rank}" / "prepared").iterdir() if not p.name.startswith(".")]
+              for rank in (0, 1)]
+    assert [len(s) for s in shards] == [1, 1] and shards[0][0].name == shards[1][0].name
+    assert _sha(shards[0][0] / "train.parquet") == _sha(shards[1][0] / "train.parquet")
+    assert not s3.keys(bucket, "runs/mn/.prepared/")  # node 0 removed the run's copy after publishing
+
+
+def _sha(p):
+    import hashlib
+
+    return hashlib.sha256(p.read_bytes()).hexdigest()

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from job.data import formats, packing, report
+from job import storage
+from job.data import formats, packing, progress, report
 from job.data.formats import BadRow
 from job.data.masks import Encoded, Encoder, check_encoder
 from job.data.templates import (
@@ -35,7 +36,7 @@ from job.data.templates import (
     resolve_template,
     tokenizer_files_sha256,
 )
-from job.errors import ConfigError, DataError
+from job.errors import ConfigError, DataError, NotFoundError
 from job.loader import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,11 @@ class Prepared:
                    eos_tokens=meta["eos_tokens"])
 
 
-def prepare(spec, tokenizer_dir: Path | None = None) -> Prepared:
+def prepare(spec, tokenizer_dir: Path | None = None, sharing=None) -> Prepared:
+    """The prepared data for spec: the node's cache, else the store (data.cache_uri, or node 0 of this run
+    via ``sharing``, see job/data/shared.py), else prepared here (and published where ``sharing`` says)."""
+    from job.data import shared
+
     t0 = time.time()
     if not spec.data_sources():
         spec.require("data.path")
@@ -75,14 +80,42 @@ def prepare(spec, tokenizer_dir: Path | None = None) -> Prepared:
         raise ConfigError("prepare needs a tokenizer", hint="pass --model DIR or --tokenizer DIR")
     template_src = read_template_source(spec.model.chat_template) if spec.model.chat_template else None
     inputs = spec.cache_root() / "inputs"
-    sources = [(s, formats.expand(s.path, inputs)) for s in spec.data_sources()]
-    eval_files = formats.expand(spec.data.eval_data, inputs) if spec.data.eval_data else []
-    key = cache_key(spec, template_src, tdir, sources, eval_files)
+    key = cache_key(spec, template_src, tdir, [(s, fingerprints(s.path, inputs)) for s in spec.data_sources()],
+                    fingerprints(spec.data.eval_data, inputs) if spec.data.eval_data else [])
     root = spec.cache_root() / "prepared"
     dest = root / key
+    sharing = sharing or shared.for_spec(spec)
     if (dest / "meta.json").exists():  # checked before loading transformers: a hit takes well under a second
         log.info("prepared data: cache hit %s", dest)
+        shared.offer(sharing, dest, key)  # other nodes / runs want it too, even when this node already had it
         return Prepared.load(dest, cache_hit=True)
+    if shared.from_cache(sharing, key, dest):
+        return Prepared.load(dest, cache_hit=True)
+    if sharing.waits:
+        shared.wait_for_node0(sharing, key, dest)
+        return Prepared.load(dest, cache_hit=True)
+    prepared = _prepare(spec, tdir, template_src, inputs, key, root, dest, t0)
+    shared.offer(sharing, dest, key)
+    return prepared
+
+
+def fingerprints(uri: str, inputs: Path) -> list:
+    """What identifies a source's files in the cache key: ETag and size for S3 objects (read from the
+    listing, nothing downloaded, so a store hit never fetches the data), sha256 for local files."""
+    if storage.is_remote(uri):
+        from job.storage import s3
+
+        objs = [o for o in s3.list_objects(uri) if formats.supported(o.uri) and not formats._hidden(o.key)]
+        if not objs:
+            raise NotFoundError(f"no data files ({', '.join(formats.EXTENSIONS)}) under {uri}",
+                                hint="check the S3 prefix and the file extensions")
+        return [[o.uri, o.etag, o.size] for o in objs]
+    return [file_sha256(p) for _, p in formats.expand(uri, inputs)]
+
+
+def _prepare(spec, tdir: Path, template_src, inputs: Path, key: str, root: Path, dest: Path, t0: float) -> Prepared:
+    sources = [(s, formats.expand(s.path, inputs)) for s in spec.data_sources()]
+    eval_files = formats.expand(spec.data.eval_data, inputs) if spec.data.eval_data else []
 
     marks = {"inputs": time.time()}
     tok = load_tokenizer(tdir, add_special_tokens=spec.model.add_special_tokens,
@@ -95,11 +128,15 @@ def prepare(spec, tokenizer_dir: Path | None = None) -> Prepared:
     rng = np.random.default_rng(spec.train.seed)
     per_source, pools, train_idx, eval_idx, read_total, bad_all, dropped, truncated = [], [], [], [], 0, [], {}, 0
     offset = over_length = 0
+    every_file = [p for _, files in sources for _, p in files] + [p for _, p in eval_files]
+    ticker = progress.Progress(lambda: progress.estimate_rows(every_file))
     with worker_pool(encoder, spec.data, spec.model, nproc) as pool:
         report.preload_matplotlib()  # a thread, started only after the fork (never inherited mid-import)
         encoded = [(src, files, *encode_stream(encoder, formats.iter_records(files, spec.data), spec.data, spec.model,
-                                               pool=pool))
+                                               pool=pool, progress=ticker))
                    for src, files in sources + ([(None, eval_files)] if eval_files else [])]
+    if ticker.last != ticker.start:  # a long encode reported progress: close with the final figures
+        ticker.report()
     marks["encode"] = time.time()
     for src, files, ex, bad, read in encoded:
         bad_all += bad
@@ -195,7 +232,7 @@ def _encode_chunks(chunks: list[list[tuple]]) -> list[Encoded]:
     return pipelined(enc, iter(chunks), d, m)
 
 
-def pipelined(encoder: Encoder, chunks: Iterator[list[tuple]], data_spec, model_spec) -> list[Encoded]:
+def pipelined(encoder: Encoder, chunks: Iterator[list[tuple]], data_spec, model_spec, progress=None) -> list[Encoded]:
     """Overlap Python (parse, render, spans) of chunk k+1 with the Rust tokenization of chunk k.
 
     The fast tokenizer releases the GIL and runs its batch on every core (rayon), so one process
@@ -211,10 +248,17 @@ def pipelined(encoder: Encoder, chunks: Iterator[list[tuple]], data_spec, model_
             nxt = pool.submit(encoder.tokenize, staged)
             if pending is not None:
                 out.append(encoder.finish(pending.result()))
+                _tokens(progress, out[-1:])
             pending = nxt
         if pending is not None:
             out.append(encoder.finish(pending.result()))
+            _tokens(progress, out[-1:])
     return out
+
+
+def _tokens(progress, encoded: list[Encoded]) -> None:
+    if progress is not None:
+        progress.tick(tokens=sum(int(e.lengths.sum()) for e in encoded))
 
 
 @contextmanager
@@ -235,8 +279,10 @@ def worker_pool(encoder: Encoder, data_spec, model_spec, num_proc: int):
 
 
 def encode_stream(encoder: Encoder, records: Iterable[tuple], data_spec, model_spec, num_proc: int = 1,
-                  keep_text: bool = False, pool=None) -> tuple[list[Encoded], list[BadRow], int]:
-    """Parse, normalise and encode raw records in chunks, in order (pipelined; forked workers if given a pool)."""
+                  keep_text: bool = False, pool=None, progress=None) -> tuple[list[Encoded], list[BadRow], int]:
+    """Parse, normalise and encode raw records in chunks, in order (pipelined; forked workers if given a pool).
+
+    ``progress`` (job/data/progress.py) counts rows as they are read and tokens as chunks come back."""
     read = 0
 
     def chunks():
@@ -246,20 +292,29 @@ def encode_stream(encoder: Encoder, records: Iterable[tuple], data_spec, model_s
             read += 1
             buf.append(rec)
             if len(buf) >= CHUNK_ROWS:
+                if progress is not None:
+                    progress.tick(rows=len(buf))
                 yield buf
                 buf = []
         if buf:
+            if progress is not None:
+                progress.tick(rows=len(buf))
             yield buf
+
+    def counted(groups):
+        for group in groups:
+            _tokens(progress, group)
+            yield from group
 
     if keep_text:
         out = [encoder.encode_records(c, data_spec, model_spec, keep_text=True) for c in chunks()]
     elif pool is not None:  # groups of chunks per worker task: each runs the pipeline
-        out = [e for group in pool.imap(_encode_chunks, _grouped(chunks(), 4)) for e in group]
+        out = list(counted(pool.imap(_encode_chunks, _grouped(chunks(), 4))))
     elif num_proc > 2:
         with worker_pool(encoder, data_spec, model_spec, num_proc) as p:
-            out = [e for group in p.imap(_encode_chunks, _grouped(chunks(), 4)) for e in group]
+            out = list(counted(p.imap(_encode_chunks, _grouped(chunks(), 4))))
     else:
-        out = pipelined(encoder, chunks(), data_spec, model_spec)
+        out = pipelined(encoder, chunks(), data_spec, model_spec, progress)
     bad = sorted((b for e in out for b in e.bad), key=_where_key)
     return out, bad, read
 
@@ -403,9 +458,9 @@ def cache_key(spec, template_src: tuple[str, str] | None, tdir: Path, sources, e
          "tokenizer": tokenizer_files_sha256(tdir)})
     if m.add_special_tokens:  # caches from before the added tokens reached prepare split them into pieces
         add({"added_tokens_are_special": True})
-    for src, files in sources:
-        add({"weight": src.weight, "files": [file_sha256(p) for _, p in files]})
-    add({"eval": [file_sha256(p) for _, p in eval_files]})
+    for src, prints in sources:  # fingerprints(): sha256 of local files, [uri, ETag, size] of S3 objects
+        add({"weight": src.weight, "files": prints})
+    add({"eval": eval_files})
     return h.hexdigest()[:24]
 
 
