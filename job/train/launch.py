@@ -268,6 +268,13 @@ def train(spec, prepared, model_dir: str, workdir: Path, status, *, started: flo
         (workdir / stale).unlink(missing_ok=True)
     if found:
         status.update(resumed_from=found.step, step=found.step, event=("resume", f"resuming from checkpoint step-{found.step}"))
+    from job.train import reshard
+
+    resume = reshard.plan_resume(found.path if found else None, spec, topo)  # may change the batch split
+    spec = resume.spec
+    if resume.message:
+        log.warning("%s", resume.message)
+        status.update(event=("world_size", resume.message))
     deadline = started + spec.resilience.max_runtime if spec.resilience.max_runtime else None
     plan = {
         "spec": spec.public_dict(), "workdir": str(workdir), "model_dir": str(model_dir),
@@ -279,6 +286,7 @@ def train(spec, prepared, model_dir: str, workdir: Path, status, *, started: flo
         "num_machines": topo.num_machines, "mixed_precision": topo.mixed_precision,
         "attn_implementation": _attn(spec, topo.cuda),
         "deepspeed_config": str(configs["deepspeed"]) if "deepspeed" in configs else None,
+        "world": resume.record, "resume_mode": resume.mode,
     }
     plan_path = workdir / "launch" / "plan.json"
     plan_path.write_text(json.dumps(plan, indent=1))
