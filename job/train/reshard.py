@@ -119,7 +119,7 @@ def plan_resume(ckpt: Path | None, spec, topo) -> Resume:
             mode = "native"
         else:
             why = ("it has no world-size-independent form (portable/ is written for LoRA runs)"
-                   if topo.strategy != "fsdp" else "FSDP resumes only on the process count it was saved with")
+                   if topo.strategy != "fsdp" else "FSDP resumes only from its own strategy and process count")
             raise CheckpointUnusableError(
                 f"checkpoint {ckpt.name} was saved as {saved} and this run is {mine}: {why}",
                 hint="rerun with the checkpoint's process count and strategy, or pass --resume false to start over")
