@@ -101,10 +101,17 @@ def test_sigterm_then_resume_with_another_process_count(tmp_path, reference, mod
 
 
 @pytest.mark.slow
-def test_a_zero_checkpoint_without_a_portable_form_is_exit_70_on_another_count(tmp_path):
+def test_an_unusable_checkpoint_on_another_count_is_exit_70_not_a_crash(tmp_path):
     out = tmp_path / "out"
     env = {"SFTJOB_CACHE_DIR": str(tmp_path / "c")}
     stopped, _ = _interrupt(tmp_path, out, env, *MODES["zero2"], *_procs(2))
+    # the LoRA changed between attempts: the ranks find out when they load the portable state
+    r = trainkit.run(*_args(out, *MODES["zero2"], *_procs(1), "--lora-r", "8"),
+                     env={"SFTJOB_CACHE_DIR": str(tmp_path / "c1")})
+    assert r.returncode == ExitCode.VERIFY, r.stderr[-3000:]
+    assert f"checkpoint checkpoint-{stopped}: its trainable tensors do not match this run's LoRA" in r.stderr
+    assert not (out / "_SUCCESS").exists()
+    # a ZeRO checkpoint from before portable/ existed: refused before any process starts
     _strip_portable(out, stopped)
     r = trainkit.run(*_args(out, *MODES["zero2"], *_procs(1)), env={"SFTJOB_CACHE_DIR": str(tmp_path / "c2")})
     assert r.returncode == ExitCode.VERIFY, r.stderr[-3000:]

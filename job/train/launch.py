@@ -271,6 +271,7 @@ def train(spec, prepared, model_dir: str, workdir: Path, status, *, started: flo
     from job.train import reshard
 
     resume = reshard.plan_resume(found.path if found else None, spec, topo)  # may change the batch split
+    (workdir / reshard.REFUSED_FILE).unlink(missing_ok=True)
     spec = resume.spec
     if resume.message:
         log.warning("%s", resume.message)
@@ -307,6 +308,7 @@ def train(spec, prepared, model_dir: str, workdir: Path, status, *, started: flo
     if rc != 0:
         from job.errors import SftjobError
 
+        reshard.raise_if_refused(workdir)  # the ranks found the checkpoint unusable: exit 70, not a crash
         err = SftjobError(f"training processes exited with code {rc}; see the log above")
         err.exit_code, err.kind = rc if 0 < rc < 256 else 1, "crash"
         raise err

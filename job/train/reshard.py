@@ -209,10 +209,14 @@ def load_portable(trainer, checkpoint: str) -> None:
 
     blob = torch.load(Path(checkpoint) / PORTABLE_FILE, map_location="cpu", weights_only=True)
     params = _trainable(trainer)
-    if set(params) != set(blob["params"]):
-        diff = sorted(set(params) ^ set(blob["params"]))[:3]
-        raise CheckpointUnusableError(f"checkpoint {Path(checkpoint).name}: trainable parameters differ from this "
-                                      f"run's (e.g. {diff})", hint="keep the LoRA settings of the run, or pass --resume false")
+    shapes = {n: tuple(getattr(p, "ds_shape", None) or p.shape) for n, p in params.items()}
+    saved = {n: tuple(t.shape) for n, t in blob["params"].items()}
+    if shapes != saved:
+        diff = sorted(n for n in set(shapes) | set(saved) if shapes.get(n) != saved.get(n))
+        raise CheckpointUnusableError(
+            f"checkpoint {Path(checkpoint).name}: its trainable tensors do not match this run's LoRA "
+            f"({len(diff)} differ, e.g. {diff[0]}: saved {saved.get(diff[0])}, now {shapes.get(diff[0])})",
+            hint="keep the run's LoRA settings (lora_r, target_modules, modules_to_save), or pass --resume false")
     zeroed = any(_is_zero(p) for p in params.values())
     if zeroed:
         import deepspeed
@@ -258,6 +262,17 @@ def load_portable(trainer, checkpoint: str) -> None:
              PORTABLE_FILE)
 
 
+REFUSED_FILE = "resume_refused.json"
+
+
+def raise_if_refused(workdir: Path) -> None:
+    """The launcher's side of a refusal inside the ranks (the launcher itself can only exit 1)."""
+    f = Path(workdir) / REFUSED_FILE
+    if f.is_file():
+        doc = json.loads(f.read_text())
+        raise CheckpointUnusableError(doc["message"], hint=doc.get("hint"))
+
+
 def attach(trainer, plan: dict) -> None:
     """Hook into one rank's trainer: write the portable form at every save; load it when planned."""
     from transformers import TrainerCallback
@@ -276,4 +291,16 @@ def attach(trainer, plan: dict) -> None:
 
         hf_trainer.deepspeed_load_checkpoint = lambda *a, **k: None  # its per-rank shards are for another world
         trainer._load_from_checkpoint = lambda *a, **k: None
-        trainer._load_optimizer_and_scheduler = lambda ckpt: ckpt and load_portable(trainer, ckpt)
+
+        def load(ckpt):
+            if not ckpt:
+                return
+            try:
+                load_portable(trainer, ckpt)
+            except CheckpointUnusableError as e:
+                if trainer.accelerator.is_main_process:
+                    (Path(plan["workdir"]) / REFUSED_FILE).write_text(json.dumps({"message": e.message,
+                                                                                   "hint": e.hint}))
+                raise
+
+        trainer._load_optimizer_and_scheduler = load
