@@ -150,6 +150,9 @@ def test_plan_resume_reads_the_checkpoint_layout(tmp_path):
     assert reshard.plan_resume(ck, spec, topo("deepspeed", 2)).mode == "native"  # same layout
     with pytest.raises(reshard.CheckpointUnusableError, match="saved as zero2x2 and this run is zero2x1"):
         reshard.plan_resume(ck, spec, topo("deepspeed", 1))
+    legacy_fsdp = tmp_path / "checkpoint-3"
+    (legacy_fsdp / "pytorch_model_fsdp_0").mkdir(parents=True)
+    assert reshard.plan_resume(legacy_fsdp, spec, topo("fsdp", 2)).mode == "native"  # as before this existed
     rec = reshard.plan_resume(None, spec, topo("deepspeed", 2)).record
     (ck / reshard.WORLD_FILE).write_text(json.dumps(rec))
     (ck / "portable").mkdir()
@@ -158,6 +161,10 @@ def test_plan_resume_reads_the_checkpoint_layout(tmp_path):
     assert r.mode == "portable" and r.record["global_batch"] == 4
     assert (r.spec.train.per_device_train_batch_size, r.spec.train.gradient_accumulation_steps) == (2, 2)
     assert "world size 2 → 1" in r.message and "global batch 4 (kept)" in r.message
+    r = reshard.plan_resume(ck, spec, topo("deepspeed", 3))  # 4 over 3 processes: 3 is the closest
+    assert (r.spec.train.per_device_train_batch_size, r.spec.train.gradient_accumulation_steps) == (1, 1)
+    assert "global batch 3 (the run's 4 cannot be kept exactly; closest chosen)" in r.message
+    assert r.record["global_batch"] == 4  # the run's own, for the next resume
     with pytest.raises(reshard.CheckpointUnusableError, match="FSDP resumes only"):
         reshard.plan_resume(ck, spec, topo("fsdp", 1))
     (ck / reshard.WORLD_FILE).write_text("{not json")

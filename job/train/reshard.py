@@ -111,6 +111,8 @@ def plan_resume(ckpt: Path | None, spec, topo) -> Resume:
         g = t.per_device_train_batch_size * t.gradient_accumulation_steps * topo.num_processes
         return Resume("fresh", spec, _record(spec, topo, g))
     rec, saved = _saved_layout(ckpt)
+    if rec is None and (saved == "unknown" or saved.split("x")[-1] == mine.split("x")[-1] == str(topo.num_processes)):
+        saved = mine  # from before sftjob_world.json, on the same count: resume as it always did
     mode = "native"
     if saved != mine:
         if (ckpt / PORTABLE_FILE).is_file() and topo.strategy in ("single", "ddp", "deepspeed"):
@@ -132,8 +134,7 @@ def plan_resume(ckpt: Path | None, spec, topo) -> Resume:
         got = micro * accum * topo.num_processes
         message = (f"world size {processes_then} → {topo.num_processes} ({mode} resume from {ckpt.name}): "
                    f"micro-batch {micro} × accumulation {accum} × {topo.num_processes} processes = global batch {got}"
-                   + ("" if exact else f" (the run's {g} cannot be kept exactly; closest chosen)")
-                   + (" (kept)" if exact else ""))
+                   + (" (kept)" if exact else f" (the run's {g} cannot be kept exactly; closest chosen)"))
         spec = spec.model_copy(update={"train": t.model_copy(update={
             "per_device_train_batch_size": micro, "gradient_accumulation_steps": accum})})
     return Resume(mode, spec, _record(spec, topo, g), message)
