@@ -307,6 +307,14 @@ def train(spec, prepared, model_dir: str, workdir: Path, status, *, started: flo
         (workdir / stale).unlink(missing_ok=True)
     if found:
         status.update(resumed_from=found.step, step=found.step, event=("resume", f"resuming from checkpoint step-{found.step}"))
+    from job.train import reshard
+
+    resume = reshard.plan_resume(found.path if found else None, spec, topo)  # may change the batch split
+    (workdir / reshard.REFUSED_FILE).unlink(missing_ok=True)
+    spec = resume.spec
+    if resume.message:
+        log.warning("%s", resume.message)
+        status.update(event=("world_size", resume.message))
     deadline = started + spec.resilience.max_runtime if spec.resilience.max_runtime else None
     fast = _fast_path(spec, topo.cuda)
     plan = {
@@ -319,6 +327,7 @@ def train(spec, prepared, model_dir: str, workdir: Path, status, *, started: flo
         "num_machines": topo.num_machines, "mixed_precision": topo.mixed_precision,
         "attn_implementation": fast["attention"]["implementation"], "fast_path": fast,
         "deepspeed_config": str(configs["deepspeed"]) if "deepspeed" in configs else None,
+        "world": resume.record, "resume_mode": resume.mode,
     }
     plan_path = workdir / "launch" / "plan.json"
     public = redact.data(plan)  # published with the run (launch/): no credentials
@@ -345,6 +354,8 @@ def train(spec, prepared, model_dir: str, workdir: Path, status, *, started: flo
         return Outcome(str(adapter_dir), stopped.get("step", metrics.get("step", 0)), "sigterm",
                        bool(stopped.get("mirrored")), found.step if found else None, topo.machine_rank, metrics)
     if rc != 0 or watch.verdict is not None:
+        if watch.verdict is None:
+            reshard.raise_if_refused(workdir)  # the ranks found the checkpoint unusable: exit 70, not a crash
         err = watch.failure(rc, launcher_is_rank=topo.strategy == "single")
         status.update(**err.details)
         raise err

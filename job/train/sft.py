@@ -274,6 +274,9 @@ def train(plan: dict) -> int:
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # our Progress callback prints the JSON + human lines
+    from job.train import reshard
+
+    reshard.attach(trainer, plan)  # world-size-independent checkpoints; resume from one when planned
     trainer.train(resume_from_checkpoint=plan.get("resume_from"))
     if eval_ds is not None and not stop.reason:
         last = callbacks[0].last_eval  # an eval_steps evaluation at the final step is not run twice

@@ -1,0 +1,307 @@
+"""Resume on another world size: a checkpoint saved by N processes continues with M ≠ N.
+
+Kueue re-admits a preempted job on whatever capacity is free, and DeepSpeed's per-rank ZeRO shards
+cannot follow (its loader refuses another world size). So every checkpoint also carries:
+
+- ``sftjob_world.json``: the strategy, process count and micro-batch × accumulation it was saved with,
+  and the run's original global batch;
+- for LoRA, ``portable/trainable.pt``: every trainable tensor and its Adam moments gathered to full
+  tensors (``safe_get_full_*`` under ZeRO, the plain optimizer state otherwise) and the Adam step.
+  It is small (the adapter ×3) and independent of the world size.
+
+On resume (`plan_resume`, in the launcher) the checkpoint's layout is compared with this run's:
+the same layout resumes natively; a different one resumes from ``portable/`` — the trainer still reads
+trainer_state.json (global step, data skip) and scheduler.pt, but weights and optimizer state come from
+the portable file, set after the optimizer exists (`attach`). DDP and single-process checkpoints are
+already world-size independent (full optimizer.pt), so they resume natively on any count.
+
+The global batch is kept: micro-batch × accumulation × processes stays what the run started with
+(`choose_batch`). The data order then stays the same too: the sampler is one seeded permutation for
+every world size (accelerate's seedable sampler) and each optimizer step consumes the next
+global-batch of it (rank r takes every M-th micro-batch), and the trainer's skip on resume
+(global_step × accumulation micro-batches per rank) lands exactly after the last trained sample.
+A checkpoint that cannot be used (per-rank shards with no portable form, FSDP on another count) is a
+clear exit 70, never a crash.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from job.errors import VerificationError
+
+log = logging.getLogger("sftjob.reshard")
+
+WORLD_FILE = "sftjob_world.json"
+PORTABLE_FILE = "portable/trainable.pt"
+
+
+class CheckpointUnusableError(VerificationError):
+    kind = "checkpoint"
+
+
+def layout(strategy: str, processes: int, zero_stage: int | None) -> str:
+    """What a checkpoint's optimizer/model state depends on. Single and DDP write one full optimizer.pt
+    (any count can read it); DeepSpeed and FSDP write per-rank state."""
+    if strategy in ("single", "ddp"):
+        return "full"
+    if strategy == "deepspeed":
+        return f"zero{zero_stage}x{processes}"
+    return f"{strategy}x{processes}"
+
+
+def choose_batch(global_batch: int, micro: int, processes: int) -> tuple[int, int, bool]:
+    """(micro-batch, accumulation, exact) for `processes` keeping `global_batch`: the micro-batch never
+    grows past the configured one (memory); of the splits closest to the global batch, the largest
+    micro-batch wins (fewest accumulation passes)."""
+    options = []
+    for b in range(1, micro + 1):
+        lo = max(1, global_batch // (b * processes))
+        for a in (lo, lo + 1):
+            options.append((abs(b * a * processes - global_batch), -b, a))
+    diff, neg_b, a = min(options)
+    return -neg_b, a, diff == 0
+
+
+@dataclass
+class Resume:
+    mode: str  # fresh | native | portable
+    spec: object  # the RunSpec to train with (batch possibly recomputed)
+    record: dict  # what this run writes as sftjob_world.json
+    message: str | None = None  # the batch change, for the log and status.json events
+
+
+def _record(spec, topo, global_batch: int) -> dict:
+    t, d = spec.train, spec.distributed
+    return {"strategy": topo.strategy, "num_processes": topo.num_processes, "num_machines": topo.num_machines,
+            "zero_stage": d.zero_stage if topo.strategy == "deepspeed" else None,
+            "layout": layout(topo.strategy, topo.num_processes, d.zero_stage),
+            "per_device_train_batch_size": t.per_device_train_batch_size,
+            "gradient_accumulation_steps": t.gradient_accumulation_steps, "global_batch": global_batch,
+            "method": t.method}
+
+
+def _saved_layout(ckpt: Path) -> tuple[dict | None, str]:
+    """The checkpoint's record and layout; a checkpoint from before sftjob_world.json is read from its files."""
+    f = ckpt / WORLD_FILE
+    if f.is_file():
+        try:
+            rec = json.loads(f.read_text())
+            return rec, str(rec["layout"])
+        except (ValueError, KeyError, TypeError):
+            raise CheckpointUnusableError(f"{ckpt.name}/{WORLD_FILE} is unreadable",
+                                          hint="remove that checkpoint from the output, or pass --resume false") from None
+    shards = list(ckpt.glob("global_step*/*optim_states.pt"))
+    if shards:  # ZeRO-3 also writes one model-states file per rank; ZeRO-1/2 one in all
+        stage = 3 if list(ckpt.glob("global_step*/zero_pp_rank_*_model_states.pt")) else 2
+        return None, f"zero{stage}x{len(shards)}"
+    if (ckpt / "optimizer.pt").is_file():
+        return None, "full"
+    return None, "unknown"
+
+
+def plan_resume(ckpt: Path | None, spec, topo) -> Resume:
+    """How this run resumes from `ckpt` (None: a fresh start), with the global batch kept."""
+    t = spec.train
+    mine = layout(topo.strategy, topo.num_processes, spec.distributed.zero_stage)
+    if ckpt is None:
+        g = t.per_device_train_batch_size * t.gradient_accumulation_steps * topo.num_processes
+        return Resume("fresh", spec, _record(spec, topo, g))
+    rec, saved = _saved_layout(ckpt)
+    if rec is None and (saved == "unknown" or saved.split("x")[-1] == mine.split("x")[-1] == str(topo.num_processes)):
+        saved = mine  # from before sftjob_world.json, on the same count: resume as it always did
+    mode = "native"
+    if saved != mine:
+        if (ckpt / PORTABLE_FILE).is_file() and topo.strategy in ("single", "ddp", "deepspeed"):
+            mode = "portable"
+        elif saved == "full" and topo.strategy in ("single", "ddp"):
+            mode = "native"
+        else:
+            why = ("it has no world-size-independent form (portable/ is written for LoRA runs)"
+                   if topo.strategy != "fsdp" else "FSDP resumes only from its own strategy and process count")
+            raise CheckpointUnusableError(
+                f"checkpoint {ckpt.name} was saved as {saved} and this run is {mine}: {why}",
+                hint="rerun with the checkpoint's process count and strategy, or pass --resume false to start over")
+    g = int(rec["global_batch"]) if rec and rec.get("global_batch") else \
+        t.per_device_train_batch_size * t.gradient_accumulation_steps * topo.num_processes
+    message = None
+    processes_then = rec.get("num_processes") if rec else None
+    if processes_then and processes_then != topo.num_processes:
+        micro, accum, exact = choose_batch(g, t.per_device_train_batch_size, topo.num_processes)
+        got = micro * accum * topo.num_processes
+        message = (f"world size {processes_then} → {topo.num_processes} ({mode} resume from {ckpt.name}): "
+                   f"micro-batch {micro} × accumulation {accum} × {topo.num_processes} processes = global batch {got}"
+                   + (" (kept)" if exact else f" (the run's {g} cannot be kept exactly; closest chosen)"))
+        spec = spec.model_copy(update={"train": t.model_copy(update={
+            "per_device_train_batch_size": micro, "gradient_accumulation_steps": accum})})
+    return Resume(mode, spec, _record(spec, topo, g), message)
+
+
+# --- inside a rank -------------------------------------------------------------------------------
+
+
+def _base_optimizer(opt):
+    """The torch optimizer under accelerate's and DeepSpeed's wrappers (it holds the Adam state)."""
+    while hasattr(opt, "optimizer"):
+        opt = opt.optimizer
+    return opt
+
+
+def _zero_optimizer(opt):
+    while opt is not None and not hasattr(opt, "_lazy_init_hp_params_optimizer_state") and \
+            not type(opt).__name__.startswith("DeepSpeedZeroOptimizer"):
+        opt = getattr(opt, "optimizer", None)
+    return opt
+
+
+def _trainable(trainer) -> dict:
+    model = trainer.accelerator.unwrap_model(trainer.model_wrapped)
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _is_zero(p) -> bool:
+    return hasattr(p, "ds_id") or hasattr(p, "_hp_mapping")
+
+
+def _step(base) -> int:
+    steps = [float(st["step"]) for st in base.state.values() if isinstance(st, dict) and "step" in st]
+    return int(max(steps)) if steps else 0
+
+
+def save_portable(trainer, ckpt: Path, record: dict, portable: bool) -> None:
+    """Every rank calls this (the ZeRO gathers are collective); rank 0 writes."""
+    import torch
+
+    rank0 = trainer.accelerator.is_main_process
+    if portable:
+        params = _trainable(trainer)
+        if any(_is_zero(p) for p in params.values()):
+            from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+        base = _base_optimizer(trainer.optimizer)
+        blob = {"format": 1, "step": _step(base), "params": {}, "exp_avg": {}, "exp_avg_sq": {}}
+        for name, p in params.items():
+            if _is_zero(p):
+                w = safe_get_full_fp32_param(p)
+                m, v = (safe_get_full_optimizer_state(p, k) for k in ("exp_avg", "exp_avg_sq"))
+            else:
+                st = base.state.get(p, {})
+                w, m, v = p.detach(), st.get("exp_avg"), st.get("exp_avg_sq")
+            if rank0:
+                blob["params"][name] = w.detach().float().cpu().clone()
+                for key, val in (("exp_avg", m), ("exp_avg_sq", v)):
+                    blob[key][name] = (val.detach().float().cpu().clone() if val is not None
+                                       else torch.zeros_like(blob["params"][name]))
+        if rank0:
+            dest = ckpt / PORTABLE_FILE
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(blob, str(dest) + ".tmp")
+            os.replace(str(dest) + ".tmp", dest)
+    if rank0:
+        (ckpt / WORLD_FILE).write_text(json.dumps(record, indent=1))
+
+
+def load_portable(trainer, checkpoint: str) -> None:
+    """Weights, Adam moments and step from portable/, then the scheduler: replaces the trainer's
+    _load_optimizer_and_scheduler, which runs after the optimizer (and any DeepSpeed engine) exists."""
+    import torch
+
+    blob = torch.load(Path(checkpoint) / PORTABLE_FILE, map_location="cpu", weights_only=True)
+    params = _trainable(trainer)
+    shapes = {n: tuple(getattr(p, "ds_shape", None) or p.shape) for n, p in params.items()}
+    saved = {n: tuple(t.shape) for n, t in blob["params"].items()}
+    if shapes != saved:
+        diff = sorted(n for n in set(shapes) | set(saved) if shapes.get(n) != saved.get(n))
+        raise CheckpointUnusableError(
+            f"checkpoint {Path(checkpoint).name}: its trainable tensors do not match this run's LoRA "
+            f"({len(diff)} differ, e.g. {diff[0]}: saved {saved.get(diff[0])}, now {shapes.get(diff[0])})",
+            hint="keep the run's LoRA settings (lora_r, target_modules, modules_to_save), or pass --resume false")
+    zeroed = any(_is_zero(p) for p in params.values())
+    if zeroed:
+        import deepspeed
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+    base = _base_optimizer(trainer.optimizer)
+    zero = _zero_optimizer(trainer.optimizer)
+    flats = [p for g in base.param_groups for p in g["params"]]
+    for attr in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):  # ZeRO-2, ZeRO-3
+        flats += list(getattr(zero, attr, None) or [])
+    for p in flats:  # Adam's state is created lazily at the first step: create it now
+        if not base.state.get(p):
+            base.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                             "exp_avg_sq": torch.zeros_like(p)}
+    if zero is not None and hasattr(zero, "_lazy_init_hp_params_optimizer_state"):
+        zero._hp_optimizer_states_linked = False  # ZeRO-1/2: link each param's fragment to that state
+        zero._lazy_init_hp_params_optimizer_state()
+    for name, p in params.items():
+        w, m, v = blob["params"][name], blob["exp_avg"][name], blob["exp_avg_sq"][name]
+        if hasattr(p, "ds_id"):  # ZeRO-3: the model's partition too (it is what the next forward uses)
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0), torch.no_grad():
+                p.data.copy_(w.to(p.device, p.dtype).reshape(p.data.shape))
+        else:  # ZeRO-1/2 keep the full low-precision param on every rank
+            with torch.no_grad():
+                p.data.copy_(w.to(p.device, p.dtype).reshape(p.data.shape))
+        if _is_zero(p):
+            dev = p.device
+            safe_set_full_fp32_param(p, w.to(dev))
+            safe_set_full_optimizer_state(p, m.to(dev), "exp_avg")
+            safe_set_full_optimizer_state(p, v.to(dev), "exp_avg_sq")
+        else:
+            base.state[p].update(exp_avg=m.to(p.device, p.dtype).clone(), exp_avg_sq=v.to(p.device, p.dtype).clone())
+    for st in base.state.values():
+        if "step" in st:
+            st["step"] = torch.full_like(st["step"], blob["step"]) if torch.is_tensor(st["step"]) else blob["step"]
+    sched = Path(checkpoint) / "scheduler.pt"
+    if sched.is_file():
+        trainer.lr_scheduler.load_state_dict(torch.load(sched, weights_only=True))
+        # the schedule writes an lr into the optimizer only at its next step(): the resumed step needs it now
+        # (a native resume gets it from the optimizer's saved param_groups)
+        for group, lr in zip(trainer.lr_scheduler.optimizer.param_groups, trainer.lr_scheduler.get_last_lr(), strict=True):
+            group["lr"] = lr
+    log.info("resumed weights and optimizer state (Adam step %d, %d tensors) from %s", blob["step"], len(params),
+             PORTABLE_FILE)
+
+
+REFUSED_FILE = "resume_refused.json"
+
+
+def raise_if_refused(workdir: Path) -> None:
+    """The launcher's side of a refusal inside the ranks (the launcher itself can only exit 1)."""
+    f = Path(workdir) / REFUSED_FILE
+    if f.is_file():
+        doc = json.loads(f.read_text())
+        raise CheckpointUnusableError(doc["message"], hint=doc.get("hint"))
+
+
+def attach(trainer, plan: dict) -> None:
+    """Hook into one rank's trainer: write the portable form at every save; load it when planned."""
+    from transformers import TrainerCallback
+
+    record = plan.get("world") or {}
+    portable = record.get("method") in ("lora", "qlora")
+
+    class SavePortable(TrainerCallback):
+        def on_save(self, args, state, control, **kw):
+            save_portable(trainer, Path(args.output_dir) / f"checkpoint-{state.global_step}", record, portable)
+
+    # first: the mirror (submitted by a later on_save) must see these files
+    trainer.callback_handler.callbacks.insert(0, SavePortable())
+    if plan.get("resume_mode") == "portable":
+        import transformers.trainer as hf_trainer
+
+        hf_trainer.deepspeed_load_checkpoint = lambda *a, **k: None  # its per-rank shards are for another world
+        trainer._load_from_checkpoint = lambda *a, **k: None
+
+        def load(ckpt):
+            if not ckpt:
+                return
+            try:
+                load_portable(trainer, ckpt)
+            except CheckpointUnusableError as e:
+                if trainer.accelerator.is_main_process:
+                    (Path(plan["workdir"]) / REFUSED_FILE).write_text(json.dumps({"message": e.message,
+                                                                                   "hint": e.hint}))
+                raise
+
+        trainer._load_optimizer_and_scheduler = load
