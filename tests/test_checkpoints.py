@@ -85,9 +85,9 @@ def _entry(path, body: bytes) -> dict:
 
 def _two_checkpoints(out, local):
     m = checkpoints.Mirror(out, node_rank=0, num_nodes=1, is_main=True, keep=3)
-    for step in (2, 4):
+    for step in (2, 4):  # one at a time: a newer checkpoint replaces a pending one
         m.submit(_ckpt(local, step, {"optimizer.pt": f"opt{step}"}), step)
-    assert m.wait(30)
+        assert m.wait(30)
 
 
 def test_a_complete_marker_with_dotdot_paths_is_skipped_and_nothing_is_written_outside(tmp_path, caplog):

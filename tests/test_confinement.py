@@ -57,7 +57,7 @@ def test_resume_from_a_local_output_does_not_follow_a_symlink_out_of_the_checkpo
         d.mkdir(parents=True)
         (d / "optimizer.pt").write_text(f"opt{step}")
         m.submit(d, step)
-    assert m.wait(30)
+        assert m.wait(30)  # one at a time: a newer checkpoint replaces a pending one
     secret = tmp_path / "node-secret"
     secret.write_bytes(b"node private key")
     step4 = out / "checkpoints" / "step-4"

@@ -191,7 +191,7 @@ def test_the_benchmark_builds_its_model_by_the_jobs_rules(monkeypatch):
     mod_spec.loader.exec_module(bench)
     for requested in ("auto", "sdpa", "eager", "flash_attention_2"):
         for cuda in (False, True):
-            assert bench.pick_attention(requested, cuda) == loader.attn_implementation(requested, cuda)
+            assert bench.pick_attention(requested, cuda) == loader.attn_implementation(requested, cuda, packed=True)
     prepared = []
     real = loader.for_training
     monkeypatch.setattr(loader, "for_training", lambda m: prepared.append(m) or real(m))
