@@ -67,3 +67,70 @@ def _sha(p):
     import hashlib
 
     return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_kill_9_of_the_rank_on_node_1_ends_both_nodes_within_60s_and_the_rerun_resumes(s3, tmp_path):
+    """A dead rank on another node: both pods end with a retryable code well inside a minute (node 1 names
+    its dead rank, 71), and the next attempt of both resumes from the last COMPLETE and publishes."""
+    import os
+    import signal
+    import time
+
+    from job.errors import NON_RETRYABLE
+
+    bucket = s3.bucket("multinode-dead")
+    out = f"s3://{bucket}/runs/dead"
+
+    def start(rank, steps, port, log):
+        return trainkit.start(
+            "run", "--model", str(trainkit.tiny_model()), "--data", str(trainkit.chat_data()), "--output", out,
+            "--max-steps", str(steps), "--logging-steps", "1", "--save-steps", "3", "--max-length", "256",
+            "--distributed", "ddp", "--num-machines", "2", "--main-process-ip", "127.0.0.1",
+            "--main-process-port", str(port),
+            env={"SFTJOB_CACHE_DIR": str(tmp_path / f"cache{rank}"), "JOB_COMPLETION_INDEX": str(rank)}, log=log)
+
+    def complete():
+        return sorted(int(k.split("/")[3][5:]) for k in s3.keys(bucket, "runs/dead/checkpoints/")
+                      if k.endswith("/COMPLETE"))
+
+    def node1_rank():
+        files = list((tmp_path / "cache1").glob("runs/*/ranks/rank-*.json"))
+        return json.loads(files[0].read_text()) if files else {}
+
+    port = _free_port()
+    procs = [start(r, 400, port, tmp_path / f"first{r}.log") for r in (0, 1)]
+    try:
+        trainkit.wait_until(lambda: bool(complete()), procs[0], "a COMPLETE checkpoint", timeout=600)
+        trainkit.wait_until(lambda: bool(node1_rank().get("pid")), procs[1], "node 1's rank heartbeat")
+        os.kill(node1_rank()["pid"], signal.SIGKILL)
+        t0 = time.time()
+        for p in procs:
+            p.wait(timeout=120)
+        took = time.time() - t0
+    finally:
+        for p in procs:
+            p.kill()
+    codes = [p.returncode for p in procs]
+    print(f"two nodes: rank on node 1 killed -> exits {codes} after {took:.1f}s")
+    assert took < 60, codes
+    assert codes[1] == 71, (tmp_path / "first1.log").read_text()[-3000:]
+    assert all(c != 0 and c not in NON_RETRYABLE for c in codes), codes
+    last = complete()[-1]
+
+    port = _free_port()
+    procs = [start(r, last + 3, port, tmp_path / f"rerun{r}.log") for r in (0, 1)]
+    try:
+        for r, p in enumerate(procs):
+            assert p.wait(timeout=600) == 0, (tmp_path / f"rerun{r}.log").read_text()[-3000:]
+    finally:
+        for p in procs:
+            p.kill()
+    status = json.loads(s3.client().get_object(Bucket=bucket, Key="runs/dead/status.json")["Body"].read())
+    assert status["state"] == "succeeded" and status["resumed_from"] == last
+    assert "runs/dead/_SUCCESS" in s3.keys(bucket, "runs/dead/")
