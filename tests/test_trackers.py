@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 import trainkit
 
-pytestmark = pytest.mark.slow
 COMMON = ["--seed", "3", "--learning-rate", "1e-3", "--max-length", "256", "--per-device-train-batch-size", "2",
           "--lr-scheduler-type", "constant"]
 
@@ -25,6 +24,7 @@ def _history(client, run_id, key):
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
 
 
+@pytest.mark.slow
 def test_mlflow_run_is_named_after_the_run_id_with_params_tags_and_one_loss_point_per_logged_step(
         mlflow_server, tmp_path):
     out = tmp_path / "out"
@@ -55,6 +55,7 @@ def test_mlflow_run_is_named_after_the_run_id_with_params_tags_and_one_loss_poin
     assert "mlflow: could not" not in p.stderr
 
 
+@pytest.mark.slow
 def test_a_sigterm_then_resumed_run_continues_the_same_mlflow_run(mlflow_server, s3, tmp_path):
     bucket = s3.bucket("trackers")
     out = f"s3://{bucket}/runs/resumed"
@@ -83,6 +84,7 @@ def test_a_sigterm_then_resumed_run_continues_the_same_mlflow_run(mlflow_server,
     assert [s for s, _ in _history(client, first_id, "loss")] == list(range(1, steps + 1))
 
 
+@pytest.mark.slow
 def test_tensorboard_event_files_are_published_under_tensorboard_and_listed_in_the_manifest(tmp_path):
     out = tmp_path / "out"
     p = trainkit.run(*_args(str(out), 4, "--logging-steps", "1", "--report-to", "tensorboard"),
@@ -108,3 +110,52 @@ def _events(path):
         (n,) = struct.unpack("<Q", data[i:i + 8])
         yield event_pb2.Event.FromString(data[i + 12:i + 12 + n])
         i += 12 + n + 4
+
+
+def test_mlflow_is_ours_not_transformers_and_tensorboard_stays_with_transformers(tmp_path):
+    from job.spec import build
+    from job.train import sft, trackers
+
+    spec = build(overrides={"train.report_to": ["mlflow", "tensorboard"]})
+    args = sft._training_args(spec, {"checkpoint_dir": str(tmp_path / "ckpt"), "mixed_precision": "no"})
+    assert args.report_to == ["tensorboard"]
+    assert trackers.for_transformers(["mlflow"]) == "none" and trackers.trackers(["mlflow"], {}, None, rank=1) == []
+
+
+def test_params_are_the_redacted_spec_flattened(monkeypatch):
+    from job.train import trackers
+
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "hunter2-secret-pw")
+    spec = {"storage": {"endpoint_url": "http://key:sekrit@minio:9000"}, "train": {"report_to": ["mlflow"]},
+            "model": {"path": "note hunter2-secret-pw"}}
+    t = trackers.MlflowTracker({"spec": spec}, None)
+    params = trackers.flatten(trackers.redact.data(t.plan["spec"]))
+    assert params == {"storage.endpoint_url": "http://***@minio:9000", "train.report_to": '["mlflow"]',
+                      "model.path": "note ***"}
+
+
+def test_an_unreachable_or_unset_tracking_server_costs_a_warning_not_the_run(monkeypatch, caplog, tmp_path):
+    import socket
+    import time
+
+    from job.status import Status
+    from job.train import trackers
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://user:pw-not-printed@127.0.0.1:{port}")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    status = Status(tmp_path, None)
+    status.update(run_id="r1", push=False)
+    t0 = time.time()
+    (t,) = trackers.trackers(["mlflow"], {"spec": {}}, status, rank=0)
+    t.progress({"step": 1, "loss": 1.0, "time": time.time()})  # no run: nothing sent, nothing raised
+    t.end(interrupted=False)
+    assert time.time() - t0 < 120
+    assert "mlflow: could not start the run" in caplog.text and "pw-not-printed" not in caplog.text
+    assert "mlflow_run_id" not in status.read()
+    caplog.clear()
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert trackers.trackers(["mlflow"], {"spec": {}}, status, rank=0)[0].client is None
+    assert "MLFLOW_TRACKING_URI is not set" in caplog.text
