@@ -226,6 +226,8 @@ def _stage_outputs(spec: RunSpec, prepared, outcome, workdir: Path, model_dir: s
     (stage / "run.yaml").write_text(to_yaml(spec))
     if (workdir / "launch").is_dir():
         shutil.copytree(workdir / "launch", stage / "launch")
+    if (workdir / "tensorboard").is_dir():  # report_to tensorboard: the event files (job/train/trackers.py)
+        shutil.copytree(workdir / "tensorboard", stage / "tensorboard")
     if spec.output.merged and spec.train.method != "full":
         merge(adapter, model_dir, stage / "merged", trust_remote_code=spec.model.trust_remote_code)
     return stage

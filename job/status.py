@@ -70,6 +70,7 @@ class Status:
             "max_steps": max_steps, "epoch": 0.0, "loss": None, "tokens_per_second": None,
             "eta_seconds": None, "attempt": int(previous.get("attempt", 0)) + 1, "resumed_from": None,
             "started_at": now(), "updated_at": now(), "events": list(previous.get("events", []))[-200:],
+            "mlflow_run_id": previous.get("mlflow_run_id"),  # a resumed attempt continues the same MLflow run
             "error": None,
         }
         with self._locked():

@@ -62,3 +62,20 @@ def _storage_settings_restored():
     yield
     if storage.settings() is not before:
         storage.configure(before)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server (tools/mlflow, from `make tools`) for the session; stopped at teardown."""
+    from mlflowserver import MlflowServer, binary
+
+    try:
+        binary()
+    except RuntimeError as e:
+        pytest.fail(str(e), pytrace=False)
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow")).start()
+    print(f"mlflow server healthy in {server.start_seconds:.1f}s at {server.uri}")
+    try:
+        yield server
+    finally:
+        server.stop()

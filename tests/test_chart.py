@@ -358,6 +358,18 @@ def test_s3_keys_only_by_secret_reference(matrix):
     assert trainer_of(matrix["secret-creds"][1])["envFrom"] == [{"secretRef": {"name": "hf-token"}}]
 
 
+def test_mlflow_settings_reach_the_pod_and_its_credentials_only_by_optional_secret_reference(matrix):
+    env = env_of(trainer_of(matrix["secret-creds"][1]))
+    assert env["MLFLOW_TRACKING_URI"]["value"] == "http://mlflow.mlflow.svc:5000"
+    assert env["MLFLOW_EXPERIMENT_NAME"]["value"] == "smoke"
+    refs = {k: env[k]["valueFrom"]["secretKeyRef"] for k in
+            ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
+    assert refs == {"MLFLOW_TRACKING_TOKEN": {"name": "mlflow-auth", "key": "token", "optional": True},
+                    "MLFLOW_TRACKING_USERNAME": {"name": "mlflow-auth", "key": "MLFLOW_TRACKING_USERNAME", "optional": True},
+                    "MLFLOW_TRACKING_PASSWORD": {"name": "mlflow-auth", "key": "MLFLOW_TRACKING_PASSWORD", "optional": True}}
+    assert not [k for k in env_of(trainer_of(matrix["one-1gpu"][1])) if k.startswith("MLFLOW_")]  # defaults: none
+
+
 def test_irsa_annotation_and_existing_service_account(matrix):
     _, docs = matrix["irsa"]
     (sa,) = by_kind(docs, "ServiceAccount")

@@ -305,6 +305,8 @@ def train(spec, prepared, model_dir: str, workdir: Path, status, *, started: flo
         if stale == "metrics.jsonl" and found:
             continue
         (workdir / stale).unlink(missing_ok=True)
+    if not found:  # a fresh start publishes only its own TensorBoard events
+        shutil.rmtree(workdir / "tensorboard", ignore_errors=True)
     if found:
         status.update(resumed_from=found.step, step=found.step, event=("resume", f"resuming from checkpoint step-{found.step}"))
     from job.train import reshard

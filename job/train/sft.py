@@ -94,7 +94,7 @@ class StopFlag:
         return self.reason
 
 
-def _callbacks(plan: dict, collator: Collator, stop: StopFlag, mirror, status):
+def _callbacks(plan: dict, collator: Collator, stop: StopFlag, mirror, status, trackers=()):
     from transformers import TrainerCallback
 
     metrics_path = Path(plan["workdir"]) / "metrics.jsonl"
@@ -136,6 +136,8 @@ def _callbacks(plan: dict, collator: Collator, stop: StopFlag, mirror, status):
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(rec) + "\n")
                 logsetup.event("eval", f"eval step {rec['step']}  eval_loss {rec['eval_loss']:.4f}", **rec)
+                for t in trackers:
+                    t.eval(state.global_step, logs)
                 return
             if "loss" not in logs:
                 return
@@ -157,6 +159,8 @@ def _callbacks(plan: dict, collator: Collator, stop: StopFlag, mirror, status):
                 f.write(json.dumps(rec) + "\n")
             logsetup.event("progress", f"step {rec['step']}/{rec['max_steps']}  loss {rec['loss']:.4f}  "
                            f"{rec['tokens_per_second']:.0f} tok/s  eta {rec['eta_seconds']:.0f}s", **rec)
+            for t in trackers:
+                t.progress(rec)
             if status:
                 status.update(step=rec["step"], max_steps=rec["max_steps"], epoch=rec["epoch"], loss=rec["loss"],
                               tokens_per_second=rec["tokens_per_second"], eta_seconds=rec["eta_seconds"])
@@ -176,6 +180,8 @@ def _training_args(spec, plan: dict):
     import torch
     from trl import SFTConfig
 
+    from job.train import trackers
+
     t, d = spec.train, spec.distributed
     cuda = torch.cuda.is_available()
     precision = plan["mixed_precision"]
@@ -186,7 +192,7 @@ def _training_args(spec, plan: dict):
         gradient_accumulation_steps=t.gradient_accumulation_steps, learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler_type, warmup_steps=t.warmup_ratio, weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm, optim=t.optim, activation_checkpointing=t.gradient_checkpointing,
-        logging_steps=t.logging_steps, report_to=t.report_to or "none", seed=t.seed, data_seed=t.seed,
+        logging_steps=t.logging_steps, report_to=trackers.for_transformers(t.report_to), seed=t.seed, data_seed=t.seed,
         save_strategy="steps" if spec.resilience.save_steps else "no",
         save_steps=spec.resilience.save_steps or 500, save_total_limit=None,
         eval_strategy=("steps" if spec.eval.eval_steps else "no") if eval_on else "no",
@@ -235,7 +241,7 @@ def train(plan: dict) -> int:
     from job import checkpoints, storage
     from job.spec import RunSpec, StorageSpec
     from job.status import Status
-    from job.train import lora
+    from job.train import lora, trackers
 
     spec = RunSpec.model_validate(plan["spec"])
     live = os.environ.get("SFTJOB_RANK_STORAGE")  # set by launch when plan.json had to mask the storage section
@@ -265,8 +271,11 @@ def train(plan: dict) -> int:
         mirror = checkpoints.Mirror(plan["output_uri"], node_rank=node_rank,
                                     num_nodes=int(plan.get("num_machines", 1)), is_main=rank == 0,
                                     keep=spec.resilience.save_total_limit, **_mirror_reports(plan, status))
+    if "tensorboard" in spec.train.report_to:  # TensorBoardCallback's dir; published as <output>/tensorboard/
+        os.environ["TENSORBOARD_LOGGING_DIR"] = trackers.tensorboard_dir(plan["workdir"])
     args = _training_args(spec, plan)
-    callbacks = _callbacks(plan, collator, stop, mirror, status) + [watchdog.heartbeat_callback()]
+    tracks = trackers.trackers(spec.train.report_to, plan, status, rank)
+    callbacks = _callbacks(plan, collator, stop, mirror, status, tracks) + [watchdog.heartbeat_callback()]
     trainer = lora.trainer_class(spec, SFTTrainer)(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tok,
         data_collator=collator, peft_config=peft_config, callbacks=callbacks)
@@ -277,7 +286,12 @@ def train(plan: dict) -> int:
     from job.train import reshard
 
     reshard.attach(trainer, plan)  # world-size-independent checkpoints; resume from one when planned
-    trainer.train(resume_from_checkpoint=plan.get("resume_from"))
+    try:
+        trainer.train(resume_from_checkpoint=plan.get("resume_from"))
+    except BaseException:
+        for t in tracks:
+            t.end(interrupted=True)
+        raise
     if eval_ds is not None and not stop.reason:
         last = callbacks[0].last_eval  # an eval_steps evaluation at the final step is not run twice
         same = torch.tensor(int(bool(last and last[0] == trainer.state.global_step)), device=trainer.accelerator.device)
@@ -286,6 +300,8 @@ def train(plan: dict) -> int:
         metrics = (last[1] if last else {}) if same.item() else trainer.evaluate()
         if rank == 0:
             (Path(plan["workdir"]) / "eval_loss.json").write_text(json.dumps(metrics))
+    for t in tracks:
+        t.end(interrupted=stop.reason == "sigterm")
 
     stopped = Path(plan["workdir"]) / "stopped.json"
     if stop.reason == "sigterm":
