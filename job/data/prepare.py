@@ -74,6 +74,10 @@ def prepare(spec, tokenizer_dir: Path | None = None) -> Prepared:
     if tdir is None:
         raise ConfigError("prepare needs a tokenizer", hint="pass --model DIR or --tokenizer DIR")
     template_src = read_template_source(spec.model.chat_template) if spec.model.chat_template else None
+    if spec.train.objective == "dpo":  # preference pairs: same template, masks and cache, two sequences per row
+        from job.data.preference import prepare_pairs
+
+        return prepare_pairs(spec, tdir, template_src)
     inputs = spec.cache_root() / "inputs"
     sources = [(s, formats.expand(s.path, inputs)) for s in spec.data_sources()]
     eval_files = formats.expand(spec.data.eval_data, inputs) if spec.data.eval_data else []
