@@ -17,6 +17,7 @@ from pathlib import Path
 from job.errors import ExitCode
 
 log = logging.getLogger("sftjob.train")
+REWARD_KEYS = ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")  # DPO's, when logged
 
 
 class Collator:
@@ -146,6 +147,7 @@ def _callbacks(plan: dict, collator: Collator, stop: StopFlag, mirror, status):
                 "trained_tokens_per_second": round(collator.trained_tokens * world / elapsed, 1),
                 "eta_seconds": round(elapsed / done * remaining, 1), "time": time.time(),
             }
+            rec.update({k: logs[k] for k in REWARD_KEYS if k in logs})  # DPO: reward accuracy and margin
             import torch
 
             if torch.cuda.is_available():
@@ -153,7 +155,9 @@ def _callbacks(plan: dict, collator: Collator, stop: StopFlag, mirror, status):
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
             print(json.dumps({"event": "progress", **rec}), flush=True)
-            print(f"step {rec['step']}/{rec['max_steps']}  loss {rec['loss']:.4f}  "
+            rewards = "".join(f"  {label} {rec[k]:.3f}" for k, label in zip(REWARD_KEYS, ("reward acc", "margin"), strict=False)
+                              if rec.get(k) is not None)
+            print(f"step {rec['step']}/{rec['max_steps']}  loss {rec['loss']:.4f}{rewards}  "
                   f"{rec['tokens_per_second']:.0f} tok/s  eta {rec['eta_seconds']:.0f}s", file=sys.stderr, flush=True)
             if status:
                 status.update(step=rec["step"], max_steps=rec["max_steps"], epoch=rec["epoch"], loss=rec["loss"],
@@ -170,7 +174,10 @@ def _callbacks(plan: dict, collator: Collator, stop: StopFlag, mirror, status):
     return [Progress()]
 
 
-def _training_args(spec, plan: dict):
+def _training_args(spec, plan: dict, config_cls=None, extra: dict | None = None):
+    """SFTConfig; or config_cls (DPOConfig) from the same settings, keeping only the fields it has."""
+    import dataclasses
+
     import torch
     from trl import SFTConfig
 
@@ -198,7 +205,11 @@ def _training_args(spec, plan: dict):
     )
     if plan.get("deepspeed_config"):
         kwargs["deepspeed"] = plan["deepspeed_config"]
-    return SFTConfig(**kwargs)
+    if config_cls is None:
+        return SFTConfig(**kwargs)
+    names = {f.name for f in dataclasses.fields(config_cls) if f.init}
+    extra = extra or {}
+    return config_cls(**{k: v for k, v in kwargs.items() if k in names and k not in extra}, **extra)
 
 
 def _load_model(spec, plan: dict):
@@ -312,6 +323,10 @@ def main(argv: list[str] | None = None) -> int:
 
     logsetup.setup(os.environ.get("SFTJOB_DEBUG") == "1")
     plan = json.loads(Path(argv[0]).read_text())
+    if plan["spec"].get("train", {}).get("objective") == "dpo":
+        from job.train import dpo
+
+        return dpo.train(plan)
     return train(plan)
 
 
