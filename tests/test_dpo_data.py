@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+from trainkit import tiny_model
 
 from job import spec as specmod
 from job.cli import main
@@ -12,7 +13,6 @@ from job.data import preference
 from job.data.masks import IGNORE
 from job.data.templates import load_tokenizer_from, resolve_template
 from job.demo_pairs import pairs
-from tests.trainkit import tiny_model
 
 U = lambda c: {"role": "user", "content": c}  # noqa: E731
 A = lambda c: {"role": "assistant", "content": c}  # noqa: E731
