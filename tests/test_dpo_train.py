@@ -97,3 +97,28 @@ def test_reward_accuracy_gate_rejects_an_under_trained_adapter_with_78(pairs, tm
     assert not (out / "_SUCCESS").exists()
     assert (out / "rejected" / "adapter_model.safetensors").exists()
     assert json.loads((out / "rejected" / "eval.json").read_text())["gate"]["passed"] is False
+
+
+def test_two_process_zero2_dpo_run_stops_on_sigterm_with_75_and_resumes_to_a_verified_adapter(pairs, tmp_path):
+    out = tmp_path / "out"
+    env = {"SFTJOB_CACHE_DIR": str(tmp_path / "cache")}
+    zero2 = ["--distributed", "deepspeed", "--zero-stage", "2", "--num-processes", "2",
+             "--per-device-train-batch-size", "2", "--logging-steps", "1"]
+    log = tmp_path / "first.log"
+    proc = trainkit.start(*_args(out, *pairs, 400, *zero2), env=env, log=log)
+    trainkit.wait_for_step(log, proc, 3)
+    assert trainkit.sigterm_and_wait(proc) == 75, log.read_text()[-4000:]
+    status = json.loads((out / "status.json").read_text())
+    step = status["step"]
+    assert status["state"] == "interrupted" and 3 <= step < 400
+    marker = json.loads((out / "checkpoints" / f"step-{step}" / "COMPLETE").read_text())
+    assert len([f for f in marker["files"] if "optim_states" in f["path"]]) == 2  # one ZeRO-2 shard per rank
+    assert not (out / "_SUCCESS").exists()
+
+    rerun = trainkit.run(*_args(out, *pairs, step + 3, *zero2), env=env)
+    assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-4000:]
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "succeeded" and status["resumed_from"] == step
+    assert min(trainkit.losses(rerun.stdout.splitlines())) == step + 1
+    assert (out / "_SUCCESS").exists() and (out / "adapter_model.safetensors").exists()
+    assert json.loads((out / "launch" / "deepspeed.json").read_text())["zero_optimization"]["stage"] == 2
