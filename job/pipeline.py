@@ -34,6 +34,9 @@ def run(spec: RunSpec) -> int:
     from job.train import lora
 
     lora.check(spec)  # LoRA variants that could not publish a correct adapter
+    from job.train import dpo
+
+    dpo.check(spec)  # DPO settings that could never train
     started = time.time()
     output = spec.output.uri.rstrip("/")
     workdir = spec.cache_root() / "runs" / hashlib.sha256(output.encode()).hexdigest()[:16]

@@ -115,7 +115,7 @@ class TrainSpec(Section):
         "sft", description="sft: supervised fine-tuning on chats; dpo: preference tuning (DPO) on prompt/chosen/rejected pairs.")
     beta: float = Field(0.1, gt=0, description="DPO: how far the policy may move from the reference (higher = closer).")
     loss_type: Literal[DPO_LOSSES] = Field("sigmoid", description="DPO loss, as TRL's DPOConfig names it (sigmoid = the DPO paper, ipo, hinge, robust, ...).")
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="DPO: assumed share of flipped preference labels (robust, exo_pair; cDPO).")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="DPO: assumed share of flipped preference labels (loss_type robust, exo_pair, aot, aot_unpaired).")
     precompute_ref_log_probs: bool = Field(False, description="DPO: one reference pass over the data before training (no reference forward per step).")
 
 

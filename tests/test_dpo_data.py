@@ -119,3 +119,20 @@ def test_prepare_caches_pairs_and_a_second_prepare_is_a_hit(tmp_path):
     ds = Dataset.from_parquet(str(p.train_path))
     assert set(ds.column_names) == {"chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"}
     assert prepare(s, tiny_model()).cache_hit
+
+
+@pytest.mark.parametrize("flags,problem", [
+    (["--packing", "true"], "data.packing with objective dpo"),
+    (["--loss-type", "exo_pair"], "exo_pair needs label_smoothing > 0"),
+    (["--label-smoothing", "0.1"], "label_smoothing has no effect with loss_type sigmoid"),
+    (["--num-prompts", "4", "--eval-split", "0.1"], "generation eval"),
+    (["--min-reward-accuracy", "0.9"], "needs objective dpo and an eval split"),
+    (["--loss-type", "nope"], "loss_type"),
+])
+def test_impossible_dpo_settings_exit_64_before_any_work(tmp_path, capsys, flags, problem):
+    f = write(tmp_path / "prefs.jsonl", pairs(4))
+    code = main(["run", "--objective", "dpo", "--model", str(tiny_model()), "--data", str(f),
+                 "--output", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "c"), *flags])
+    assert code == 64
+    assert problem in capsys.readouterr().err
+    assert not (tmp_path / "c" / "prepared").exists()

@@ -12,8 +12,26 @@ import os
 import time
 from pathlib import Path
 
-from job.errors import ExitCode
+from job.errors import ConfigError, ExitCode
 from job.train.sft import StopFlag, _callbacks, _load_model, _training_args
+
+SMOOTHED = ("robust", "exo_pair", "aot", "aot_unpaired")  # the TRL 1.16 losses that read label_smoothing
+
+
+def check(spec) -> None:
+    """DPO settings that could never train: refused before fetch/prepare (exit 64), not as a rank's traceback."""
+    if spec.train.objective != "dpo":
+        return
+    t = spec.train
+    if spec.data.packing:
+        raise ConfigError("data.packing with objective dpo: a pair is two separate sequences, never packed",
+                          hint="drop data.packing for DPO runs")
+    if t.loss_type == "exo_pair" and t.label_smoothing == 0:
+        raise ConfigError("loss_type exo_pair needs label_smoothing > 0 (the EXO paper uses 1e-3)",
+                          hint="set train.label_smoothing: 0.001")
+    if t.label_smoothing and t.loss_type not in SMOOTHED:
+        raise ConfigError(f"label_smoothing has no effect with loss_type {t.loss_type} (TRL 1.16 reads it only for "
+                          f"{', '.join(SMOOTHED)})", hint="use loss_type robust for noisy labels, or drop label_smoothing")
 
 
 class PairCollator:
