@@ -122,3 +122,33 @@ def test_two_process_zero2_dpo_run_stops_on_sigterm_with_75_and_resumes_to_a_ver
     assert min(trainkit.losses(rerun.stdout.splitlines())) == step + 1
     assert (out / "_SUCCESS").exists() and (out / "adapter_model.safetensors").exists()
     assert json.loads((out / "launch" / "deepspeed.json").read_text())["zero_optimization"]["stage"] == 2
+
+
+@pytest.mark.parametrize("extra", [
+    ["--precompute-ref-log-probs", "true"],
+    ["--method", "full", "--distributed", "deepspeed", "--zero-stage", "3", "--num-processes", "2"],
+], ids=["lora-precomputed-reference", "full-zero3-frozen-reference"])
+def test_dpo_reference_variants_train_and_publish(pairs, tmp_path, extra):
+    out = tmp_path / "out"
+    r = trainkit.run(*_args(out, *pairs, 4, "--per-device-train-batch-size", "2", "--logging-steps", "1", *extra),
+                     env={"SFTJOB_CACHE_DIR": str(tmp_path / "cache")})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    assert (out / "_SUCCESS").exists()
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert recs[-1]["step"] == 4 or recs[-2]["step"] == 4
+    last = [x for x in recs if "loss" in x][-1]
+    assert last["rewards/margins"] > 0  # the policy moved away from the reference toward chosen
+    if "full" in extra:
+        assert (out / "model.safetensors").exists() or list(out.glob("model-*.safetensors"))
+
+
+def test_preview_shows_the_prompt_once_and_the_trained_spans_of_both_answers(pairs, capsys):
+    from job.cli import main
+
+    assert main(["preview", "--objective", "dpo", "--data", str(pairs[1]), "--tokenizer", str(trainkit.tiny_model()),
+                 "--limit", "1"]) == 0
+    out = capsys.readouterr().out
+    row = json.loads(pairs[1].read_text().splitlines()[0])
+    assert out.count("prompt: ") == 1 and out.count(row["prompt"][0]["content"]) == 1
+    assert f"[[{row['chosen'][0]['content']}<|im_end|>]]" in out
+    assert f"[[{row['rejected'][0]['content']}<|im_end|>]]" in out

@@ -130,6 +130,10 @@ def train(plan: dict) -> int:
                                     keep=spec.resilience.save_total_limit)
     status = Status(Path(plan["workdir"]), plan.get("output_uri")) if rank == 0 else None
     callbacks = _callbacks(plan, collator, stop, mirror, status)
+    if plan.get("deepspeed_config"):  # the frozen reference is a DeepSpeed engine built before the policy's:
+        import deepspeed  # without this it sees a world of 1 and refuses the batch sizes
+
+        deepspeed.init_distributed()
     trainer = lora.trainer_class(spec, trainer_base())(
         model=model, args=dpo_args(spec, plan), train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tok,
         data_collator=collator, peft_config=peft_config, callbacks=callbacks)
