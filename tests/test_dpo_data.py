@@ -136,3 +136,30 @@ def test_impossible_dpo_settings_exit_64_before_any_work(tmp_path, capsys, flags
     assert code == 64
     assert problem in capsys.readouterr().err
     assert not (tmp_path / "c" / "prepared").exists()
+
+
+def test_dpo_training_arguments_carry_the_dpo_knobs_and_the_sft_settings():
+    from job.train.dpo import dpo_args
+
+    s = specmod.build(overrides={"train.objective": "dpo", "train.beta": 0.3, "train.loss_type": "robust",
+                                 "train.label_smoothing": 0.1, "train.precompute_ref_log_probs": True,
+                                 "train.warmup_ratio": 0.2, "train.learning_rate": 1e-5})
+    plan = {"checkpoint_dir": "/tmp/x", "mixed_precision": "no"}
+    a = dpo_args(s, plan)
+    assert (a.beta, a.loss_type, a.label_smoothing, a.precompute_ref_log_probs) == (0.3, ["robust"], 0.1, True)
+    assert a.warmup_steps == 0.2 and a.learning_rate == 1e-5 and a.max_length is None  # truncation done in prepare
+    assert a.remove_unused_columns is False
+
+
+def test_pairs_longer_than_max_length_are_truncated_or_dropped_and_counted(tmp_path):
+    from job.data.prepare import prepare
+
+    rows = pairs(6)
+    rows[0]["prompt"][0]["content"] = "palabra " * 200
+    f = write(tmp_path / "prefs.jsonl", rows)
+    base = {"train.objective": "dpo", "data.path": str(f), "model.path": str(tiny_model()), "data.max_length": 64,
+            "cache_dir": str(tmp_path / "cache")}
+    rep = prepare(specmod.build(overrides=base), tiny_model()).report
+    assert rep["truncation"]["truncated"] == 1 and rep["examples"]["train"] == 6 and rep["lengths"]["max"] <= 128
+    rep = prepare(specmod.build(overrides={**base, "data.truncation": "drop"}), tiny_model()).report
+    assert rep["rows"]["dropped"] == {"too_long": 1} and rep["examples"]["train"] == 5

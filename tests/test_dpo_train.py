@@ -85,6 +85,8 @@ def test_dpo_progress_lines_and_metrics_carry_reward_accuracy_and_margin(trained
     assert all("rewards/accuracies" in x and "rewards/margins" in x for x in train)
     assert train[-1]["rewards/margins"] > train[0]["rewards/margins"]
     assert "reward acc" in r.stderr and "margin" in r.stderr
+    status = json.loads((out / "status.json").read_text())
+    assert status["reward_accuracies"] == train[-1]["rewards/accuracies"] and "reward_margins" in status
     assert json.loads((out / "data_report.json").read_text())["examples"] == {"train": 50, "eval": 10}
 
 

@@ -161,7 +161,8 @@ def _callbacks(plan: dict, collator: Collator, stop: StopFlag, mirror, status):
                   f"{rec['tokens_per_second']:.0f} tok/s  eta {rec['eta_seconds']:.0f}s", file=sys.stderr, flush=True)
             if status:
                 status.update(step=rec["step"], max_steps=rec["max_steps"], epoch=rec["epoch"], loss=rec["loss"],
-                              tokens_per_second=rec["tokens_per_second"], eta_seconds=rec["eta_seconds"])
+                              tokens_per_second=rec["tokens_per_second"], eta_seconds=rec["eta_seconds"],
+                              **{k.replace("rewards/", "reward_"): rec[k] for k in REWARD_KEYS[:2] if k in rec})
 
         def on_save(self, args, state, control, **kw):
             import torch.distributed as dist
