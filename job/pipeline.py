@@ -183,7 +183,7 @@ def _reject(stage: Path, output: str, evaluation) -> None:
     storage.upload_tree(stage, rejected)
     raise EvalGateError(f"adapter missed the evaluation gate: {'; '.join(evaluation.failures)}; "
                         f"kept under {rejected}/ (no _SUCCESS)",
-                        hint="read eval.md there; train longer or on better data, or relax eval.min_json_valid / eval.max_loss")
+                        hint="read eval.md there; train longer or on better data, or relax eval.min_json_valid / eval.max_loss / eval.min_reward_accuracy")
 
 
 def _summary(outcome, output: str, seconds: float, evaluation: dict | None = None) -> None:
