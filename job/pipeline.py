@@ -40,6 +40,9 @@ def run(spec: RunSpec) -> int:
 
     parent.check(spec)
     dsops.check(spec)  # offload_optimizer where DeepSpeed's cpu_adam op cannot load
+    from job.train import dpo
+
+    dpo.check(spec)  # DPO settings that could never train
     started = time.time()
     output = spec.output.uri.rstrip("/")
     workdir = spec.cache_root() / "runs" / hashlib.sha256(output.encode()).hexdigest()[:16]
@@ -251,7 +254,7 @@ def _reject(stage: Path, output: str, evaluation) -> None:
     storage.upload_tree(stage, rejected)
     raise EvalGateError(f"adapter missed the evaluation gate: {'; '.join(evaluation.failures)}; "
                         f"kept under {rejected}/ (no _SUCCESS)",
-                        hint="read eval.md there; train longer or on better data, or relax eval.min_json_valid / eval.max_loss")
+                        hint="read eval.md there; train longer or on better data, or relax eval.min_json_valid / eval.max_loss / eval.min_reward_accuracy")
 
 
 def _summary(outcome, output: str, seconds: float, evaluation: dict | None = None) -> None:

@@ -83,6 +83,10 @@ class ModelSpec(Section):
     trust_remote_code: bool = Field(False, description="Allow model code from the model repo.")
 
 
+DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")  # TRL 1.16 DPOConfig.loss_type
+
+
 class TrainSpec(Section):
     method: Literal["lora", "qlora", "full"] = Field("lora", description="LoRA adapter, QLoRA (4-bit base, CUDA only) or full fine-tune.")
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
@@ -112,6 +116,12 @@ class TrainSpec(Section):
     loraplus_lr_ratio: float | None = Field(None, gt=0, description="LoRA+: B matrices learn this many times faster than A (e.g. 16).")
     neftune_noise_alpha: float | None = Field(None, gt=0, description="NEFTune: noise on input embeddings while training (e.g. 5).")
     seed: int = Field(42, description="Seed for data order, init and dropout.")
+    objective: Literal["sft", "dpo"] = Field(
+        "sft", description="sft: supervised fine-tuning on chats; dpo: preference tuning (DPO) on prompt/chosen/rejected pairs.")
+    beta: float = Field(0.1, gt=0, description="DPO: how far the policy may move from the reference (higher = closer).")
+    loss_type: Literal[DPO_LOSSES] = Field("sigmoid", description="DPO loss, as TRL's DPOConfig names it (sigmoid = the DPO paper, ipo, hinge, robust, ...).")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="DPO: assumed share of flipped preference labels (loss_type robust, exo_pair, aot, aot_unpaired).")
+    precompute_ref_log_probs: bool = Field(False, description="DPO: one reference pass over the data before training (no reference forward per step).")
 
     @field_validator("max_steps")
     @classmethod
@@ -199,6 +209,7 @@ class EvalSpec(Section):
     json_schema: str | None = Field(None, description="JSON Schema file the answers must satisfy (structured output).")
     min_json_valid: float | None = Field(None, ge=0, le=1, description="Gate: minimum share of the adapter's answers that are valid JSON (and valid against json_schema when set); a miss exits 78 with the adapter under rejected/.")
     max_loss: float | None = Field(None, gt=0, description="Gate: maximum final eval loss (needs an eval split); a miss exits 78 with the adapter under rejected/.")
+    min_reward_accuracy: float | None = Field(None, ge=0, le=1, description="Gate (DPO): minimum share of eval pairs where the adapter's implicit reward prefers chosen over rejected; a miss exits 78 with the adapter under rejected/.")
 
 
 class RunSpec(BaseModel):

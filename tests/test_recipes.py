@@ -17,6 +17,7 @@ RECIPES = {
     "qwen-7b-qlora.yaml": ("Qwen2.5-7B-Instruct.json", 7.62e9),
     "catalog-json.yaml": ("Qwen2.5-0.5B-Instruct.json", 0.494e9),
     "tools-qwen.yaml": ("Qwen2.5-0.5B-Instruct.json", 0.494e9),
+    "dpo-smol-es.yaml": ("SmolLM2-135M-Instruct.json", 134.5e6),
 }
 
 
@@ -118,3 +119,23 @@ def test_the_tool_use_sample_rows_train_the_calls_and_answers_with_qwens_templat
     assert [len(r) for r in runs] == [2, 2, 1]
     assert runs[1][0].count("<tool_call>") == 2 and '"amount": 50' in runs[1][0]  # both calls, one turn
     assert all(r[-1].endswith("<|im_end|>") for r in runs)
+
+
+def test_dpo_recipe_plans_two_sequences_per_pair_and_a_reference_without_extra_weights(capsys):
+    s = spec.build(EXAMPLES / "dpo-smol-es.yaml")
+    assert s.train.objective == "dpo" and s.eval.min_reward_accuracy is not None
+    plan = _plan("dpo-smol-es.yaml", capsys)
+    assert plan["objective"] == "dpo" and plan["sequences_per_row"] == 2
+    assert "adapter disabled" in plan["reference"] and plan["memory_gb_per_gpu"]["reference"] == 0
+    config = EXAMPLES / "configs" / "SmolLM2-135M-Instruct.json"
+    sft = cli.main(["plan", "--config", str(EXAMPLES / "dpo-smol-es.yaml"), "--model-config", str(config),
+                    "--objective", "sft", "--json"])
+    out = capsys.readouterr().out
+    assert sft == 0
+    sft_plan = json.loads(out[out.index("{"):])
+    assert plan["memory_gb_per_gpu"]["activations"] == pytest.approx(2 * sft_plan["memory_gb_per_gpu"]["activations"], rel=0.01)
+    full = cli.main(["plan", "--config", str(EXAMPLES / "dpo-smol-es.yaml"), "--model-config", str(config),
+                     "--method", "full", "--json"])
+    out = capsys.readouterr().out
+    assert full == 0
+    assert json.loads(out[out.index("{"):])["memory_gb_per_gpu"]["reference"] > 0  # a frozen copy of the base

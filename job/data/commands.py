@@ -79,6 +79,10 @@ def _sources(spec):
 
 
 def validate_command(spec) -> int:
+    if spec.train.objective == "dpo":
+        from job.data.pairs_cli import validate_pairs
+
+        return validate_pairs(spec)
     files = _sources(spec)
     tok, _ = load_tokenizer(spec)
     notes = []
@@ -154,6 +158,10 @@ def validate_command(spec) -> int:
 def preview_command(spec, limit: int, as_json: bool) -> int:
     if limit < 1:
         raise ConfigError(f"--limit {limit}: preview shows at least one example", hint="pass --limit 1 or more")
+    if spec.train.objective == "dpo":
+        from job.data.pairs_cli import preview_pairs
+
+        return preview_pairs(spec, limit, as_json)
     files = _sources(spec)
     tok, _ = load_tokenizer(spec)
     if tok is None:

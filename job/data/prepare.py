@@ -79,6 +79,10 @@ def prepare(spec, tokenizer_dir: Path | None = None, sharing=None) -> Prepared:
     if tdir is None:
         raise ConfigError("prepare needs a tokenizer", hint="pass --model DIR or --tokenizer DIR")
     template_src = read_template_source(spec.model.chat_template) if spec.model.chat_template else None
+    if spec.train.objective == "dpo":  # preference pairs: same template, masks and cache, two sequences per row
+        from job.data.preference import prepare_pairs
+
+        return prepare_pairs(spec, tdir, template_src)
     inputs = spec.cache_root() / "inputs"
     key = cache_key(spec, template_src, tdir, [(s, fingerprints(s.path, inputs)) for s in spec.data_sources()],
                     fingerprints(spec.data.eval_data, inputs) if spec.data.eval_data else [])

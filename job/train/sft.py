@@ -19,6 +19,7 @@ from job.errors import ExitCode
 from job.train import watchdog
 
 log = logging.getLogger("sftjob.train")
+REWARD_KEYS = ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")  # DPO's, when logged
 
 
 class Collator:
@@ -151,19 +152,23 @@ def _callbacks(plan: dict, collator: Collator, stop: StopFlag, mirror, status, t
                 "trained_tokens_per_second": round(collator.trained_tokens * world / elapsed, 1),
                 "eta_seconds": round(elapsed / done * remaining, 1), "time": time.time(),
             }
+            rec.update({k: logs[k] for k in REWARD_KEYS if k in logs})  # DPO: reward accuracy and margin
             import torch
 
             if torch.cuda.is_available():
                 rec["gpu_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
-            logsetup.event("progress", f"step {rec['step']}/{rec['max_steps']}  loss {rec['loss']:.4f}  "
+            rewards = "".join(f"  {label} {rec[k]:.3f}" for k, label in zip(REWARD_KEYS, ("reward acc", "margin"), strict=False)
+                              if rec.get(k) is not None)
+            logsetup.event("progress", f"step {rec['step']}/{rec['max_steps']}  loss {rec['loss']:.4f}{rewards}  "
                            f"{rec['tokens_per_second']:.0f} tok/s  eta {rec['eta_seconds']:.0f}s", **rec)
             for t in trackers:
                 t.progress(rec)
             if status:
                 status.update(step=rec["step"], max_steps=rec["max_steps"], epoch=rec["epoch"], loss=rec["loss"],
-                              tokens_per_second=rec["tokens_per_second"], eta_seconds=rec["eta_seconds"])
+                              tokens_per_second=rec["tokens_per_second"], eta_seconds=rec["eta_seconds"],
+                              **{k.replace("rewards/", "reward_"): rec[k] for k in REWARD_KEYS[:2] if k in rec})
 
         def on_save(self, args, state, control, **kw):
             import torch.distributed as dist
@@ -176,7 +181,10 @@ def _callbacks(plan: dict, collator: Collator, stop: StopFlag, mirror, status, t
     return [Progress()]
 
 
-def _training_args(spec, plan: dict):
+def _training_args(spec, plan: dict, config_cls=None, extra: dict | None = None):
+    """SFTConfig; or config_cls (DPOConfig) from the same settings, keeping only the fields it has."""
+    import dataclasses
+
     import torch
     from trl import SFTConfig
 
@@ -209,7 +217,11 @@ def _training_args(spec, plan: dict):
         kwargs["deepspeed"] = plan["deepspeed_config"]
     if (plan.get("fast_path") or {}).get("use_liger_kernel") and cuda:  # decided (and logged) by the launcher
         kwargs["use_liger_kernel"] = True
-    return SFTConfig(**kwargs)
+    if config_cls is None:
+        return SFTConfig(**kwargs)
+    names = {f.name for f in dataclasses.fields(config_cls) if f.init}
+    extra = extra or {}
+    return config_cls(**{k: v for k, v in kwargs.items() if k in names and k not in extra}, **extra)
 
 
 def _load_tokenizer(spec, plan: dict):
@@ -368,8 +380,14 @@ def main(argv: list[str] | None = None) -> int:
     logsetup.setup(os.environ.get("SFTJOB_DEBUG") == "1")
     plan = json.loads(Path(argv[0]).read_text())
     beacon = watchdog.rank_start(plan["workdir"], int(plan.get("node_rank", 0)))  # dies with its launcher
+    objective = plan["spec"].get("train", {}).get("objective")
     try:
-        code = train(plan)
+        if objective == "dpo":
+            from job.train import dpo
+
+            code = dpo.train(plan)
+        else:
+            code = train(plan)
     except SystemExit as e:
         beacon.exit(e.code if isinstance(e.code, int) else 1)
         raise
