@@ -11,8 +11,9 @@ from job import spec as specmod
 from job.cli import main
 from job.data import preference
 from job.data.masks import IGNORE
-from job.data.templates import load_tokenizer_from, resolve_template
+from job.data.templates import resolve_template
 from job.demo_pairs import pairs
+from job.loader import load_tokenizer
 
 U = lambda c: {"role": "user", "content": c}  # noqa: E731
 A = lambda c: {"role": "assistant", "content": c}  # noqa: E731
@@ -80,7 +81,7 @@ def test_validate_objective_dpo_accepts_clean_pairs_and_refuses_sft_rows(tmp_pat
 
 @pytest.mark.parametrize("train_on_eos", ["turn", "none"])
 def test_pair_tokens_equal_the_chat_template_and_only_the_completion_is_trained(train_on_eos):
-    tok = load_tokenizer_from(tiny_model())
+    tok = load_tokenizer(tiny_model())
     s = specmod.build(overrides={"data.train_on_eos": train_on_eos})
     chat = resolve_template(s, tok)
     enc = preference.pair_encoder(tok, chat, train_on_eos)
