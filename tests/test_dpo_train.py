@@ -84,10 +84,32 @@ def test_dpo_progress_lines_and_metrics_carry_reward_accuracy_and_margin(trained
     assert [x["step"] for x in train] == [10, 20, 30, 40, 50, 60]
     assert all("rewards/accuracies" in x and "rewards/margins" in x for x in train)
     assert train[-1]["rewards/margins"] > train[0]["rewards/margins"]
-    assert "reward acc" in r.stderr and "margin" in r.stderr
+    progress = [json.loads(ln) for ln in r.stdout.splitlines() if ln.startswith('{"event": "progress"')]
+    assert progress and all("rewards/accuracies" in e and "rewards/margins" in e for e in progress)
     status = json.loads((out / "status.json").read_text())
     assert status["reward_accuracies"] == train[-1]["rewards/accuracies"] and "reward_margins" in status
     assert json.loads((out / "data_report.json").read_text())["examples"] == {"train": 50, "eval": 10}
+
+
+def test_dpo_continues_a_published_adapter_and_uses_it_frozen_as_the_reference(trained, pairs, tmp_path):
+    """SFT → DPO chain (here: a published DPO run continued): the policy starts from the parent adapter and
+    TRL's frozen "ref" copy of it is the reference, so the first step sees policy == reference (loss ln 2,
+    margin 0). With the base as reference the trained parent would start near loss 0.2."""
+    import hashlib
+    import math
+
+    parent, _ = trained
+    out = tmp_path / "child"
+    r = trainkit.run(*_args(out, *pairs, 3, "--adapter", str(parent), "--logging-steps", "1"),
+                     env={"SFTJOB_CACHE_DIR": str(tmp_path / "cache")})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    first = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x][0]
+    assert first["step"] == 1 and abs(first["loss"] - math.log(2)) < 0.1, first
+    assert abs(first["rewards/margins"]) < 0.5, first
+    assert not (out / "ref").exists()  # the reference copy is not published
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["parent_adapter"]["sha256"] == hashlib.sha256(
+        (parent / "adapter_model.safetensors").read_bytes()).hexdigest()
 
 
 def test_reward_accuracy_gate_rejects_an_under_trained_adapter_with_78(pairs, tmp_path):

@@ -124,6 +124,11 @@ def train(plan: dict) -> int:
 
     model = _load_model(spec, plan, len(tok))
     peft_config = lora.peft_config(spec) if spec.train.method in ("lora", "qlora") else None
+    if plan.get("adapter_path"):  # SFT → DPO: the policy starts from the published adapter, and TRL keeps a
+        from peft import PeftModel  # frozen copy of it ("ref" adapter) as the reference: no second base
+
+        model = PeftModel.from_pretrained(model, plan["adapter_path"], is_trainable=True)
+        peft_config = None
     status = Status(Path(plan["workdir"]), plan.get("output_uri")) if rank == 0 else None
     mirror = None
     if local_rank == 0 and plan.get("output_uri"):
@@ -162,6 +167,9 @@ def train(plan: dict) -> int:
     trainer.save_model(plan["adapter_dir"])  # gathers under ZeRO-3/FSDP; all ranks must call it
     if rank == 0:
         tok.save_pretrained(plan["adapter_dir"])
+        import shutil
+
+        shutil.rmtree(Path(plan["adapter_dir"]) / "ref", ignore_errors=True)  # the frozen reference copy
         if lora_init:
             lora.convert_residual(Path(plan["adapter_dir"]), lora_init)
     watchdog.beat("uploading")
