@@ -241,7 +241,9 @@ def test_a_sigstopped_rank_is_caught_by_the_stall_watchdog_with_every_other_rank
         if pid:
             _cleanup([pid])
     print(f"SIGSTOP of rank 1 with --stall-seconds 60 -> sftjob exited {proc.returncode} after {took:.1f}s")
-    text = log.read_text()
+    from job.logsetup import as_text
+
+    text = "\n".join(as_text(ln) for ln in log.read_text().splitlines())  # JSON log lines (no terminal) as text
     assert proc.returncode == 72, text[-4000:]
     assert "rank 1 (node 0" in text and "is STOPPED" in text
     stack = text[text.index("rank 0 (node 0"):]
