@@ -43,8 +43,7 @@ def test_sigterm_checkpoints_to_s3_exits_75_and_the_rerun_resumes_with_identical
     env = {"SFTJOB_CACHE_DIR": str(tmp_path / "c2"), "SFTJOB_TERMINATION_LOG": str(tmp_path / "termlog")}
     log = tmp_path / "first.log"
     proc = trainkit.start(*_args(out, steps), env=env, log=log)
-    trainkit.wait_for_step(log, proc, 8)
-    assert trainkit.sigterm_and_wait(proc) == 75, log.read_text()[-3000:]
+    assert trainkit.interrupt_at(log, proc, 8) == 75, log.read_text()[-3000:]
     status = _get(s3, bucket, "runs/pre/status.json")
     assert status["state"] == "interrupted" and status["error"]["exit_code"] == 75
     stopped_at = status["step"]

@@ -47,8 +47,8 @@ def _interrupt(tmp_path, out, env, *flags) -> tuple[int, dict]:
     """Start, SIGTERM after step 4 → exit 75; (the step it stopped at, its losses)."""
     log = tmp_path / "first.log"
     proc = trainkit.start(*_args(out, *flags), env=env, log=log)
-    trainkit.wait_for_step(log, proc, 4, timeout=600)  # DeepSpeed may JIT-build its CPU comm op first
-    assert trainkit.sigterm_and_wait(proc) == ExitCode.INTERRUPTED, log.read_text()[-4000:]
+    # DeepSpeed may JIT-build its CPU comm op first; the ranks are frozen while the signal travels
+    assert trainkit.interrupt_at(log, proc, 4, timeout=600) == ExitCode.INTERRUPTED, log.read_text()[-4000:]
     step = json.loads((out / "status.json").read_text())["step"]
     assert 4 <= step < STEPS
     assert (out / "checkpoints" / f"step-{step}" / "COMPLETE").exists()

@@ -74,6 +74,55 @@ def sigterm_and_wait(proc: subprocess.Popen, timeout: float = 120) -> int:
     return proc.wait(timeout=timeout)
 
 
+def ranks_of(proc: subprocess.Popen) -> list:
+    """The training processes under a `sftjob run` (they run in sessions of their own: found by parentage)."""
+    import psutil
+
+    found = []
+    for p in psutil.Process(proc.pid).children(recursive=True):
+        try:
+            cmd = p.cmdline()
+        except psutil.Error:
+            continue
+        if "job.train.sft" in cmd and not any("accelerate" in c for c in cmd):
+            found.append(p)
+    return found
+
+
+def _pending(pid: int, signum: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return True  # gone: nothing left to wait for
+    masks = [int(line.split()[1], 16) for line in status.splitlines() if line.startswith(("SigPnd:", "ShdPnd:"))]
+    return any(m & (1 << (signum - 1)) for m in masks)
+
+
+def interrupt_at(log: Path, proc: subprocess.Popen, step: int, timeout: float = 240) -> int:
+    """SIGTERM the run once it reaches `step`, without a race: steps here take ~0.1 s, and on a loaded
+    machine the signal's way sftjob → accelerate → ranks can take longer than the rest of the run. So
+    the ranks are frozen (SIGSTOP) first, SIGTERM goes to sftjob, and they continue only once every rank
+    holds it pending: they stop one step or two later. → the launcher's exit code."""
+    wait_for_step(log, proc, step, timeout=timeout)
+    ranks = ranks_of(proc)
+    assert ranks, "no training processes found under the run"
+    for r in ranks:
+        r.send_signal(signal.SIGSTOP)
+    try:
+        proc.send_signal(signal.SIGTERM)
+        deadline = time.time() + 60
+        while not all(_pending(r.pid, signal.SIGTERM) for r in ranks):
+            assert time.time() < deadline, "the SIGTERM never reached the frozen ranks"
+            time.sleep(0.05)
+    finally:
+        for r in ranks:
+            try:
+                r.send_signal(signal.SIGCONT)
+            except Exception:  # noqa: BLE001 - a rank that is gone needs no waking
+                pass
+    return proc.wait(timeout=120)
+
+
 def losses(metrics_lines: list[str]) -> dict[int, float]:
     """step → loss from metrics.jsonl / progress lines (a later line for the same step wins)."""
     out = {}
