@@ -17,6 +17,7 @@ import re
 import shutil
 import tempfile
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -26,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from job import storage
-from job.data import formats, packing, progress, report
+from job.data import formats, progress, report, stream
 from job.data.formats import BadRow
 from job.data.masks import Encoded, Encoder, check_encoder
 from job.data.templates import (
@@ -130,66 +131,79 @@ def _prepare(spec, tdir: Path, template_src, inputs: Path, key: str, root: Path,
     marks["tokenizer_and_template"] = time.time()
     nproc = spec.data.num_proc or os.cpu_count() or 1
     rng = np.random.default_rng(spec.train.seed)
-    per_source, pools, train_idx, eval_idx, read_total, bad_all, dropped, truncated = [], [], [], [], 0, [], {}, 0
+    per_source, train_idx, eval_idx, read_total, bad_all, dropped, truncated = [], [], [], 0, [], {}, 0
     offset = over_length = 0
     every_file = [p for _, files in sources for _, p in files] + [p for _, p in eval_files]
     ticker = progress.Progress(lambda: progress.estimate_rows(every_file))
-    with worker_pool(encoder, spec.data, spec.model, nproc) as pool:
-        report.preload_matplotlib()  # a thread, started only after the fork (never inherited mid-import)
-        encoded = [(src, files, *encode_stream(encoder, formats.iter_records(files, spec.data), spec.data, spec.model,
-                                               pool=pool, progress=ticker))
-                   for src, files in sources + ([(None, eval_files)] if eval_files else [])]
-    if ticker.last != ticker.start:  # a long encode reported progress: close with the final figures
-        ticker.report()
-    marks["encode"] = time.time()
-    for src, files, ex, bad, read in encoded:
-        bad_all += bad
-        read_total += read
-        truncated += sum(e.truncated for e in ex)
-        over_length += sum(e.over_length for e in ex)
-        _merge(dropped, ex)
-        part = concat(ex)
-        n = len(part["lengths"])
-        if src is None:  # the separate eval source
-            eval_idx.append(np.arange(n) + offset)
-        else:
-            tr, ev = split(n, spec.data.eval_split, spec.data.shuffle, rng)
-            tr = repeat(tr, part["weights"], src.weight, rng)
-            train_idx.append(tr + offset)
-            eval_idx.append(ev + offset)
-            per_source.append({"path": src.path, "files": len(files), "weight": src.weight, "rows_read": read,
-                               "examples": n, "train": len(tr), "eval": len(ev)})
-        zero = int((part["weights"] == 0).sum())
-        if zero:
-            dropped["weight_zero"] = dropped.get("weight_zero", 0) + zero
-        pools.append(part)
-        offset += n
-    if bad_all:
-        raise DataError(bad_rows_message(bad_all),
-                        hint="fix or remove these rows (`sftjob validate --data ...` lists them all)")
-    every = _cat_parts(pools)
-    order = np.concatenate(train_idx)
-    if not len(order):
-        raise DataError(no_examples_message(read_total, dropped, over_length, spec.data),
-                        hint=no_examples_hint(dropped, over_length))
-    train = take(every, rng.permutation(order) if spec.data.shuffle else order)  # one gather per split
-    evald = take(every, np.concatenate(eval_idx))
-    rep = report.build(spec, chat, tok, per_source, read_total, dropped, truncated, train, evald, key)
-    rep["truncation"]["longer_than_max_length"] = over_length
-    marks["split_and_mix"] = time.time()
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=_mkdir(root)))
+    spill = stream.Spill(tmp / ".spill")  # tokens on disk as they are encoded: memory stays bounded
     try:
+        with worker_pool(encoder, spec.data, spec.model, nproc) as pool:
+            report.preload_matplotlib()  # a thread, started only after the fork (never inherited mid-import)
+            for src, files in sources + ([(None, eval_files)] if eval_files else []):
+                tally: dict = {}
+                chunks, bad = [], []
+                for e in encode_iter(encoder, formats.iter_records(files, spec.data), spec.data, spec.model,
+                                     pool=pool, progress=ticker, tally=tally):
+                    bad += e.bad
+                    truncated += e.truncated
+                    over_length += e.over_length
+                    _merge(dropped, [e])
+                    chunks.append(spill.add(e))
+                bad_all += sorted(bad, key=_where_key)
+                read_total += tally["read"]
+                part = stream.Examples(*(np.concatenate([getattr(c, f) for c in chunks]) if chunks else z
+                                         for f, z in (("lengths", np.zeros(0, np.int64)),
+                                                      ("weights", np.zeros(0, np.float32)),
+                                                      ("turns", np.zeros(0, np.int32)),
+                                                      ("trained", np.zeros(0, np.int64)))))
+                n = len(part)
+                if src is None:  # the separate eval source
+                    eval_idx.append(np.arange(n) + offset)
+                else:
+                    tr, ev = split(n, spec.data.eval_split, spec.data.shuffle, rng)
+                    tr = repeat(tr, part.weights, src.weight, rng)
+                    train_idx.append(tr + offset)
+                    eval_idx.append(ev + offset)
+                    per_source.append({"path": src.path, "files": len(files), "weight": src.weight,
+                                       "rows_read": tally["read"], "examples": n, "train": len(tr), "eval": len(ev)})
+                zero = int((part.weights == 0).sum())
+                if zero:
+                    dropped["weight_zero"] = dropped.get("weight_zero", 0) + zero
+                offset += n
+        if ticker.last != ticker.start:  # a long encode reported progress: close with the final figures
+            ticker.report()
+        marks["encode"] = time.time()
+        every = spill.close()
+        if bad_all:
+            raise DataError(bad_rows_message(bad_all),
+                            hint="fix or remove these rows (`sftjob validate --data ...` lists them all)")
+        order = np.concatenate(train_idx)
+        if not len(order):
+            raise DataError(no_examples_message(read_total, dropped, over_length, spec.data),
+                            hint=no_examples_hint(dropped, over_length))
+        train_order = rng.permutation(order) if spec.data.shuffle else order
+        eval_order = np.concatenate(eval_idx)
+        train, evald = every.take(train_order), every.take(eval_order)
+        rep = report.build(spec, chat, tok, per_source, read_total, dropped, truncated, train, evald, key)
+        rep["truncation"]["longer_than_max_length"] = over_length
+        marks["split_and_mix"] = time.time()
         with ThreadPoolExecutor(1, thread_name_prefix="plot") as plotter:  # the histogram draws while parquet writes
-            plot = plotter.submit(report.plot_lengths, tmp / "token_lengths.png", train["lengths"], spec.data.max_length)
-            bins_eff, n_rows = write_split(tmp / "train.parquet", train, spec.data.packing, spec.data.max_length)
-            if len(evald["lengths"]):
-                write_split(tmp / "eval.parquet", evald, False, spec.data.max_length)
+            plot = plotter.submit(report.plot_lengths, tmp / "token_lengths.png", train.lengths, spec.data.max_length)
+            bins_eff, n_rows = stream.write(tmp / "train.parquet", spill, every, train_order, spec.data.packing,
+                                            spec.data.max_length)
+            if len(evald):
+                stream.write(tmp / "eval.parquet", spill, every, eval_order, False, spec.data.max_length)
             rep["packing"].update(efficiency=bins_eff, bins=n_rows if spec.data.packing else None)
+            if spec.data.packing:  # the windows' yardstick: best-fit-decreasing over the whole set at once
+                rep["packing"]["efficiency_whole_set"] = round(
+                    stream.whole_set_efficiency(train.lengths, spec.data.max_length), 4)
             # flat summary for the planner (job/train/plan.py): rows of train.parquet per epoch
-            rep.update(rows_kept=len(train["lengths"]), tokens_total=rep["tokens"]["total"],
+            rep.update(rows_kept=len(train), tokens_total=rep["tokens"]["total"],
                        packed_bins=n_rows if spec.data.packing else None)
             marks["parquet"] = time.time()
             plot.result()
+        spill.remove()
         marks["plot"] = time.time()
         rep["prep_seconds"] = round(time.time() - t0, 3)
         rep["tokens_per_second"] = round(rep["tokens"]["total"] / max(rep["prep_seconds"], 1e-9))
@@ -200,7 +214,7 @@ def _prepare(spec, tdir: Path, template_src, inputs: Path, key: str, root: Path,
         report.write(tmp, rep)
         (tmp / "chat_template.jinja").write_text(chat.text)
         meta = {"key": key, "version": PREP_VERSION, "template_sha256": chat.sha256, "template_name": chat.name,
-                "eos_tokens": chat.eos_tokens, "system": chat.system, "eval": bool(len(evald["lengths"])),
+                "eos_tokens": chat.eos_tokens, "system": chat.system, "eval": bool(len(evald)),
                 "packing": spec.data.packing, "max_length": spec.data.max_length}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         if dest.exists() and not (dest / "meta.json").exists():  # not ours: renames are atomic, so incomplete
@@ -210,6 +224,7 @@ def _prepare(spec, tdir: Path, template_src, inputs: Path, key: str, root: Path,
         except OSError:  # another prepare finished first: same key, same content
             shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:  # the plot thread is done (the with block waited for it): nothing writes into tmp
+        spill.remove()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log.info("prepared data: %s", dest)
@@ -233,10 +248,10 @@ def _init_worker(state: tuple, serial_tokenizer: bool) -> None:
 
 def _encode_chunks(chunks: list[list[tuple]]) -> list[Encoded]:
     enc, d, m = _WORKER
-    return pipelined(enc, iter(chunks), d, m)
+    return list(pipelined(enc, iter(chunks), d, m))
 
 
-def pipelined(encoder: Encoder, chunks: Iterator[list[tuple]], data_spec, model_spec, progress=None) -> list[Encoded]:
+def pipelined(encoder: Encoder, chunks: Iterator[list[tuple]], data_spec, model_spec, progress=None) -> Iterator[Encoded]:
     """Overlap Python (parse, render, spans) of chunk k+1 with the Rust tokenization of chunk k.
 
     The fast tokenizer releases the GIL and runs its batch on every core (rayon), so one process
@@ -244,20 +259,20 @@ def pipelined(encoder: Encoder, chunks: Iterator[list[tuple]], data_spec, model_
     """
     global _TOKENIZED_HERE
     _TOKENIZED_HERE = True
-    out: list[Encoded] = []
     with ThreadPoolExecutor(1, thread_name_prefix="tokenize") as pool:
         pending = None
         for c in chunks:
             staged = encoder.stage(c, data_spec, model_spec)
             nxt = pool.submit(encoder.tokenize, staged)
             if pending is not None:
-                out.append(encoder.finish(pending.result()))
-                _tokens(progress, out[-1:])
+                done = encoder.finish(pending.result())
+                _tokens(progress, [done])
+                yield done
             pending = nxt
         if pending is not None:
-            out.append(encoder.finish(pending.result()))
-            _tokens(progress, out[-1:])
-    return out
+            done = encoder.finish(pending.result())
+            _tokens(progress, [done])
+            yield done
 
 
 def _tokens(progress, encoded: list[Encoded]) -> None:
@@ -284,16 +299,27 @@ def worker_pool(encoder: Encoder, data_spec, model_spec, num_proc: int):
 
 def encode_stream(encoder: Encoder, records: Iterable[tuple], data_spec, model_spec, num_proc: int = 1,
                   keep_text: bool = False, pool=None, progress=None) -> tuple[list[Encoded], list[BadRow], int]:
-    """Parse, normalise and encode raw records in chunks, in order (pipelined; forked workers if given a pool).
+    """Every chunk of encode_iter in a list, the bad rows sorted by file and line, and the rows read."""
+    tally: dict = {}
+    out = list(encode_iter(encoder, records, data_spec, model_spec, num_proc, keep_text, pool, progress, tally))
+    bad = sorted((b for e in out for b in e.bad), key=_where_key)
+    return out, bad, tally["read"]
 
-    ``progress`` (job/data/progress.py) counts rows as they are read and tokens as chunks come back."""
-    read = 0
+
+def encode_iter(encoder: Encoder, records: Iterable[tuple], data_spec, model_spec, num_proc: int = 1,
+                keep_text: bool = False, pool=None, progress=None, tally: dict | None = None) -> Iterator[Encoded]:
+    """Parse, normalise and encode raw records in chunks, in order (pipelined; forked workers if given a pool),
+    reading only as far ahead as the workers need: a whole data set never sits in memory.
+
+    ``progress`` (job/data/progress.py) counts rows as they are read and tokens as chunks come back;
+    ``tally["read"]`` is the number of rows read once the iterator is exhausted."""
+    tally = {} if tally is None else tally
+    tally["read"] = 0
 
     def chunks():
-        nonlocal read
         buf: list[tuple] = []
         for rec in records:
-            read += 1
+            tally["read"] += 1
             buf.append(rec)
             if len(buf) >= CHUNK_ROWS:
                 if progress is not None:
@@ -311,16 +337,27 @@ def encode_stream(encoder: Encoder, records: Iterable[tuple], data_spec, model_s
             yield from group
 
     if keep_text:
-        out = [encoder.encode_records(c, data_spec, model_spec, keep_text=True) for c in chunks()]
+        for c in chunks():
+            yield encoder.encode_records(c, data_spec, model_spec, keep_text=True)
     elif pool is not None:  # groups of chunks per worker task: each runs the pipeline
-        out = list(counted(pool.imap(_encode_chunks, _grouped(chunks(), 4))))
+        yield from counted(_bounded_imap(pool, _encode_chunks, _grouped(chunks(), 4)))
     elif num_proc > 2:
         with worker_pool(encoder, data_spec, model_spec, num_proc) as p:
-            out = list(counted(p.imap(_encode_chunks, _grouped(chunks(), 4))))
+            yield from counted(_bounded_imap(p, _encode_chunks, _grouped(chunks(), 4)))
     else:
-        out = pipelined(encoder, chunks(), data_spec, model_spec, progress)
-    bad = sorted((b for e in out for b in e.bad), key=_where_key)
-    return out, bad, read
+        yield from pipelined(encoder, chunks(), data_spec, model_spec, progress)
+
+
+def _bounded_imap(pool, fn, items, depth: int | None = None):
+    """``pool.imap`` that reads its input only a few tasks ahead (imap's feeder thread would read it all)."""
+    depth = depth or 2 * max(getattr(pool, "_processes", 2), 1)
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.apply_async(fn, (item,)))
+        if len(pending) >= depth:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
 
 
 def _grouped(it, n: int):
@@ -370,35 +407,7 @@ def _merge(dropped: dict, ex: list[Encoded]) -> None:
             dropped[k] = dropped.get(k, 0) + v
 
 
-# ---- example sets as flat arrays -------------------------------------------------------------
-
-def concat(ex: list[Encoded]) -> dict:
-    if not ex:
-        return _empty()
-    return {"ids": np.concatenate([e.ids for e in ex]), "labels": np.concatenate([e.labels for e in ex]),
-            "lengths": np.concatenate([e.lengths for e in ex]).astype(np.int64),
-            "weights": np.concatenate([e.weights for e in ex]), "turns": np.concatenate([e.turns for e in ex])}
-
-
-def _empty() -> dict:
-    z = np.zeros(0, np.int32)
-    return {"ids": z, "labels": z, "lengths": np.zeros(0, np.int64), "weights": np.zeros(0, np.float32), "turns": z}
-
-
-def _cat_parts(parts: list[dict]) -> dict:
-    parts = [p for p in parts if len(p["lengths"])]
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else _empty()
-
-
-def take(d: dict, idx: np.ndarray) -> dict:
-    """Examples idx (in that order, repeats allowed), vectorised over the flat token arrays."""
-    idx = np.asarray(idx, np.int64)
-    starts = np.concatenate([[0], np.cumsum(d["lengths"])])[:-1]
-    lens = d["lengths"][idx]
-    tok = np.repeat(starts[idx] - np.concatenate([[0], np.cumsum(lens)])[:-1], lens) + np.arange(int(lens.sum()))
-    return {"ids": d["ids"][tok], "labels": d["labels"][tok], "lengths": lens,
-            "weights": d["weights"][idx], "turns": d["turns"][idx]}
-
+# ---- splits and mixtures, on example indices ---------------------------------------------
 
 def split(n: int, fraction: float, shuffle: bool, rng) -> tuple[np.ndarray, np.ndarray]:
     """(train, eval) example indices; eval is a random `fraction` of the source (at least one row)."""
@@ -412,34 +421,6 @@ def repeat(idx: np.ndarray, row_weights: np.ndarray, source_weight: float, rng) 
     w = row_weights[idx].astype(np.float64) * source_weight
     copies = np.floor(w).astype(np.int64) + (rng.random(len(w)) < (w - np.floor(w)))
     return np.repeat(idx, copies)
-
-
-def write_split(path: Path, d: dict, pack: bool, max_length: int) -> tuple[float | None, int]:
-    """One parquet file; rows = examples, or packed bins. Returns (packing efficiency or None, rows written)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    lengths = d["lengths"]
-    eff = None
-    if pack:
-        starts = np.concatenate([[0], np.cumsum(lengths)])
-        ids = [d["ids"][starts[i]:starts[i + 1]] for i in range(len(lengths))]
-        labels = [d["labels"][starts[i]:starts[i + 1]] for i in range(len(lengths))]
-        b_ids, b_labels, b_pos, eff = packing.pack(ids, labels, max_length)
-        flat_ids, flat_labels, flat_pos = np.concatenate(b_ids), np.concatenate(b_labels), np.concatenate(b_pos)
-        lengths = np.fromiter((len(x) for x in b_ids), dtype=np.int64, count=len(b_ids))
-    else:
-        flat_ids, flat_labels = d["ids"], d["labels"]
-        starts = np.concatenate([[0], np.cumsum(lengths)])[:-1]
-        flat_pos = (np.arange(int(lengths.sum())) - np.repeat(starts, lengths)).astype(np.int32)
-    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
-
-    def col(v):
-        return pa.ListArray.from_arrays(offsets, pa.array(np.asarray(v, np.int32)))
-
-    table = pa.table({"input_ids": col(flat_ids), "labels": col(flat_labels), "position_ids": col(flat_pos)})
-    pq.write_table(table, path, use_dictionary=False, compression="zstd")
-    return eff, len(lengths)
 
 
 # ---- cache key -------------------------------------------------------------------------------

@@ -7,24 +7,24 @@ from pathlib import Path
 import numpy as np
 
 from job.data import packing
-from job.data.masks import IGNORE
 
 
-def build(spec, chat, tok, per_source, read, dropped, truncated, train: dict, evald: dict, key: str) -> dict:
-    lengths = train["lengths"]
-    trained = int((train["labels"] != IGNORE).sum())
+def build(spec, chat, tok, per_source, read, dropped, truncated, train, evald, key: str) -> dict:
+    """From the per-example numbers of each split (job/data/stream.py Examples): no tokens needed."""
+    lengths = train.lengths
+    trained = int(train.trained.sum())
     total = int(lengths.sum())
-    kept = sum(s["examples"] for s in per_source) + (len(evald["lengths"]) - sum(s["eval"] for s in per_source))
+    kept = sum(s["examples"] for s in per_source) + (len(evald) - sum(s["eval"] for s in per_source))
     pct = {f"p{q}": int(np.percentile(lengths, q)) for q in (50, 90, 95, 99)} if len(lengths) else {}
     return {
         "cache_key": key,
         "rows": {"read": read, "kept": kept, "dropped": {k: v for k, v in sorted(dropped.items()) if v}},
         "sources": per_source,
-        "examples": {"train": int(len(lengths)), "eval": int(len(evald["lengths"]))},
-        "turns": {"assistant_trained": int(train["turns"].sum()),
-                  "mean_per_example": round(float(train["turns"].mean()), 3) if len(lengths) else 0.0},
+        "examples": {"train": int(len(lengths)), "eval": len(evald)},
+        "turns": {"assistant_trained": int(train.turns.sum()),
+                  "mean_per_example": round(float(train.turns.mean()), 3) if len(lengths) else 0.0},
         "tokens": {"total": total, "trained": trained, "trained_fraction": round(trained / total, 4) if total else 0.0,
-                   "eval_total": int(evald["lengths"].sum())},
+                   "eval_total": int(evald.lengths.sum())},
         "truncation": {"mode": spec.data.truncation, "truncated": truncated,
                        "dropped_too_long": dropped.get("too_long", 0), "max_length": spec.data.max_length},
         "lengths": {"min": int(lengths.min()) if len(lengths) else 0, "mean": round(float(lengths.mean()), 1) if len(lengths) else 0,
@@ -66,7 +66,7 @@ def _quiet_import() -> None:
 
 
 def _import_plotting():
-    import pyarrow.parquet  # noqa: F401 - also needed at the end (write_split)
+    import pyarrow.parquet  # noqa: F401 - also needed at the end (stream.write)
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
