@@ -9,10 +9,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from job import logsetup
 from job.errors import ExitCode
@@ -245,15 +249,36 @@ def _load_model(spec, plan: dict, vocab: int):
                       vocab=vocab, training=True)
 
 
-def train(plan: dict) -> int:
+@dataclass
+class Recipe:
+    """What one objective brings to the shared rank (``train``): the rest — storage, seed, stop flag,
+    tokenizer, prepared data, model and parent adapter, status, checkpoint mirror, trackers, heartbeat,
+    resume on another world size, evaluation, the SIGTERM and save endings — is the same for SFT and DPO."""
+
+    collator: Any
+    trainer_class: type
+    args: Callable[[], Any]  # built late: DPO's frozen reference needs the process group first
+    before_trainer: Callable[[], None] | None = None
+    drop_from_adapter: tuple[str, ...] = ()  # saved beside the adapter but not part of it (DPO's "ref" copy)
+
+
+def sft_recipe(spec, plan: dict, tok) -> Recipe:
+    from trl import SFTTrainer
+
+    fast = plan.get("fast_path") or {}
+    collator = Collator(tok.pad_token_id, packed=spec.data.packing,
+                        flatten=fast.get("attention", {}).get("flatten", plan["attn_implementation"] == "flash_attention_2"))
+    return Recipe(collator, SFTTrainer, lambda: _training_args(spec, plan))
+
+
+def train(plan: dict, recipe_for: Callable[[Any, dict, Any], Recipe] = sft_recipe) -> int:
     import torch
     from datasets import Dataset
-    from trl import SFTTrainer
 
     from job import checkpoints, storage
     from job.spec import RunSpec, StorageSpec
     from job.status import Status
-    from job.train import lora, trackers
+    from job.train import lora, reshard, trackers
 
     spec = RunSpec.model_validate(plan["spec"])
     live = os.environ.get("SFTJOB_RANK_STORAGE")  # set by launch when plan.json had to mask the storage section
@@ -266,14 +291,12 @@ def train(plan: dict) -> int:
     tok = _load_tokenizer(spec, plan)
     train_ds = Dataset.from_parquet(plan["train_path"])
     eval_ds = Dataset.from_parquet(plan["eval_path"]) if plan.get("eval_path") else None
-    fast = plan.get("fast_path") or {}
-    collator = Collator(tok.pad_token_id, packed=spec.data.packing,
-                        flatten=fast.get("attention", {}).get("flatten", plan["attn_implementation"] == "flash_attention_2"))
+    recipe = recipe_for(spec, plan, tok)
 
     model = _load_model(spec, plan, len(tok))
     peft_config = lora.peft_config(spec) if spec.train.method in ("lora", "qlora") else None
     if plan.get("adapter_path"):  # continue a (verified, shape-checked) parent adapter: its config wins
-        from peft import PeftModel
+        from peft import PeftModel  # (DPO: TRL keeps a frozen copy of it as the reference: no second base)
 
         model = PeftModel.from_pretrained(model, plan["adapter_path"], is_trainable=True)
         peft_config = None
@@ -285,18 +308,17 @@ def train(plan: dict) -> int:
                                     keep=spec.resilience.save_total_limit, **_mirror_reports(plan, status))
     if "tensorboard" in spec.train.report_to:  # TensorBoardCallback's dir; published as <output>/tensorboard/
         os.environ["TENSORBOARD_LOGGING_DIR"] = trackers.tensorboard_dir(plan["workdir"])
-    args = _training_args(spec, plan)
     tracks = trackers.trackers(spec.train.report_to, plan, status, rank)
-    callbacks = _callbacks(plan, collator, stop, mirror, status, tracks) + [watchdog.heartbeat_callback()]
-    trainer = lora.trainer_class(spec, SFTTrainer)(
-        model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tok,
-        data_collator=collator, peft_config=peft_config, callbacks=callbacks)
+    callbacks = _callbacks(plan, recipe.collator, stop, mirror, status, tracks) + [watchdog.heartbeat_callback()]
+    if recipe.before_trainer:
+        recipe.before_trainer()
+    trainer = lora.trainer_class(spec, recipe.trainer_class)(
+        model=model, args=recipe.args(), train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tok,
+        data_collator=recipe.collator, peft_config=peft_config, callbacks=callbacks)
     lora_init = lora.save_initial(trainer.model, Path(plan["workdir"]), spec) if rank == 0 else None
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # our Progress callback prints the JSON + human lines
-    from job.train import reshard
-
     reshard.attach(trainer, plan)  # world-size-independent checkpoints; resume from one when planned
     try:
         trainer.train(resume_from_checkpoint=plan.get("resume_from"))
@@ -332,6 +354,8 @@ def train(plan: dict) -> int:
     trainer.save_model(plan["adapter_dir"])  # gathers under ZeRO-3/FSDP; all ranks must call it
     if rank == 0:
         tok.save_pretrained(plan["adapter_dir"])
+        for name in recipe.drop_from_adapter:
+            shutil.rmtree(Path(plan["adapter_dir"]) / name, ignore_errors=True)
         if lora_init:  # PiSSA/OLoRA: publish an adapter that fits the original base
             lora.convert_residual(Path(plan["adapter_dir"]), lora_init)
     watchdog.beat("uploading")
@@ -385,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         if objective == "dpo":
             from job.train import dpo
 
-            code = dpo.train(plan)
+            code = train(plan, dpo.recipe)
         else:
             code = train(plan)
     except SystemExit as e:
