@@ -1,14 +1,23 @@
-"""Benchmark: our data preparation vs TRL SFTTrainer's own, same rows, tokenizer and template, one run.
+"""Benchmark: `sftjob prepare` vs TRL SFTTrainer's own data preparation, as whole processes, same run.
 
-    python bench/prep.py                 # 20k generated multi-turn conversations, tiny tokenizer, ChatML
+    python bench/prep.py                 # 20k generated multi-turn conversations, 8k-vocab BPE, ChatML
     python bench/prep.py --rows 200      # smoke mode (what the test suite runs)
-    python bench/prep.py --tokenizer DIR # a real tokenizer (its own chat template)
+    python bench/prep.py --tokenizer DIR # a real tokenizer (its own chat template; TRL without masks)
 
-Ours is timed end to end (jsonl file → masked, tokenized parquet + report + PNG, cache disabled) and
-again for the encode stage alone (in-memory rows → ids + labels, the same scope as TRL's). TRL is
-timed on ``SFTTrainer._prepare_dataset`` only, from an in-memory Dataset (its default settings, and
-again with assistant masks via a {% generation %} ChatML, which is the same job as ours).
-Prints one JSON object: tokens/s of each and the ratios.
+Every figure is one fresh process from `python …` to its exit (interpreter start, imports, tokenizer
+load, reading the jsonl, writing the result), given the same cores:
+
+- ``ours``: `python -m job prepare --data rows.jsonl --model TOK --max-length 4096` with a cold cache
+  (jsonl → assistant-masked, tokenized parquet + data report + histogram);
+- ``ours_cached``: the same command again (a cache hit), and ``startup``: `python -m job --help`;
+- ``trl``: a process that loads the same jsonl with `datasets` and builds TRL's `SFTTrainer` on it
+  (its constructor tokenizes: `_prepare_dataset`) with ``assistant_only_loss`` and the same ChatML
+  marked with {% generation %}, i.e. the same job as ours (masked tokens out), and
+  ``dataset_num_proc`` = the cores; ``trl_default`` is the same without assistant masks.
+
+Rounds are interleaved (`--repeat`) and the best wall time of each is kept (shared, noisy machines).
+Prints one JSON object: seconds and tokens/s of each, the ratios, and our own stage timings (the
+data report's ``timings``: imports + tokenizer, encode, split, parquet, plot).
 """
 from __future__ import annotations
 
@@ -16,15 +25,14 @@ import argparse
 import json
 import os
 import random
+import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 CHATML_GEN = (
     "{% for message in messages %}{% if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\n' }}"
@@ -32,6 +40,7 @@ CHATML_GEN = (
     "{% else %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+MAX_LENGTH = 4096
 
 
 def generate(n: int, seed: int = 0) -> list[dict]:
@@ -49,116 +58,100 @@ def generate(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
-def _cpu() -> float:
-    """CPU seconds of this process (all threads) and its finished children (our forked workers)."""
-    import resource
+def write_tokenizer(dest: Path, vocab: int) -> Path:
+    from job import tiny
 
-    c = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return time.process_time() + c.ru_utime + c.ru_stime
-
-
-def time_ours(data: Path, tok_dir: Path, cache: Path, num_proc: int) -> tuple[float, float, int]:
-    from job import spec as specmod
-    from job.data.prepare import prepare
-
-    spec = specmod.build(overrides={"data.path": str(data), "model.path": str(tok_dir), "data.max_length": 4096,
-                                    "data.num_proc": num_proc, "cache_dir": str(cache)})
-    t, c = time.perf_counter(), _cpu()
-    p = prepare(spec)
-    dt, dc = time.perf_counter() - t, _cpu() - c
-    assert not p.cache_hit
-    return dt, dc, p.report["tokens"]["total"]
+    tok = tiny.build_tokenizer(vocab)
+    tok.save_pretrained(dest)
+    return dest
 
 
-def time_ours_encode(rows: list[dict], tok_dir: Path, num_proc: int) -> tuple[float, float, int]:
-    """Our encode stage alone, same scope as TRL's _prepare_dataset: in-memory rows → token arrays."""
-    from job import spec as specmod
-    from job.data.masks import Encoder
-    from job.data.prepare import encode_stream, worker_pool
-    from job.data.templates import load_tokenizer, resolve_template
+def trl_child(data: str, tok_dir: str, masks: bool, out: str) -> None:
+    """The TRL side, run as its own process: load the jsonl, build SFTTrainer (which prepares the data)."""
+    import warnings
 
-    spec = specmod.build(overrides={"model.path": str(tok_dir), "data.max_length": 4096})
-    tok, _ = load_tokenizer(spec)
-    enc = Encoder(tok, resolve_template(spec, tok), 4096, "truncate_right", "turn")
-    recs = [(f"mem:{i}", r, "messages") for i, r in enumerate(rows)]
-    t, c = time.perf_counter(), _cpu()
-    with worker_pool(enc, spec.data, spec.model, num_proc or os.cpu_count() or 1) as pool:
-        out, bad, _ = encode_stream(enc, recs, spec.data, spec.model, pool=pool)
-    dt, dc = time.perf_counter() - t, _cpu() - c
-    assert not bad
-    return dt, dc, int(sum(int(e.lengths.sum()) for e in out))
-
-
-def time_trl(rows: list[dict], tok, num_proc: int | None, assistant_only: bool, work: Path) -> tuple[float, float, int]:
-    from datasets import Dataset, disable_progress_bars
+    warnings.filterwarnings("ignore")
+    from datasets import disable_progress_bars, load_dataset
+    from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     from job import tiny
 
     disable_progress_bars()
-    tok = _copy(tok)
-    if assistant_only:
+    tok = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+    if masks:
         tok.chat_template = CHATML_GEN
-    cfg = SFTConfig(output_dir=str(work / "trl"), max_length=4096, packing=False, dataset_num_proc=num_proc,
-                    assistant_only_loss=assistant_only, report_to=[], use_cpu=True, bf16=False)
-    small = Dataset.from_list(rows[:4])
-    trainer = SFTTrainer(model=tiny.build_model(tok), args=cfg, train_dataset=small, processing_class=tok)
-    ds = Dataset.from_list(rows)
-    t, c = time.perf_counter(), _cpu()
-    out = trainer._prepare_dataset(ds, tok, trainer.args, False, None, "train")
-    dt, dc = time.perf_counter() - t, _cpu() - c
-    return dt, dc, int(sum(len(x) for x in out["input_ids"]))
+    ds = load_dataset("json", data_files=data, split="train")
+    cfg = SFTConfig(output_dir=str(Path(out) / "trl"), max_length=MAX_LENGTH, packing=False,
+                    dataset_num_proc=os.cpu_count(), assistant_only_loss=masks, report_to=[], use_cpu=True, bf16=False)
+    trainer = SFTTrainer(model=tiny.build_model(tok), args=cfg, train_dataset=ds, processing_class=tok)
+    n = sum(len(x) for x in trainer.train_dataset["input_ids"])
+    print(json.dumps({"tokens": n}))
 
 
-def _copy(tok):
-    import copy
-
-    return copy.deepcopy(tok)
+def _timed(cmd: list[str], env: dict) -> tuple[float, str]:
+    t = time.perf_counter()
+    p = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+    dt = time.perf_counter() - t
+    if p.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd[:4])}… failed ({p.returncode}):\n{p.stderr[-3000:]}")
+    return dt, p.stdout
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=20000)
-    ap.add_argument("--tokenizer", default=None, help="tokenizer dir (default: the built-in tiny one, ChatML)")
-    ap.add_argument("--num-proc", type=int, default=0, help="our worker processes (0 = all cores)")
-    ap.add_argument("--skip-trl-masks", action="store_true", help="skip the TRL assistant_only_loss run")
-    ap.add_argument("--repeat", type=int, default=1,
-                    help="rounds (interleaved); the best wall time of each is kept (shared, noisy machines)")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer dir (default: an 8k-vocab BPE built here, ChatML)")
+    ap.add_argument("--vocab", type=int, default=8000, help="vocabulary of the tokenizer built here")
+    ap.add_argument("--repeat", type=int, default=1, help="interleaved rounds; the best wall time of each is kept")
+    ap.add_argument("--skip-trl-default", action="store_true", help="skip TRL without assistant masks")
+    ap.add_argument("--trl-child", nargs=4, metavar=("DATA", "TOK", "MASKS", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    warnings.filterwarnings("ignore")
-    import logging
-
-    logging.disable(logging.WARNING)
-    from transformers import AutoTokenizer
-
-    from job import tiny
-
+    if args.trl_child:
+        data, tok, masks, out = args.trl_child
+        trl_child(data, tok, masks == "1", out)
+        return {}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "true"}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        tok_dir = Path(args.tokenizer) if args.tokenizer else tiny.write(work / "tiny")
-        tok = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
-        rows = generate(args.rows)
+        tok_dir = Path(args.tokenizer) if args.tokenizer else write_tokenizer(work / "tok", args.vocab)
         data = work / "train.jsonl"
-        data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        todo = {"ours": lambda k: time_ours(data, tok_dir, work / f"cache{k}", args.num_proc),
-                "ours_encode_only": lambda k: time_ours_encode(rows, tok_dir, args.num_proc),
-                "trl": lambda k: time_trl(rows, tok, None, False, work)}
-        if not args.skip_trl_masks and not args.tokenizer:
-            todo["trl_assistant_masks"] = lambda k: time_trl(rows, tok, None, True, work)
-        runs: dict = {}
+        with open(data, "w") as f:
+            for r in generate(args.rows):
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        ours = [sys.executable, "-m", "job", "prepare", "--data", str(data), "--model", str(tok_dir),
+                "--max-length", str(MAX_LENGTH)]
+        def trl(k: int, masks: str):  # a fresh datasets cache each time: cold, as ours
+            cold = {**env, "HF_DATASETS_CACHE": str(work / f"hf-datasets-{k}-{masks}")}
+            return _timed([sys.executable, __file__, "--trl-child", str(data), str(tok_dir), masks, str(work)], cold)
+
+        best: dict[str, float] = {}
+        out: dict[str, str] = {}
+        todo = {"startup": lambda k: _timed([sys.executable, "-m", "job", "--help"], env),
+                "ours": lambda k: _timed(ours, {**env, "SFTJOB_CACHE_DIR": str(work / f"cache{k}")}),
+                "ours_cached": lambda k: _timed(ours, {**env, "SFTJOB_CACHE_DIR": str(work / f"cache{k}")}),
+                "trl": lambda k: trl(k, "0" if args.tokenizer else "1")}
+        # (a real tokenizer's own template has no {% generation %}: TRL cannot mask it)
+        if not args.tokenizer and not args.skip_trl_default:
+            todo["trl_default"] = lambda k: trl(k, "0")
         for k in range(args.repeat):
             for name, fn in todo.items():
-                r = fn(k)
-                if name not in runs or r[0] < runs[name][0]:
-                    runs[name] = r
-        result: dict = {"rows": args.rows, "cpus": os.cpu_count(), "repeat": args.repeat,
-                        "load_avg_1m": round(os.getloadavg()[0], 2)}
-        for name, (sec, cpu, ntok) in runs.items():
-            result[name] = {"seconds": round(sec, 3), "cpu_seconds": round(cpu, 3), "tokens": ntok,
-                            "tokens_per_s": round(ntok / sec), "tokens_per_cpu_s": round(ntok / cpu)}
-        for name in [k for k in runs if k.startswith("trl")]:
-            result[f"ratio_vs_{name}"] = round(result["ours"]["tokens_per_s"] / result[name]["tokens_per_s"], 2)
-        result["ratio_encode_only_vs_trl"] = round(result["ours_encode_only"]["tokens_per_s"] / result["trl"]["tokens_per_s"], 2)
+                dt, stdout = fn(k)
+                if name not in best or dt < best[name]:
+                    best[name], out[name] = dt, stdout
+        report = json.loads(next((work / "cache0" / "prepared").glob("*/data_report.json")).read_text())
+        tokens = report["tokens"]["total"]
+        result: dict = {"rows": args.rows, "tokens": tokens, "cpus": os.cpu_count(), "repeat": args.repeat,
+                        "tokenizer": str(args.tokenizer or f"bpe-{args.vocab}"), "load_avg_1m": round(os.getloadavg()[0], 2)}
+        for name, sec in best.items():
+            result[name] = {"seconds": round(sec, 3)}
+            if name.startswith(("ours", "trl")) and name != "ours_cached":
+                result[name]["tokens_per_s"] = round(tokens / sec)
+        for name in [n for n in best if n.startswith("trl")]:
+            result[name]["tokens"] = json.loads(out[name].strip().splitlines()[-1])["tokens"]
+            result[f"ratio_vs_{name}"] = round(best[name] / best["ours"], 2)
+        result["cached_minus_startup_s"] = round(best["ours_cached"] - best["startup"], 3)
+        result["ours_stages_s"] = report.get("timings")
     print(json.dumps(result))
     return result
 

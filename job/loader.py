@@ -11,6 +11,8 @@ bench/gpu.py runs on a GPU machine without trl, datasets, deepspeed or boto3.
 """
 from __future__ import annotations
 
+import functools
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,13 +30,61 @@ DTYPES = ("bfloat16", "float16", "float32")
 
 # ---- tokenizer (no torch) -------------------------------------------------------------------------
 
+#: tokenizer_config.json classes that AutoTokenizer loads as the generic fast tokenizer itself (Llama 3 and
+#: many exports name it). Such a directory is loaded directly, without AutoTokenizer's model-config machinery,
+#: which imports torch (~1.5 s of every `sftjob prepare`) — but only where AutoTokenizer would make the same
+#: choice: no remote code, no Mistral tekken.json, and a config.json model type that transformers does not
+#: list as having an incorrect hub tokenizer class (read from its source: importing it imports torch).
+GENERIC_FAST = ("PreTrainedTokenizerFast", "TokenizersBackend")
+
+
+def _generic_fast(path: Path) -> bool:
+    try:
+        cfg = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
+        model = json.loads((path / "config.json").read_text(encoding="utf-8")) if (path / "config.json").exists() else {}
+    except (OSError, ValueError):
+        return False
+    if not (isinstance(cfg, dict) and isinstance(model, dict) and cfg.get("tokenizer_class") in GENERIC_FAST
+            and not cfg.get("auto_map") and (path / "tokenizer.json").is_file() and not (path / "tekken.json").exists()):
+        return False
+    overridden = _hub_class_overridden()
+    return overridden is not None and not ({model.get("model_type"), model.get("model_name")} & overridden)
+
+
+@functools.cache
+def _hub_class_overridden() -> frozenset | None:
+    """transformers' MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS (AutoTokenizer ignores the hub class for these
+    model types), read from its source; None when it cannot be found (then AutoTokenizer decides)."""
+    import ast
+    import importlib.util
+
+    try:
+        root = Path(importlib.util.find_spec("transformers").origin).parent
+        tree = ast.parse((root / "models" / "auto" / "tokenization_auto.py").read_text(encoding="utf-8"))
+    except (AttributeError, OSError, SyntaxError, ValueError):
+        return None
+    for node in tree.body:
+        target = node.target if isinstance(node, ast.AnnAssign) else (node.targets[0] if isinstance(node, ast.Assign) else None)
+        if isinstance(target, ast.Name) and target.id == "MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS":
+            try:
+                return frozenset(ast.literal_eval(node.value))
+            except ValueError:
+                return None
+    return None
+
+
 def load_tokenizer(path: str | Path, *, add_special_tokens: Sequence[str] = (), trust_remote_code: bool = False):
     """AutoTokenizer from a local directory, with the run's added special tokens (ids after the base vocab)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoTokenizer
-
     try:
-        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=trust_remote_code)
+        if _generic_fast(Path(path)):
+            from transformers import PreTrainedTokenizerFast
+
+            tok = PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
+        else:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         why = " ".join(ln.strip() for ln in str(e).splitlines() if ln.strip()) or type(e).__name__
         raise NotFoundError(f"cannot load a tokenizer from {path}: {why}",

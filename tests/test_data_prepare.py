@@ -152,13 +152,15 @@ def test_token_lengths_are_identical_to_apply_chat_template(tmp_path, tok_dir):
     assert got == [list(tok.apply_chat_template(r["messages"], tokenize=True)["input_ids"]) for r in rows]
 
 
-def test_bench_runs_in_tiny_mode_and_reports_tokens_per_second():
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / "prep.py"), "--rows", "200", "--skip-trl-masks"],
+def test_bench_runs_whole_processes_in_tiny_mode_and_reports_the_ratio():
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "prep.py"), "--rows", "200", "--skip-trl-default"],
                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["ours"]["tokens"] == result["trl"]["tokens"] > 0
+    assert result["tokens"] == result["trl"]["tokens"] > 0  # the same masked tokens out of both
     assert result["ratio_vs_trl"] > 0 and result["ours"]["tokens_per_s"] > 0
+    assert 0 < result["startup"]["seconds"] and 0 < result["ours_cached"]["seconds"] < result["ours"]["seconds"]
+    assert set(result["ours_stages_s"]) >= {"tokenizer_and_template", "encode", "parquet"}
 
 
 def test_packing_bins_never_exceed_capacity_and_fill_well():

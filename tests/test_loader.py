@@ -198,3 +198,49 @@ def test_the_benchmark_builds_its_model_by_the_jobs_rules(monkeypatch):
     lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}
     model, *_ = bench.build_model(bench.TINY, torch.float32, torch.device("cpu"), "sdpa", False, lora)
     assert len(prepared) == 1 and model.config.use_cache is loader.USE_CACHE_IN_TRAINING is False
+
+
+def test_a_generic_fast_tokenizer_loads_without_torch_and_exactly_as_autotokenizer(tmp_path):
+    """The generic class (Llama 3's, our tiny one's) skips AutoTokenizer's config machinery, which imports
+    torch (~1.5 s of every `sftjob prepare`); any other class goes through AutoTokenizer as before."""
+    import subprocess
+    import sys
+
+    from job.loader import load_tokenizer
+
+    tiny = trainkit.tiny_model()
+    code = ("import sys, json; from job.loader import load_tokenizer\n"
+            f"t = load_tokenizer({str(tiny)!r}, add_special_tokens=['<|x|>'])\n"
+            "print(json.dumps(['torch' in sys.modules, type(t).__name__, t('hola <|x|> mundo')['input_ids']]))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    torch_loaded, cls, ids = json.loads(r.stdout.strip().splitlines()[-1])
+    auto = AutoTokenizer.from_pretrained(str(tiny))
+    auto.add_tokens(["<|x|>"], special_tokens=True)
+    assert not torch_loaded and cls == type(auto).__name__ and ids == auto("hola <|x|> mundo")["input_ids"]
+    text = "¿Qué tal? <|im_start|>user\nDos + dos = 4 🙂<|im_end|>\n"
+    assert load_tokenizer(tiny)(text)["input_ids"] == AutoTokenizer.from_pretrained(str(tiny))(text)["input_ids"]
+    # a model-specific class (or remote code) is AutoTokenizer's to resolve
+    other = tmp_path / "gpt2ish"
+    AutoTokenizer.from_pretrained(str(tiny)).save_pretrained(other)
+    cfg = json.loads((other / "tokenizer_config.json").read_text())
+    (other / "tokenizer_config.json").write_text(json.dumps({**cfg, "tokenizer_class": "GPT2Tokenizer"}))
+    from job import loader
+
+    assert loader._generic_fast(Path(tiny)) and not loader._generic_fast(other)
+    assert load_tokenizer(other)(text)["input_ids"] == AutoTokenizer.from_pretrained(str(other))(text)["input_ids"]
+    # a model type whose hub class AutoTokenizer overrides, remote code, a Mistral tekken.json: AutoTokenizer's
+    from transformers.models.auto.tokenization_auto import MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS
+
+    assert loader._hub_class_overridden() == frozenset(MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS)
+    for name, change in (("overridden", lambda d: (d / "config.json").write_text(json.dumps(
+                             {**json.loads((d / "config.json").read_text()), "model_type": "internlm2"}))),
+                         ("remote", lambda d: (d / "tokenizer_config.json").write_text(json.dumps(
+                             {**json.loads((d / "tokenizer_config.json").read_text()), "auto_map": {"AutoTokenizer": ["x.T", None]}}))),
+                         ("tekken", lambda d: (d / "tekken.json").write_text("{}"))):
+        d = tmp_path / name
+        import shutil
+
+        shutil.copytree(tiny, d)
+        assert loader._generic_fast(d)
+        change(d)
+        assert not loader._generic_fast(d), name
