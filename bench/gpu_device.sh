@@ -2,6 +2,7 @@
 # What a session runs on a lent GPU machine (one prepared script; see docs/benchmarks.md):
 #   1. the 8B-shape comparison: plain TRL SFTTrainer vs ours, fast path off and on (bench/gpu.py --compare)
 #   2. a real `sftjob run` on CUDA (tiny model, packed, bf16, local output) that publishes and verifies
+#   3. with DPO=1: a real DPO run on CUDA (tiny model, generated pairs); SKIP_COMPARE=1 skips step 1
 # Wheels the machine lacks travel in .whl/ (carry it); results go to $OUT (or ./gpu-out).
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
@@ -52,3 +53,13 @@ print("state", st.get("state"), "step", st.get("step"), "loss", st.get("loss"), 
 print("fast_path", json.dumps(plan.get("fast_path")))
 print("status fast_path", json.dumps(st.get("fast_path")))
 PY
+if [ -n "${DPO:-}" ]; then
+echo "== real DPO run on CUDA (tiny model, generated preference pairs)"
+timeout 150 bash -c "python3 -c 'from job import demo_pairs; demo_pairs.write_jsonl(\"$T/pairs.jsonl\", n=64)' && \
+  python3 -m job run --objective dpo --model $T/tiny --data $T/pairs.jsonl --output $T/dpo --max-steps 20 \
+  --per-device-train-batch-size 4 --logging-steps 5 --max-length 256 --save-steps 10 --cache-dir $T/cache" \
+  > "$OUT/dpo.log" 2>&1; echo "dpo exit $?"
+grep -E '"event": "(progress|done)"|ERROR|Error|error' "$OUT/dpo.log" | tail -n 6
+python3 -c "import json; s=json.load(open('$T/dpo/status.json')); print('dpo state', s.get('state'), 'step', s.get('step'), 'loss', s.get('loss'), 'reward acc', s.get('reward_accuracies'), 'margin', s.get('reward_margins'))"
+ls $T/dpo 2>/dev/null | tr '\n' ' '; echo
+fi
