@@ -126,10 +126,12 @@ def interrupt_at(log: Path, proc: subprocess.Popen, step: int, timeout: float = 
 def losses(metrics_lines: list[str]) -> dict[int, float]:
     """step → loss from metrics.jsonl / progress lines (a later line for the same step wins)."""
     out = {}
+    decoder = json.JSONDecoder()
     for line in metrics_lines:
         line = line.strip()
-        if line.startswith("{"):
-            rec = json.loads(line)
+        while line.startswith("{"):  # two ranks' lines may share one (print writes the newline apart)
+            rec, end = decoder.raw_decode(line)
+            line = line[end:].lstrip()
             if rec.get("loss") is not None and "step" in rec:
                 out[rec["step"]] = rec["loss"]
     return out

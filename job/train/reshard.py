@@ -217,6 +217,12 @@ def save_portable(trainer, ckpt: Path, record: dict, portable: bool) -> None:
         if any(_is_zero(p) for p in params.values()):
             from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
         base = _base_optimizer(trainer.optimizer)
+        zero = _zero_optimizer(trainer.optimizer)
+        if zero is not None and hasattr(zero, "_lazy_init_hp_params_optimizer_state"):
+            # ZeRO-1/2 link each param to its Adam state once, right after the first group's first step:
+            # a second param group (a full fine-tune's no-decay norms) has no state yet and stays unlinked
+            zero._hp_optimizer_states_linked = False
+            zero._lazy_init_hp_params_optimizer_state()
         blob = {"format": 1, "step": _step(base), "params": {}, "exp_avg": {}, "exp_avg_sq": {}}
         for name, p in params.items():
             if _is_zero(p):
