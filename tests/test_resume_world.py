@@ -190,3 +190,22 @@ def test_plan_resume_reads_the_checkpoint_layout(tmp_path):
     (ck / reshard.WORLD_FILE).write_text("{not json")
     with pytest.raises(reshard.CheckpointUnusableError, match="unreadable"):
         reshard.plan_resume(ck, spec, topo("ddp", 1))
+
+
+@pytest.mark.slow
+def test_a_full_fine_tune_over_portable_max_gb_resumes_only_on_its_own_count(tmp_path):
+    """The portable copy of a full fine-tune is the model ×3: over the knob it is not written, and another
+    process count is a clear exit 70 naming the knob, before any process starts."""
+    out = tmp_path / "out"
+    flags = [*MODES["zero2"], *FULL, "--portable-max-gb", "0"]
+    stopped, _ = _interrupt(tmp_path, out, {"SFTJOB_CACHE_DIR": str(tmp_path / "c")}, *flags, *_procs(2))
+    assert "checkpoints carry no portable/ copy" in (tmp_path / "first.log").read_text()
+    ck = out / "checkpoints" / f"step-{stopped}"
+    assert not (ck / "portable").exists()
+    assert json.loads((ck / reshard.WORLD_FILE).read_text())["method"] == "full"
+    r = trainkit.run(*_args(out, *flags, *_procs(1)), env={"SFTJOB_CACHE_DIR": str(tmp_path / "c2")})
+    assert r.returncode == ExitCode.VERIFY, r.stderr[-3000:]
+    assert (f"checkpoint checkpoint-{stopped} was saved as zero2x2 and this run is zero2x1: it has no "
+            "world-size-independent form: portable/ was not written") in r.stderr
+    assert "--portable-max-gb" in r.stderr and "Traceback" not in r.stderr
+    assert not (out / "_SUCCESS").exists()

@@ -86,7 +86,8 @@ def ranks_of(proc: subprocess.Popen) -> list:
             continue
         if "job.train.sft" in cmd and not any("accelerate" in c for c in cmd):
             found.append(p)
-    return found
+    pids = {p.pid for p in found}
+    return [p for p in found if p.ppid() not in pids]  # not a rank's own forked helper
 
 
 def _pending(pid: int, signum: int) -> bool:
@@ -96,6 +97,14 @@ def _pending(pid: int, signum: int) -> bool:
         return True  # gone: nothing left to wait for
     masks = [int(line.split()[1], 16) for line in status.splitlines() if line.startswith(("SigPnd:", "ShdPnd:"))]
     return any(m & (1 << (signum - 1)) for m in masks)
+
+
+def _sig_lines(pid: int) -> str:
+    try:
+        return " ".join(x for x in Path(f"/proc/{pid}/status").read_text().splitlines()
+                        if x.startswith(("State", "SigPnd", "ShdPnd", "SigBlk", "SigIgn", "SigCgt")))
+    except OSError:
+        return "gone"
 
 
 def interrupt_at(log: Path, proc: subprocess.Popen, step: int, timeout: float = 240) -> int:
@@ -112,7 +121,8 @@ def interrupt_at(log: Path, proc: subprocess.Popen, step: int, timeout: float = 
         proc.send_signal(signal.SIGTERM)
         deadline = time.time() + 60
         while not all(_pending(r.pid, signal.SIGTERM) for r in ranks):
-            assert time.time() < deadline, "the SIGTERM never reached the frozen ranks"
+            assert time.time() < deadline, "the SIGTERM never reached the frozen ranks: " + "; ".join(
+                f"{r.pid} (parent {r.ppid()}) {_sig_lines(r.pid)}" for r in ranks)
             time.sleep(0.05)
     finally:
         for r in ranks:
