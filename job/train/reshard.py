@@ -1,27 +1,34 @@
 """Resume on another world size: a checkpoint saved by N processes continues with M ≠ N.
 
-Kueue re-admits a preempted job on whatever capacity is free, and DeepSpeed's per-rank ZeRO shards
-cannot follow (its loader refuses another world size). So every checkpoint also carries:
+Kueue re-admits a preempted job on whatever capacity is free, and per-rank state cannot follow:
+DeepSpeed's ZeRO shards (its loader refuses another world size) and FSDP's sharded parameters. So every
+checkpoint also carries:
 
 - ``sftjob_world.json``: the strategy, process count and micro-batch × accumulation it was saved with,
-  and the run's original global batch;
-- for LoRA, ``portable/trainable.pt``: every trainable tensor and its Adam moments gathered to full
-  tensors (``safe_get_full_*`` under ZeRO, the plain optimizer state otherwise) and the Adam step.
-  It is small (the adapter ×3) and independent of the world size.
+  the method, and the run's original global batch;
+- ``portable/trainable.pt``: every trainable tensor and its Adam moments gathered to full tensors
+  (``safe_get_full_*`` under ZeRO, ``DTensor.full_tensor()`` under FSDP2, the plain optimizer state
+  otherwise) and the Adam step, in fp32. Independent of the world size and of the strategy.
+  For LoRA it is small (the adapter ×3) and always written. For a full fine-tune it is the whole model
+  ×3 (12 bytes a parameter: 1B parameters → 12 GB per checkpoint, held in rank 0's CPU memory while it
+  is written, and uploaded with the checkpoint), so it is written only while it fits
+  ``resilience.portable_max_gb`` (default 16 GB ≈ 1.3B parameters); a bigger model logs a warning once
+  and its checkpoints resume only on their own strategy and process count.
 
 On resume (`plan_resume`, in the launcher) the checkpoint's layout is compared with this run's:
 the same layout resumes natively; a different one resumes from ``portable/`` — the trainer still reads
 trainer_state.json (global step, data skip) and scheduler.pt, but weights and optimizer state come from
-the portable file, set after the optimizer exists (`attach`). DDP and single-process checkpoints are
-already world-size independent (full optimizer.pt), so they resume natively on any count.
+the portable file, set after the optimizer exists (`attach`): ZeRO through ``safe_set_full_*``, FSDP by
+cutting this rank's shard of each DTensor locally. DDP and single-process checkpoints are already
+world-size independent (full optimizer.pt), so they resume natively on any count.
 
 The global batch is kept: micro-batch × accumulation × processes stays what the run started with
 (`choose_batch`). The data order then stays the same too: the sampler is one seeded permutation for
 every world size (accelerate's seedable sampler) and each optimizer step consumes the next
 global-batch of it (rank r takes every M-th micro-batch), and the trainer's skip on resume
 (global_step × accumulation micro-batches per rank) lands exactly after the last trained sample.
-A checkpoint that cannot be used (per-rank shards with no portable form, FSDP on another count) is a
-clear exit 70, never a crash.
+A checkpoint that cannot be used on another layout (per-rank state with no portable/: one from before
+portable/ existed, or a full fine-tune over portable_max_gb) is a clear exit 70, never a crash.
 """
 from __future__ import annotations
 
