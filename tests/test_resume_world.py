@@ -103,7 +103,8 @@ def test_sigterm_then_resume_with_another_process_count(tmp_path, reference, mod
     micro, accum = (1, 2) if after == 1 else (1, 1)
     assert kept and f"micro-batch {micro} × accumulation {accum} × {after} processes = global batch 2 (kept)" in kept[-1]
     assert "global batch 2 (kept)" in rerun.stderr
-    assert "resumed weights and optimizer state" in rerun.stderr  # from portable/, not the per-rank state
+    # per-rank state comes from portable/; DDP's full optimizer.pt resumes natively on any count
+    assert ("resumed weights and optimizer state" in rerun.stderr) == (mode != "ddp")
     resumed = trainkit.losses(rerun.stdout.splitlines())
     reference = reference(method)
     assert min(resumed) == stopped + 1 and max(resumed) == STEPS  # nothing repeated, nothing skipped

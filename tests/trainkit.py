@@ -86,8 +86,7 @@ def ranks_of(proc: subprocess.Popen) -> list:
             continue
         if "job.train.sft" in cmd and not any("accelerate" in c for c in cmd):
             found.append(p)
-    pids = {p.pid for p in found}
-    return [p for p in found if p.ppid() not in pids]  # not a rank's own forked helper
+    return found
 
 
 def _pending(pid: int, signum: int) -> bool:
@@ -97,6 +96,15 @@ def _pending(pid: int, signum: int) -> bool:
         return True  # gone: nothing left to wait for
     masks = [int(line.split()[1], 16) for line in status.splitlines() if line.startswith(("SigPnd:", "ShdPnd:"))]
     return any(m & (1 << (signum - 1)) for m in masks)
+
+
+def _stopped(pid: int) -> bool:
+    """Every thread of `pid` stopped (or the process gone)."""
+    try:
+        return all((t / "stat").read_text().rsplit(")", 1)[1].split()[0] in "TtXZ"
+                   for t in Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return True
 
 
 def _sig_lines(pid: int) -> str:
@@ -118,6 +126,12 @@ def interrupt_at(log: Path, proc: subprocess.Popen, step: int, timeout: float = 
     for r in ranks:
         r.send_signal(signal.SIGSTOP)
     try:
+        # a rank takes its SIGSTOP only when a thread next runs: a SIGTERM arriving first is taken by a
+        # still-running thread (lower signals go first) and never shows as pending. So: all threads stopped
+        deadline = time.time() + 60
+        while not all(_stopped(r.pid) for r in ranks):
+            assert time.time() < deadline, "the ranks did not stop: " + "; ".join(_sig_lines(r.pid) for r in ranks)
+            time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)
         deadline = time.time() + 60
         while not all(_pending(r.pid, signal.SIGTERM) for r in ranks):
