@@ -193,6 +193,7 @@ class ResilienceSpec(Section):
     save_minutes: float = Field(0, ge=0, description="Checkpoint every N minutes (0 = off).")
     save_total_limit: int = Field(2, ge=1, description="Complete checkpoints kept (locally and in the output).")
     resume: bool = Field(True, description="Resume from the newest complete checkpoint found.")
+    portable_max_gb: float = Field(16, ge=0, description="Full fine-tunes: each checkpoint also carries portable/ (fp32 weights + Adam moments, 12 bytes a parameter, gathered in rank 0's memory) so it resumes on another process count or strategy, while that copy is at most this many GB; beyond it the checkpoint resumes only on its own (0 = never). LoRA always carries it (the adapter x3).")
     grace_seconds: int = Field(120, ge=5, description="Seconds between SIGTERM and SIGKILL (terminationGracePeriodSeconds).")
     max_runtime: float = Field(0, ge=0, description="Stop before this many seconds with a final checkpoint (0 = off).")
     train_to_deadline: bool = Field(False, description="At max_runtime publish the adapter as final instead of partial.")

@@ -22,7 +22,8 @@ STEPS = 30
 COMMON = ["--logging-steps", "1", "--seed", "5", "--learning-rate", "1e-3", "--max-length", "256",
           "--lora-dropout", "0", "--lr-scheduler-type", "linear", "--max-steps", str(STEPS)]
 MODES = {"ddp": ["--distributed", "ddp"], "zero2": ["--distributed", "deepspeed", "--zero-stage", "2"],
-         "zero3": ["--distributed", "deepspeed", "--zero-stage", "3"]}
+         "zero3": ["--distributed", "deepspeed", "--zero-stage", "3"], "fsdp": ["--distributed", "fsdp"]}
+FULL = ["--method", "full"]  # every parameter trainable: portable/ holds the whole model and its moments
 
 
 def _args(out, *extra):
@@ -36,11 +37,19 @@ def _procs(n: int) -> list[str]:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """Uninterrupted: 1 process × micro-batch 2."""
-    d = tmp_path_factory.mktemp("ref")
-    r = trainkit.run(*_args(d / "out", "--per-device-train-batch-size", "2"), env={"SFTJOB_CACHE_DIR": str(d / "c")})
-    assert r.returncode == 0, r.stderr[-3000:]
-    return trainkit.losses(r.stdout.splitlines())
+    """Uninterrupted: 1 process × micro-batch 2; one run per method (LoRA, full), made when first asked for."""
+    runs = {}
+
+    def get(method: str) -> dict[int, float]:
+        if method not in runs:
+            d = tmp_path_factory.mktemp(f"ref-{method}")
+            r = trainkit.run(*_args(d / "out", "--per-device-train-batch-size", "2", "--method", method),
+                             env={"SFTJOB_CACHE_DIR": str(d / "c")})
+            assert r.returncode == 0, r.stderr[-3000:]
+            runs[method] = trainkit.losses(r.stdout.splitlines())
+        return runs[method]
+
+    return get
 
 
 def _interrupt(tmp_path, out, env, *flags) -> tuple[int, dict]:
@@ -65,20 +74,25 @@ def _strip_portable(out, step):
     (ck / "COMPLETE").write_text(json.dumps(marker))
 
 
+CASES = [(mode, "lora", before, after) for mode in MODES for before, after in ((2, 1), (1, 2))] + [
+    ("zero2", "full", 2, 1), ("zero2", "full", 1, 2), ("zero3", "full", 2, 1), ("fsdp", "full", 2, 1)]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("before,after", [(2, 1), (1, 2)], ids=["2to1", "1to2"])
-@pytest.mark.parametrize("mode", list(MODES))
-def test_sigterm_then_resume_with_another_process_count(tmp_path, reference, mode, before, after):
+@pytest.mark.parametrize("mode,method,before,after", CASES,
+                         ids=[f"{m}{'-full' if f == 'full' else ''}-{b}to{a}" for m, f, b, a in CASES])
+def test_sigterm_then_resume_with_another_process_count(tmp_path, reference, mode, method, before, after):
     out = tmp_path / "out"
     env = {"SFTJOB_CACHE_DIR": str(tmp_path / "c")}
-    stopped, before_losses = _interrupt(tmp_path, out, env, *MODES[mode], *_procs(before))
+    flags = [*MODES[mode], "--method", method]
+    stopped, before_losses = _interrupt(tmp_path, out, env, *flags, *_procs(before))
     world = json.loads((out / "checkpoints" / f"step-{stopped}" / reshard.WORLD_FILE).read_text())
     assert world["num_processes"] == before and world["global_batch"] == 2
     assert (out / "checkpoints" / f"step-{stopped}" / reshard.PORTABLE_FILE).is_file()
 
     # the rerun is a pod on other capacity: an empty local disk (all from the output), the same flags as
     # the first run but the process count
-    rerun = trainkit.run(*_args(out, *MODES[mode], "--num-processes", str(after),
+    rerun = trainkit.run(*_args(out, *flags, "--num-processes", str(after),
                                 "--per-device-train-batch-size", str(2 // before)),
                          env={"SFTJOB_CACHE_DIR": str(tmp_path / "c2")})
     assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-4000:]
@@ -89,11 +103,14 @@ def test_sigterm_then_resume_with_another_process_count(tmp_path, reference, mod
     micro, accum = (1, 2) if after == 1 else (1, 1)
     assert kept and f"micro-batch {micro} × accumulation {accum} × {after} processes = global batch 2 (kept)" in kept[-1]
     assert "global batch 2 (kept)" in rerun.stderr
+    # per-rank state comes from portable/; DDP's full optimizer.pt resumes natively on any count
+    assert ("resumed weights and optimizer state" in rerun.stderr) == (mode != "ddp")
     resumed = trainkit.losses(rerun.stdout.splitlines())
+    reference = reference(method)
     assert min(resumed) == stopped + 1 and max(resumed) == STEPS  # nothing repeated, nothing skipped
     worst = max(abs(loss - reference[s]) for s, loss in resumed.items())
     worst_before = max(abs(before_losses[s] - reference[s]) for s in range(1, stopped + 1))
-    print(f"{mode} {before}->{after} at step {stopped}: before |Δ| ≤ {worst_before:.1e}, "
+    print(f"{mode} {method} {before}->{after} at step {stopped}: before |Δ| ≤ {worst_before:.1e}, "
           f"after |Δ| ≤ {worst:.1e}; losses step {stopped} {before_losses[stopped]:.5f} "
           f"→ {stopped + 1} {resumed[stopped + 1]:.5f} (ref {reference[stopped + 1]:.5f}), final {resumed[STEPS]:.5f}")
     for s, loss in resumed.items():
@@ -165,8 +182,31 @@ def test_plan_resume_reads_the_checkpoint_layout(tmp_path):
     assert (r.spec.train.per_device_train_batch_size, r.spec.train.gradient_accumulation_steps) == (1, 1)
     assert "global batch 3 (the run's 4 cannot be kept exactly; closest chosen)" in r.message
     assert r.record["global_batch"] == 4  # the run's own, for the next resume
-    with pytest.raises(reshard.CheckpointUnusableError, match="FSDP resumes only"):
+    assert reshard.plan_resume(ck, spec, topo("fsdp", 1)).mode == "portable"
+    (ck / reshard.PORTABLE_FILE).unlink()  # a full fine-tune over resilience.portable_max_gb
+    (ck / reshard.WORLD_FILE).write_text(json.dumps({**rec, "method": "full"}))
+    with pytest.raises(reshard.CheckpointUnusableError, match="larger than resilience.portable_max_gb") as e:
         reshard.plan_resume(ck, spec, topo("fsdp", 1))
+    assert "--portable-max-gb" in e.value.hint
     (ck / reshard.WORLD_FILE).write_text("{not json")
     with pytest.raises(reshard.CheckpointUnusableError, match="unreadable"):
         reshard.plan_resume(ck, spec, topo("ddp", 1))
+
+
+@pytest.mark.slow
+def test_a_full_fine_tune_over_portable_max_gb_resumes_only_on_its_own_count(tmp_path):
+    """The portable copy of a full fine-tune is the model ×3: over the knob it is not written, and another
+    process count is a clear exit 70 naming the knob, before any process starts."""
+    out = tmp_path / "out"
+    flags = [*MODES["zero2"], *FULL, "--portable-max-gb", "0"]
+    stopped, _ = _interrupt(tmp_path, out, {"SFTJOB_CACHE_DIR": str(tmp_path / "c")}, *flags, *_procs(2))
+    assert "checkpoints carry no portable/ copy" in (tmp_path / "first.log").read_text()
+    ck = out / "checkpoints" / f"step-{stopped}"
+    assert not (ck / "portable").exists()
+    assert json.loads((ck / reshard.WORLD_FILE).read_text())["method"] == "full"
+    r = trainkit.run(*_args(out, *flags, *_procs(1)), env={"SFTJOB_CACHE_DIR": str(tmp_path / "c2")})
+    assert r.returncode == ExitCode.VERIFY, r.stderr[-3000:]
+    assert (f"checkpoint checkpoint-{stopped} was saved as zero2x2 and this run is zero2x1: it has no "
+            "world-size-independent form: portable/ was not written") in r.stderr
+    assert "--portable-max-gb" in r.stderr and "Traceback" not in r.stderr
+    assert not (out / "_SUCCESS").exists()

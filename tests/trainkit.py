@@ -98,6 +98,23 @@ def _pending(pid: int, signum: int) -> bool:
     return any(m & (1 << (signum - 1)) for m in masks)
 
 
+def _stopped(pid: int) -> bool:
+    """Every thread of `pid` stopped (or the process gone)."""
+    try:
+        return all((t / "stat").read_text().rsplit(")", 1)[1].split()[0] in "TtXZ"
+                   for t in Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return True
+
+
+def _sig_lines(pid: int) -> str:
+    try:
+        return " ".join(x for x in Path(f"/proc/{pid}/status").read_text().splitlines()
+                        if x.startswith(("State", "SigPnd", "ShdPnd", "SigBlk", "SigIgn", "SigCgt")))
+    except OSError:
+        return "gone"
+
+
 def interrupt_at(log: Path, proc: subprocess.Popen, step: int, timeout: float = 240) -> int:
     """SIGTERM the run once it reaches `step`, without a race: steps here take ~0.1 s, and on a loaded
     machine the signal's way sftjob → accelerate → ranks can take longer than the rest of the run. So
@@ -109,10 +126,17 @@ def interrupt_at(log: Path, proc: subprocess.Popen, step: int, timeout: float = 
     for r in ranks:
         r.send_signal(signal.SIGSTOP)
     try:
+        # a rank takes its SIGSTOP only when a thread next runs: a SIGTERM arriving first is taken by a
+        # still-running thread (lower signals go first) and never shows as pending. So: all threads stopped
+        deadline = time.time() + 60
+        while not all(_stopped(r.pid) for r in ranks):
+            assert time.time() < deadline, "the ranks did not stop: " + "; ".join(_sig_lines(r.pid) for r in ranks)
+            time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)
         deadline = time.time() + 60
         while not all(_pending(r.pid, signal.SIGTERM) for r in ranks):
-            assert time.time() < deadline, "the SIGTERM never reached the frozen ranks"
+            assert time.time() < deadline, "the SIGTERM never reached the frozen ranks: " + "; ".join(
+                f"{r.pid} (parent {r.ppid()}) {_sig_lines(r.pid)}" for r in ranks)
             time.sleep(0.05)
     finally:
         for r in ranks:
@@ -126,10 +150,12 @@ def interrupt_at(log: Path, proc: subprocess.Popen, step: int, timeout: float = 
 def losses(metrics_lines: list[str]) -> dict[int, float]:
     """step → loss from metrics.jsonl / progress lines (a later line for the same step wins)."""
     out = {}
+    decoder = json.JSONDecoder()
     for line in metrics_lines:
         line = line.strip()
-        if line.startswith("{"):
-            rec = json.loads(line)
+        while line.startswith("{"):  # two ranks' lines may share one (print writes the newline apart)
+            rec, end = decoder.raw_decode(line)
+            line = line[end:].lstrip()
             if rec.get("loss") is not None and "step" in rec:
                 out[rec["step"]] = rec["loss"]
     return out

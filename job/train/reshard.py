@@ -1,27 +1,34 @@
 """Resume on another world size: a checkpoint saved by N processes continues with M ≠ N.
 
-Kueue re-admits a preempted job on whatever capacity is free, and DeepSpeed's per-rank ZeRO shards
-cannot follow (its loader refuses another world size). So every checkpoint also carries:
+Kueue re-admits a preempted job on whatever capacity is free, and per-rank state cannot follow:
+DeepSpeed's ZeRO shards (its loader refuses another world size) and FSDP's sharded parameters. So every
+checkpoint also carries:
 
 - ``sftjob_world.json``: the strategy, process count and micro-batch × accumulation it was saved with,
-  and the run's original global batch;
-- for LoRA, ``portable/trainable.pt``: every trainable tensor and its Adam moments gathered to full
-  tensors (``safe_get_full_*`` under ZeRO, the plain optimizer state otherwise) and the Adam step.
-  It is small (the adapter ×3) and independent of the world size.
+  the method, and the run's original global batch;
+- ``portable/trainable.pt``: every trainable tensor and its Adam moments gathered to full tensors
+  (``safe_get_full_*`` under ZeRO, ``DTensor.full_tensor()`` under FSDP2, the plain optimizer state
+  otherwise) and the Adam step, in fp32. Independent of the world size and of the strategy.
+  For LoRA it is small (the adapter ×3) and always written. For a full fine-tune it is the whole model
+  ×3 (12 bytes a parameter: 1B parameters → 12 GB per checkpoint, held in rank 0's CPU memory while it
+  is written, and uploaded with the checkpoint), so it is written only while it fits
+  ``resilience.portable_max_gb`` (default 16 GB ≈ 1.3B parameters); a bigger model logs a warning once
+  and its checkpoints resume only on their own strategy and process count.
 
 On resume (`plan_resume`, in the launcher) the checkpoint's layout is compared with this run's:
 the same layout resumes natively; a different one resumes from ``portable/`` — the trainer still reads
 trainer_state.json (global step, data skip) and scheduler.pt, but weights and optimizer state come from
-the portable file, set after the optimizer exists (`attach`). DDP and single-process checkpoints are
-already world-size independent (full optimizer.pt), so they resume natively on any count.
+the portable file, set after the optimizer exists (`attach`): ZeRO through ``safe_set_full_*``, FSDP by
+cutting this rank's shard of each DTensor locally. DDP and single-process checkpoints are already
+world-size independent (full optimizer.pt), so they resume natively on any count.
 
 The global batch is kept: micro-batch × accumulation × processes stays what the run started with
 (`choose_batch`). The data order then stays the same too: the sampler is one seeded permutation for
 every world size (accelerate's seedable sampler) and each optimizer step consumes the next
 global-batch of it (rank r takes every M-th micro-batch), and the trainer's skip on resume
 (global_step × accumulation micro-batches per rank) lands exactly after the last trained sample.
-A checkpoint that cannot be used (per-rank shards with no portable form, FSDP on another count) is a
-clear exit 70, never a crash.
+A checkpoint that cannot be used on another layout (per-rank state with no portable/: one from before
+portable/ existed, or a full fine-tune over portable_max_gb) is a clear exit 70, never a crash.
 """
 from __future__ import annotations
 
@@ -115,16 +122,18 @@ def plan_resume(ckpt: Path | None, spec, topo) -> Resume:
         saved = mine  # from before sftjob_world.json, on the same count: resume as it always did
     mode = "native"
     if saved != mine:
-        if (ckpt / PORTABLE_FILE).is_file() and topo.strategy in ("single", "ddp", "deepspeed"):
+        if (ckpt / PORTABLE_FILE).is_file():
             mode = "portable"
         elif saved == "full" and topo.strategy in ("single", "ddp"):
             mode = "native"
         else:
-            why = ("it has no world-size-independent form (portable/ is written for LoRA runs)"
-                   if topo.strategy != "fsdp" else "FSDP resumes only from its own strategy and process count")
+            why = ("it has no world-size-independent form: portable/ was not written (a full fine-tune larger "
+                   "than resilience.portable_max_gb)" if rec and rec.get("method") == "full" else
+                   "it has no world-size-independent form (a checkpoint from before portable/ existed)")
             raise CheckpointUnusableError(
                 f"checkpoint {ckpt.name} was saved as {saved} and this run is {mine}: {why}",
-                hint="rerun with the checkpoint's process count and strategy, or pass --resume false to start over")
+                hint="rerun with the checkpoint's process count and strategy, or pass --resume false to start over"
+                     + ("; raise --portable-max-gb for the next run" if rec and rec.get("method") == "full" else ""))
     g = int(rec["global_batch"]) if rec and rec.get("global_batch") else \
         t.per_device_train_batch_size * t.gradient_accumulation_steps * topo.num_processes
     message = None
@@ -166,6 +175,40 @@ def _is_zero(p) -> bool:
     return hasattr(p, "ds_id") or hasattr(p, "_hp_mapping")
 
 
+def _is_dtensor(t) -> bool:
+    """FSDP2 shards each parameter (and Adam's moments, created like it) as a DTensor over the ranks."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+def _full(t):
+    """The whole tensor on every rank: an all-gather for a DTensor (collective: every rank calls it)."""
+    return t.full_tensor() if _is_dtensor(t) else t
+
+
+def _set_full(dst, full) -> None:
+    """Copy a whole tensor into `dst`: into this rank's shard of a DTensor (cut locally, no communication)."""
+    if _is_dtensor(dst):
+        from torch.distributed.tensor import distribute_tensor
+
+        shard = distribute_tensor(full.to(dst.dtype), dst.device_mesh, dst.placements, src_data_rank=None)
+        dst.to_local().copy_(shard.to_local())
+    else:
+        dst.data.copy_(full.to(dst.device, dst.dtype).reshape(dst.shape))
+
+
+def _numel(p) -> int:
+    return int(getattr(p, "ds_numel", 0) or p.numel())  # ZeRO-3 params are empty outside a gather
+
+
+def portable_bytes(params: dict) -> int:
+    """Size of the portable form: fp32 weights + Adam's two moments."""
+    return 12 * sum(_numel(p) for p in params.values())
+
+
 def _step(base) -> int:
     steps = [float(st["step"]) for st in base.state.values() if isinstance(st, dict) and "step" in st]
     return int(max(steps)) if steps else 0
@@ -181,14 +224,21 @@ def save_portable(trainer, ckpt: Path, record: dict, portable: bool) -> None:
         if any(_is_zero(p) for p in params.values()):
             from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
         base = _base_optimizer(trainer.optimizer)
+        zero = _zero_optimizer(trainer.optimizer)
+        if zero is not None and hasattr(zero, "_lazy_init_hp_params_optimizer_state"):
+            # ZeRO-1/2 link each param to its Adam state once, right after the first group's first step:
+            # a second param group (a full fine-tune's no-decay norms) has no state yet and stays unlinked
+            zero._hp_optimizer_states_linked = False
+            zero._lazy_init_hp_params_optimizer_state()
         blob = {"format": 1, "step": _step(base), "params": {}, "exp_avg": {}, "exp_avg_sq": {}}
         for name, p in params.items():
             if _is_zero(p):
                 w = safe_get_full_fp32_param(p)
                 m, v = (safe_get_full_optimizer_state(p, k) for k in ("exp_avg", "exp_avg_sq"))
-            else:
+            else:  # plain tensors, or FSDP's DTensors gathered
                 st = base.state.get(p, {})
-                w, m, v = p.detach(), st.get("exp_avg"), st.get("exp_avg_sq")
+                w, m, v = (_full(t) if t is not None else None
+                           for t in (p.detach(), st.get("exp_avg"), st.get("exp_avg_sq")))
             if rank0:
                 blob["params"][name] = w.detach().float().cpu().clone()
                 for key, val in (("exp_avg", m), ("exp_avg_sq", v)):
@@ -210,14 +260,16 @@ def load_portable(trainer, checkpoint: str) -> None:
 
     blob = torch.load(Path(checkpoint) / PORTABLE_FILE, map_location="cpu", weights_only=True)
     params = _trainable(trainer)
-    shapes = {n: tuple(getattr(p, "ds_shape", None) or p.shape) for n, p in params.items()}
+    shapes = {n: tuple(getattr(p, "ds_shape", None) or p.shape) for n, p in params.items()}  # DTensor: global
     saved = {n: tuple(t.shape) for n, t in blob["params"].items()}
     if shapes != saved:
         diff = sorted(n for n in set(shapes) | set(saved) if shapes.get(n) != saved.get(n))
         raise CheckpointUnusableError(
-            f"checkpoint {Path(checkpoint).name}: its trainable tensors do not match this run's LoRA "
+            f"checkpoint {Path(checkpoint).name}: its trainable tensors do not match this run's "
+            f"{'LoRA' if any('lora_' in n for n in shapes) else 'model'} "
             f"({len(diff)} differ, e.g. {diff[0]}: saved {saved.get(diff[0])}, now {shapes.get(diff[0])})",
-            hint="keep the run's LoRA settings (lora_r, target_modules, modules_to_save), or pass --resume false")
+            hint="keep the run's model, method and LoRA settings (lora_r, target_modules, modules_to_save), "
+                 "or pass --resume false")
     zeroed = any(_is_zero(p) for p in params.values())
     if zeroed:
         import deepspeed
@@ -239,16 +291,18 @@ def load_portable(trainer, checkpoint: str) -> None:
         if hasattr(p, "ds_id"):  # ZeRO-3: the model's partition too (it is what the next forward uses)
             with deepspeed.zero.GatheredParameters([p], modifier_rank=0), torch.no_grad():
                 p.data.copy_(w.to(p.device, p.dtype).reshape(p.data.shape))
-        else:  # ZeRO-1/2 keep the full low-precision param on every rank
+        else:  # ZeRO-1/2 keep the full low-precision param on every rank; FSDP this rank's shard
             with torch.no_grad():
-                p.data.copy_(w.to(p.device, p.dtype).reshape(p.data.shape))
+                _set_full(p, w)
         if _is_zero(p):
             dev = p.device
             safe_set_full_fp32_param(p, w.to(dev))
             safe_set_full_optimizer_state(p, m.to(dev), "exp_avg")
             safe_set_full_optimizer_state(p, v.to(dev), "exp_avg_sq")
         else:
-            base.state[p].update(exp_avg=m.to(p.device, p.dtype).clone(), exp_avg_sq=v.to(p.device, p.dtype).clone())
+            with torch.no_grad():
+                _set_full(base.state[p]["exp_avg"], m)
+                _set_full(base.state[p]["exp_avg_sq"], v)
     for st in base.state.values():
         if "step" in st:
             st["step"] = torch.full_like(st["step"], blob["step"]) if torch.is_tensor(st["step"]) else blob["step"]
@@ -264,6 +318,7 @@ def load_portable(trainer, checkpoint: str) -> None:
 
 
 REFUSED_FILE = "resume_refused.json"
+DEFAULT_MAX_GB = 16.0  # resilience.portable_max_gb's default (job/spec.py)
 
 
 def raise_if_refused(workdir: Path) -> None:
@@ -279,11 +334,24 @@ def attach(trainer, plan: dict) -> None:
     from transformers import TrainerCallback
 
     record = plan.get("world") or {}
-    portable = record.get("method") in ("lora", "qlora")
+    limit_gb = float(((plan.get("spec") or {}).get("resilience") or {}).get("portable_max_gb", DEFAULT_MAX_GB))
+    decided: list[bool] = []
+
+    def portable() -> bool:
+        """LoRA: always (small). A full fine-tune: while its portable form fits resilience.portable_max_gb.
+        Every rank decides the same (global sizes), so the collective gathers stay matched."""
+        if not decided:
+            size = portable_bytes(_trainable(trainer))
+            ok = record.get("method") in ("lora", "qlora") or size <= limit_gb * 1e9
+            if not ok and trainer.accelerator.is_main_process:
+                log.warning("checkpoints carry no portable/ copy (%.1f GB > resilience.portable_max_gb %g): they "
+                            "resume only with this strategy and process count", size / 1e9, limit_gb)
+            decided.append(ok)
+        return decided[0]
 
     class SavePortable(TrainerCallback):
         def on_save(self, args, state, control, **kw):
-            save_portable(trainer, Path(args.output_dir) / f"checkpoint-{state.global_step}", record, portable)
+            save_portable(trainer, Path(args.output_dir) / f"checkpoint-{state.global_step}", record, portable())
 
     # first: the mirror (submitted by a later on_save) must see these files
     trainer.callback_handler.callbacks.insert(0, SavePortable())
