@@ -39,7 +39,9 @@ def _examples(chunks):
     return out
 
 
-def test_unpacked_windows_write_exactly_the_examples_in_the_given_order_with_repeats(tmp_path):
+@pytest.mark.parametrize("gap", [0, 256, 10**9], ids=["one-read-per-example", "runs", "one-read-per-window"])
+def test_unpacked_windows_write_exactly_the_examples_in_the_given_order_with_repeats(tmp_path, monkeypatch, gap):
+    monkeypatch.setattr(stream, "READ_GAP", gap)
     rng = np.random.default_rng(0)
     chunks = [_encoded(rng, 50, 40) for _ in range(6)]
     spill, every = _spilled(tmp_path, chunks)

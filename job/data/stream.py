@@ -28,6 +28,7 @@ from job.data import packing
 from job.data.masks import IGNORE, Encoded
 
 WINDOW_TOKENS = 2_000_000
+READ_GAP = 1024  # bytes: a neighbour closer than this is read with the same call
 
 
 def window_tokens(max_length: int) -> int:
@@ -92,17 +93,23 @@ class Spill:
         return every
 
     def read(self, idx: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """(ids, labels) of examples ``idx``, in that order (repeats allowed); reads only their bytes."""
+        """(ids, labels) of examples ``idx``, in that order (repeats allowed); reads only their bytes, in
+        ascending runs (examples less than READ_GAP bytes apart are read with one call, the gap discarded)."""
         fid, flab = self._fds
-        order = np.argsort(idx, kind="stable")  # ascending offsets: the reads walk the files forwards
+        idx = np.asarray(idx, np.int64)
+        order = np.argsort(idx, kind="stable")
+        lo_b, hi_b = self.starts[idx[order]] * 4, self.starts[idx[order] + 1] * 4
+        reach = np.maximum.accumulate(hi_b) if len(hi_b) else hi_b
+        cuts = np.flatnonzero(lo_b[1:] - reach[:-1] > READ_GAP) + 1
         ids: list = [None] * len(idx)
         labels: list = [None] * len(idx)
-        starts = self.starts
-        for j in order.tolist():
-            i = int(idx[j])
-            a, n = int(starts[i]) * 4, int(starts[i + 1] - starts[i]) * 4
-            ids[j] = np.frombuffer(os.pread(fid, n, a), np.int32)
-            labels[j] = np.frombuffer(os.pread(flab, n, a), np.int32)
+        for r0, r1 in zip(np.concatenate([[0], cuts]).tolist(), np.concatenate([cuts, [len(idx)]]).tolist(), strict=True):
+            base, n = int(lo_b[r0]), int(reach[r1 - 1] - lo_b[r0])
+            run_ids = np.frombuffer(os.pread(fid, n, base), np.int32)
+            run_labels = np.frombuffer(os.pread(flab, n, base), np.int32)
+            for j, a, b in zip(order[r0:r1].tolist(), ((lo_b[r0:r1] - base) // 4).tolist(),
+                               ((hi_b[r0:r1] - base) // 4).tolist(), strict=True):
+                ids[j], labels[j] = run_ids[a:b], run_labels[a:b]
         return ids, labels
 
     def remove(self) -> None:
