@@ -51,7 +51,11 @@ def conversations(n: int = 200, seed: int = 0) -> list[dict]:
 
 
 def write_jsonl(path: Path, n: int = 200, seed: int = 0) -> Path:
+    return write_rows(path, conversations(n, seed))
+
+
+def write_rows(path: Path, rows: list[dict]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in conversations(n, seed)))
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return path

@@ -2,11 +2,10 @@
 the rejected one (a preference a tiny model can learn in a minute, with no labeller)."""
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
-from job.demo_data import _turn
+from job.demo_data import _turn, write_rows
 
 
 def pairs(n: int = 60, seed: int = 0) -> list[dict]:
@@ -23,7 +22,4 @@ def pairs(n: int = 60, seed: int = 0) -> list[dict]:
 
 
 def write_jsonl(path: Path, n: int = 60, seed: int = 0) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in pairs(n, seed)))
-    return path
+    return write_rows(path, pairs(n, seed))

@@ -230,9 +230,13 @@ def evaluate(spec, prepared, model_dir: str, adapter_dir: str, workdir: Path) ->
             report["generation"], model = _generation(spec, prepared, tok, model, adapter_dir, schema)
         del model
         _free_cuda()
-    failures = gate(spec, report)
-    report["gate"] = {"min_json_valid": e.min_json_valid, "max_loss": e.max_loss,
-                      "checked": e.min_json_valid is not None or e.max_loss is not None,
+    return written(workdir, report, gate(spec, report), t0, markdown, summary,
+                   min_json_valid=e.min_json_valid, max_loss=e.max_loss)
+
+
+def written(workdir: Path, report: dict, failures: list[str], t0: float, markdown, summary, **thresholds) -> Evaluation:
+    """The ending every objective shares: the gate's verdict in the report, eval.json + eval.md, the log line."""
+    report["gate"] = {**thresholds, "checked": any(v is not None for v in thresholds.values()),
                       "passed": not failures, "failures": failures}
     report["seconds"] = round(time.time() - t0, 1)
     (workdir / "eval.json").write_text(json.dumps(report, indent=1, ensure_ascii=False))

@@ -13,7 +13,7 @@ import logging
 import time
 from pathlib import Path
 
-from job.evaluate import FORMAT, Evaluation, _free_cuda, _load_base, _tokenizer, _with_adapter
+from job.evaluate import FORMAT, Evaluation, _free_cuda, _load_base, _tokenizer, _with_adapter, written
 
 log = logging.getLogger("sftjob.eval")
 BATCH = 8
@@ -66,15 +66,7 @@ def evaluate(spec, prepared, model_dir: str, adapter_dir: str, workdir: Path) ->
             "base_prefers_chosen": sum(m > 0 for m in base) / len(base),
             "adapter_prefers_chosen": sum(m > 0 for m in after) / len(after),
         }
-    failures = gate(spec, report)
-    report["gate"] = {"min_reward_accuracy": e.min_reward_accuracy, "checked": e.min_reward_accuracy is not None,
-                      "passed": not failures, "failures": failures}
-    report["seconds"] = round(time.time() - t0, 1)
-    (workdir / "eval.json").write_text(json.dumps(report, indent=1, ensure_ascii=False))
-    (workdir / "eval.md").write_text(markdown(report))
-    ev = Evaluation(report, summary(report), failures)
-    log.info("evaluation: %s", json.dumps(ev.summary))
-    return ev
+    return written(workdir, report, gate(spec, report), t0, markdown, summary, min_reward_accuracy=e.min_reward_accuracy)
 
 
 def gate(spec, report: dict) -> list[str]:

@@ -7,6 +7,7 @@ chain), restored and the server SIGKILLed at teardown. Use ``s3.bucket("name")``
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 
@@ -26,24 +27,33 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(_CACHE.name, "torch_e
 def s3(tmp_path_factory):
     from s3server import S3Server, weed_binary  # tests/ is on sys.path (pytest rootdir conftest)
 
+    with _running(weed_binary, lambda: S3Server(root=tmp_path_factory.mktemp("seaweedfs"))) as server:
+        saved = {k: os.environ.get(k) for k in server.env}
+        os.environ.update(server.env)
+        _reset_storage()
+        try:
+            yield server
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+            _reset_storage()
+
+
+@contextlib.contextmanager
+def _running(check, make):
+    """A real server for the session: its binary checked (a clear failure naming `make tools`), started, stopped."""
     try:
-        weed_binary()
+        check()
     except RuntimeError as e:
         pytest.fail(str(e), pytrace=False)
-    server = S3Server(root=tmp_path_factory.mktemp("seaweedfs")).start()
-    saved = {k: os.environ.get(k) for k in server.env}
-    os.environ.update(server.env)
-    _reset_storage()
+    server = make().start()
     try:
         yield server
     finally:
         server.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        _reset_storage()
 
 
 def _reset_storage() -> None:
@@ -69,13 +79,6 @@ def mlflow_server(tmp_path_factory):
     """A real MLflow tracking server (tools/mlflow, from `make tools`) for the session; stopped at teardown."""
     from mlflowserver import MlflowServer, binary
 
-    try:
-        binary()
-    except RuntimeError as e:
-        pytest.fail(str(e), pytrace=False)
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow")).start()
-    print(f"mlflow server healthy in {server.start_seconds:.1f}s at {server.uri}")
-    try:
+    with _running(binary, lambda: MlflowServer(tmp_path_factory.mktemp("mlflow"))) as server:
+        print(f"mlflow server healthy in {server.start_seconds:.1f}s at {server.uri}")
         yield server
-    finally:
-        server.stop()

@@ -154,14 +154,23 @@ def test_sigkill_of_sftjob_run_ends_its_launcher_and_every_rank(tmp_path):
         _cleanup(tree)
 
 
-def _kill_rank_1(cache: Path, proc) -> float:
+def _signal_ranks(cache: Path, proc, signals: list[tuple[int, int]], stopped: list, timeout: float = 120) -> float:
+    """Once rank 1 is at step 2, send each (rank, signal) in order; → seconds until sftjob exits. The pids
+    sent SIGSTOP go into `stopped` (for the caller's cleanup, whatever happens)."""
     # DeepSpeed compiles its CPU comm extension once per test session: minutes on a loaded machine
     trainkit.wait_until(lambda: (_rank(cache, 1).get("step") or 0) >= 2, proc, "rank 1 at step 2", timeout=900)
-    pid = _rank(cache, 1)["pid"]
-    os.kill(pid, signal.SIGKILL)
+    for rank, sig in signals:
+        pid = _rank(cache, rank)["pid"]
+        if sig == signal.SIGSTOP:
+            stopped.append(pid)
+        os.kill(pid, sig)
     t0 = time.time()
-    proc.wait(timeout=120)
+    proc.wait(timeout=timeout)
     return time.time() - t0
+
+
+def _kill_rank_1(cache: Path, proc) -> float:
+    return _signal_ranks(cache, proc, [(1, signal.SIGKILL)], [])
 
 
 def _assert_names_rank_1_killed(status: dict, termlog: Path) -> None:
@@ -228,18 +237,12 @@ def test_a_sigstopped_rank_is_caught_by_the_stall_watchdog_with_every_other_rank
     env = {"SFTJOB_CACHE_DIR": str(cache), "SFTJOB_TERMINATION_LOG": str(tmp_path / "termlog")}
     log = tmp_path / "run.log"
     proc = trainkit.start(*_args(out, 100000, *DDP, "--stall-seconds", "60"), env=env, log=log)
-    pid = None
+    stopped: list[int] = []
     try:
-        trainkit.wait_until(lambda: (_rank(cache, 1).get("step") or 0) >= 2, proc, "rank 1 at step 2")
-        pid = _rank(cache, 1)["pid"]
-        os.kill(pid, signal.SIGSTOP)
-        t0 = time.time()
-        proc.wait(timeout=150)
-        took = time.time() - t0
+        took = _signal_ranks(cache, proc, [(1, signal.SIGSTOP)], stopped, timeout=150)
     finally:
         proc.kill()
-        if pid:
-            _cleanup([pid])
+        _cleanup(stopped)
     print(f"SIGSTOP of rank 1 with --stall-seconds 60 -> sftjob exited {proc.returncode} after {took:.1f}s")
     from job.logsetup import as_text
 
@@ -253,7 +256,7 @@ def test_a_sigstopped_rank_is_caught_by_the_stall_watchdog_with_every_other_rank
     stall = status["stall"]
     assert stall["stopped_ranks"] == [1] and stall["step"] >= 2 and stall["stacks"]["0"] not in ("", "no stack dump")
     assert "state=stalled" in (tmp_path / "termlog").read_text()
-    assert _wait_gone([pid, _rank(cache, 0)["pid"]], 10) == set()
+    assert _wait_gone([*stopped, _rank(cache, 0)["pid"]], 10) == set()
 
 
 @pytest.mark.slow
@@ -264,19 +267,12 @@ def test_a_dead_rank_whose_peer_cannot_notice_still_ends_the_job_within_60s(tmp_
     env = {"SFTJOB_CACHE_DIR": str(cache), "SFTJOB_TERMINATION_LOG": str(tmp_path / "termlog")}
     log = tmp_path / "run.log"
     proc = trainkit.start(*_args(out, 100000, *DDP), env=env, log=log)
-    stopped = None
+    stopped: list[int] = []
     try:
-        trainkit.wait_until(lambda: (_rank(cache, 1).get("step") or 0) >= 2, proc, "rank 1 at step 2")
-        stopped = _rank(cache, 0)["pid"]
-        os.kill(stopped, signal.SIGSTOP)
-        os.kill(_rank(cache, 1)["pid"], signal.SIGKILL)
-        t0 = time.time()
-        proc.wait(timeout=120)
-        took = time.time() - t0
+        took = _signal_ranks(cache, proc, [(0, signal.SIGSTOP), (1, signal.SIGKILL)], stopped)
     finally:
         proc.kill()
-        if stopped:
-            _cleanup([stopped])
+        _cleanup(stopped)
     print(f"rank 1 killed, rank 0 stopped -> sftjob exited {proc.returncode} after {took:.1f}s")
     assert proc.returncode == 71, log.read_text()[-4000:]
     assert took < 60

@@ -18,13 +18,7 @@ import pytest
 import trainkit
 
 pytestmark = pytest.mark.slow
-COMMON = ["--logging-steps", "1", "--seed", "3", "--learning-rate", "1e-3", "--max-length", "256",
-          "--per-device-train-batch-size", "2", "--lr-scheduler-type", "constant"]
-
-
-def _args(out, steps, *extra):
-    return ["run", "--model", str(trainkit.tiny_model()), "--data", str(trainkit.chat_data()), "--output", out,
-            "--max-steps", str(steps), *COMMON, *extra]
+_args = trainkit.steady_args
 
 
 def _progress(log: Path) -> list[int]:

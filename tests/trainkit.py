@@ -27,6 +27,17 @@ def chat_data(n: int = 200) -> Path:
     return demo_data.write_jsonl(_DIR / f"chat-{n}.jsonl", n=n)
 
 
+#: a steady run: seed 3, constant lr, micro-batch 2, a loss line every step (losses comparable across attempts)
+STEADY = ["--logging-steps", "1", "--seed", "3", "--learning-rate", "1e-3", "--max-length", "256",
+          "--per-device-train-batch-size", "2", "--lr-scheduler-type", "constant"]
+
+
+def steady_args(out, steps: int, *extra: str) -> list[str]:
+    """`sftjob run` arguments of a steady tiny-model run of `steps` steps into `out`."""
+    return ["run", "--model", str(tiny_model()), "--data", str(chat_data()), "--output", str(out),
+            "--max-steps", str(steps), *STEADY, *extra]
+
+
 def sftjob_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "job", *args]
 
