@@ -78,6 +78,41 @@ def test_dead_and_stalled_are_retryable_and_every_exit_code_is_documented():
         assert re.search(rf"\|\s*(\*\*)?{int(code)}(\*\*)?( or \d+)?\s*\|", failures), code
 
 
+_AGREEMENT = """
+import json, os, signal, socket, sys
+import torch.distributed as dist
+from job.train import sft
+s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+flag, real, seen = sft.StopFlag(None), dist.all_reduce, []
+def reduce_then_sigterm(t, op=None):  # a real SIGTERM lands after the reduce read the flags
+    r = real(t, op=op)
+    os.kill(os.getpid(), signal.SIGTERM)
+    return r
+dist.all_reduce = reduce_then_sigterm
+seen.append(flag.agreed(1.0))
+dist.all_reduce = real
+seen += [flag.agreed(1.0), flag.requested]
+late = sft.StopFlag(None)
+os.kill(os.getpid(), signal.SIGTERM)  # after the last step's agreement: settle() still sees it
+seen += [late.reason, late.settle()]
+dist.destroy_process_group()
+print(json.dumps(seen))
+"""
+
+
+def test_a_sigterm_that_lands_during_the_step_agreement_stops_the_next_step_and_is_never_lost():
+    """The handler ran between the all-reduce and its verdict: the verdict used to overwrite it (the run
+    then trained to the end and was killed at the grace period; CI saw it as 'stopped at step 30 of 30')."""
+    r = subprocess.run([sys.executable, "-c", _AGREEMENT], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "SFTJOB_LOG_FORMAT": "json"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    this_step, next_step, requested, before_settle, settled = json.loads(r.stdout.strip().splitlines()[-1])
+    assert this_step is None  # this step's agreement was reached before the signal
+    assert next_step == "sigterm" and requested == "sigterm"  # ...the next one includes it
+    assert before_settle is None and settled == "sigterm"
+
+
 def test_torch_elastic_failure_report_names_the_killed_rank_first():
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 

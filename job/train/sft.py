@@ -67,35 +67,55 @@ class Collator:
 
 
 class StopFlag:
-    """SIGTERM / deadline flag, agreed across ranks each step so all stop at the same step."""
+    """SIGTERM / deadline flag, agreed across ranks each step so all stop at the same step.
+
+    What this rank was asked (``requested``: the signal handler, the deadline) is kept apart from what the
+    ranks agreed (``reason``). A SIGTERM whose handler runs while an agreement is in flight (after the
+    all-reduce has read the flags, before its verdict is stored) used to be overwritten by that verdict
+    and lost: the run trained to the end and was killed at the grace period. Now it joins the next step's
+    agreement."""
+
+    CODES = {None: 0, "deadline": 1, "sigterm": 2}
+    NAMES = {v: k for k, v in CODES.items()}
 
     def __init__(self, deadline: float | None):
+        self.requested: str | None = None
         self.reason: str | None = None
         self.deadline = deadline
         self.signalled_at: float | None = None
         signal.signal(signal.SIGTERM, self._on_signal)
 
     def _on_signal(self, signum, frame) -> None:
-        if self.reason is None:
-            self.reason = "sigterm"
+        if self.signalled_at is None:
+            self.requested = "sigterm"
             self.signalled_at = time.time()
             logsetup.event("sigterm", "sftjob: SIGTERM received — finishing the step, then checkpointing",
                            message="SIGTERM received: finishing the step, then checkpointing")
 
     def agreed(self, step_seconds: float) -> str | None:
-        if self.reason is None and self.deadline and time.time() + 3 * step_seconds + 10 > self.deadline:
-            self.reason = "deadline"
+        """At a step's end: the reason every rank stops for (or None), the same on all of them."""
+        if self.requested is None and self.deadline and time.time() + 3 * step_seconds + 10 > self.deadline:
+            self.requested = "deadline"
+        return self._agree()
+
+    def settle(self) -> str | None:
+        """After training: one last agreement, so a SIGTERM that came after the last step's sends every rank
+        down the same ending (saving under ZeRO-3/FSDP is collective)."""
+        return self._agree()
+
+    def _agree(self) -> str | None:
+        code = max(self.CODES[self.reason], self.CODES[self.requested])  # read once: the handler may run below
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
             import torch
 
-            codes = {None: 0, "deadline": 1, "sigterm": 2}
-            t = torch.tensor([codes[self.reason]], dtype=torch.int32)
+            t = torch.tensor([code], dtype=torch.int32)
             if dist.get_backend() == "nccl":
                 t = t.cuda()
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            self.reason = {0: None, 1: "deadline", 2: "sigterm"}[int(t.item())]
+            code = int(t.item())
+        self.reason = self.NAMES[code]
         return self.reason
 
 
@@ -326,6 +346,7 @@ def train(plan: dict, recipe_for: Callable[[Any, dict, Any], Recipe] = sft_recip
         for t in tracks:
             t.end(interrupted=True)
         raise
+    stop.settle()
     if eval_ds is not None and not stop.reason:
         last = callbacks[0].last_eval  # an eval_steps evaluation at the final step is not run twice
         same = torch.tensor(int(bool(last and last[0] == trainer.state.global_step)), device=trainer.accelerator.device)
@@ -340,7 +361,7 @@ def train(plan: dict, recipe_for: Callable[[Any, dict, Any], Recipe] = sft_recip
     stopped = Path(plan["workdir"]) / "stopped.json"
     if stop.reason == "sigterm":
         # the ranks' share of the grace period; the rest is for teardown and the entrypoint's last status
-        grace_left = plan["grace_seconds"] - SIGTERM_RESERVE_SECONDS - (time.time() - stop.signalled_at)
+        grace_left = plan["grace_seconds"] - SIGTERM_RESERVE_SECONDS - (time.time() - (stop.signalled_at or time.time()))
         watchdog.beat("uploading")
         saved = mirror.wait(timeout=max(grace_left, 1)) if mirror else True
         if rank == 0:
