@@ -60,7 +60,7 @@ def _interrupt(tmp_path, out, env, *flags) -> tuple[int, dict]:
     machine (seen once: 4 → 30) lets the run finish before the signal lands; that attempt proves nothing
     about resuming, so it is started again (at most twice more), never accepted."""
     for attempt in range(3):
-        log = tmp_path / f"first-{attempt}.log"
+        log = tmp_path / "first.log"  # the last attempt's
         fresh = {**env, "SFTJOB_CACHE_DIR": f"{env['SFTJOB_CACHE_DIR']}-{attempt}"} if attempt else env
         proc = trainkit.start(*_args(out, *flags, "--save-steps", "1"), env=fresh, log=log)
         # DeepSpeed may JIT-build its CPU comm op first; the ranks are frozen while the signal travels
