@@ -152,11 +152,7 @@ def _prepare(spec, tdir: Path, template_src, inputs: Path, key: str, root: Path,
                     chunks.append(spill.add(e))
                 bad_all += sorted(bad, key=_where_key)
                 read_total += tally["read"]
-                part = stream.Examples(*(np.concatenate([getattr(c, f) for c in chunks]) if chunks else z
-                                         for f, z in (("lengths", np.zeros(0, np.int64)),
-                                                      ("weights", np.zeros(0, np.float32)),
-                                                      ("turns", np.zeros(0, np.int32)),
-                                                      ("trained", np.zeros(0, np.int64)))))
+                part = stream.Examples.concat(chunks)
                 n = len(part)
                 if src is None:  # the separate eval source
                     eval_idx.append(np.arange(n) + offset)
@@ -196,8 +192,9 @@ def _prepare(spec, tdir: Path, template_src, inputs: Path, key: str, root: Path,
                 stream.write(tmp / "eval.parquet", spill, every, eval_order, False, spec.data.max_length)
             rep["packing"].update(efficiency=bins_eff, bins=n_rows if spec.data.packing else None)
             if spec.data.packing:  # the windows' yardstick: best-fit-decreasing over the whole set at once
-                rep["packing"]["efficiency_whole_set"] = round(
-                    stream.whole_set_efficiency(train.lengths, spec.data.max_length), 4)
+                one_window = int(train.lengths.sum()) <= stream.window_tokens(spec.data.max_length)
+                rep["packing"]["efficiency_whole_set"] = round(  # one window is the whole set: no second packing
+                    bins_eff if one_window else stream.whole_set_efficiency(train.lengths, spec.data.max_length), 4)
             # flat summary for the planner (job/train/plan.py): rows of train.parquet per epoch
             rep.update(rows_kept=len(train), tokens_total=rep["tokens"]["total"],
                        packed_bins=n_rows if spec.data.packing else None)

@@ -50,6 +50,12 @@ class Examples:
     def __len__(self) -> int:
         return len(self.lengths)
 
+    @classmethod
+    def concat(cls, parts: list[Examples]) -> Examples:
+        if not parts:
+            return cls(np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.int32), np.zeros(0, np.int64))
+        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("lengths", "weights", "turns", "trained")))
+
 
 class Spill:
     """Encoded examples appended to ``ids.bin`` and ``labels.bin`` (int32) in ``dir``, in arrival order."""
@@ -83,10 +89,7 @@ class Spill:
         """Every example so far, in arrival order; the files are then opened for reading."""
         self._ids.close()
         self._labels.close()
-        parts = self._parts or [Examples(np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.int32),
-                                         np.zeros(0, np.int64))]
-        every = Examples(*(np.concatenate([getattr(p, f) for p in parts])
-                           for f in ("lengths", "weights", "turns", "trained")))
+        every = Examples.concat(self._parts)
         self._parts = []
         self.starts = np.concatenate([[0], np.cumsum(every.lengths)])
         self._fds = (os.open(self.dir / "ids.bin", os.O_RDONLY), os.open(self.dir / "labels.bin", os.O_RDONLY))
