@@ -138,3 +138,31 @@ def test_save_minutes_checkpoints_on_a_clock(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     complete = [p for p in (out / "checkpoints").iterdir() if (p / "COMPLETE").exists()]
     assert len(complete) >= 2  # no save_steps: only the clock made these
+
+
+def test_sigterm_while_the_data_is_prepared_stops_the_run_and_its_tokenizer_workers(tmp_path):
+    """The forked tokenizer workers must not inherit the run's SIGTERM handler: it raised Interrupted inside
+    them, so the pool's shutdown printed a traceback per worker or hung. Real SIGTERM, real forked pool."""
+    import psutil
+
+    from job import demo_data
+
+    data = demo_data.write_jsonl(tmp_path / "big.jsonl", n=60000)
+    log = tmp_path / "run.log"
+    proc = trainkit.start("run", "--model", str(trainkit.tiny_model()), "--data", str(data),
+                          "--output", str(tmp_path / "out"), "--max-steps", "2", "--num-proc", "2",
+                          env={"SFTJOB_CACHE_DIR": str(tmp_path / "c")}, log=log)
+    parent = psutil.Process(proc.pid)
+    workers: list = []
+
+    def forked() -> bool:  # pool workers are forks: the parent's command line, no exec
+        workers[:] = [c for c in parent.children() if c.cmdline() == parent.cmdline()]
+        return len(workers) == 2
+
+    trainkit.wait_until(forked, proc, "two tokenizer workers", timeout=120)
+    assert trainkit.sigterm_and_wait(proc, timeout=60) == 75, log.read_text()[-3000:]
+    text = log.read_text()
+    assert "stopped by SIGTERM" in text and "Traceback" not in text, text[-3000:]
+    _, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive, f"tokenizer workers left running: {alive}"
+    assert not (tmp_path / "out" / "_SUCCESS").exists()

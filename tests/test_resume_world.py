@@ -107,6 +107,14 @@ def test_sigterm_then_resume_with_another_process_count(tmp_path, reference, mod
     assert world["num_processes"] == before and world["global_batch"] == 2
     assert (out / "checkpoints" / f"step-{stopped}" / reshard.PORTABLE_FILE).is_file()
 
+    if mode == "fsdp" and method == "lora":  # the same checkpoint as written before portable/ existed: refused
+        legacy = tmp_path / "legacy"
+        shutil.copytree(out, legacy)
+        _strip_portable(legacy, stopped)
+        r = trainkit.run(*_args(legacy, *flags, *_procs(after)), env={"SFTJOB_CACHE_DIR": str(tmp_path / "c3")})
+        assert r.returncode == ExitCode.VERIFY, r.stderr[-3000:]
+        assert f"was saved as fsdpx{before} and this run is fsdpx{after}" in r.stderr and "Traceback" not in r.stderr
+
     # the rerun is a pod on other capacity: an empty local disk (all from the output), the same flags as
     # the first run but the process count
     rerun = trainkit.run(*_args(out, *flags, "--num-processes", str(after),
@@ -187,6 +195,13 @@ def test_plan_resume_reads_the_checkpoint_layout(tmp_path):
     legacy_fsdp = tmp_path / "checkpoint-3"
     (legacy_fsdp / "pytorch_model_fsdp_0").mkdir(parents=True)
     assert reshard.plan_resume(legacy_fsdp, spec, topo("fsdp", 2)).mode == "native"  # as before this existed
+    (legacy_fsdp / "optimizer.pt").write_bytes(b"x")  # FSDP writes one too, readable by its own count only
+    for r in range(2):  # the Trainer's RNG file of each rank tells how many wrote it
+        (legacy_fsdp / f"rng_state_{r}.pth").write_bytes(b"x")
+    assert reshard.plan_resume(legacy_fsdp, spec, topo("fsdp", 2)).mode == "native"
+    with pytest.raises(reshard.CheckpointUnusableError, match="saved as fsdpx2 and this run is fsdpx1.*before portable"):
+        reshard.plan_resume(legacy_fsdp, spec, topo("fsdp", 1))
+    assert reshard.plan_resume(legacy_fsdp, spec, topo("ddp", 1)).mode == "native"  # DDP's is full: any count
     rec = reshard.plan_resume(None, spec, topo("deepspeed", 2)).record
     (ck / reshard.WORLD_FILE).write_text(json.dumps(rec))
     (ck / "portable").mkdir()

@@ -110,6 +110,12 @@ def _saved_layout(ckpt: Path) -> tuple[dict | None, str]:
     return None, "unknown"
 
 
+def _saved_processes(ckpt: Path) -> int | None:
+    """How many processes wrote `ckpt`: the Trainer saves one rng_state_<rank>.pth each (rng_state.pth alone)."""
+    ranks = list(ckpt.glob("rng_state_*.pth"))
+    return len(ranks) if ranks else 1 if (ckpt / "rng_state.pth").is_file() else None
+
+
 def plan_resume(ckpt: Path | None, spec, topo) -> Resume:
     """How this run resumes from `ckpt` (None: a fresh start), with the global batch kept."""
     t = spec.train
@@ -118,8 +124,12 @@ def plan_resume(ckpt: Path | None, spec, topo) -> Resume:
         g = t.per_device_train_batch_size * t.gradient_accumulation_steps * topo.num_processes
         return Resume("fresh", spec, _record(spec, topo, g))
     rec, saved = _saved_layout(ckpt)
-    if rec is None and (saved == "unknown" or saved.split("x")[-1] == mine.split("x")[-1] == str(topo.num_processes)):
-        saved = mine  # from before sftjob_world.json, on the same count: resume as it always did
+    if rec is None and not saved.startswith("zero"):  # from before sftjob_world.json, not DeepSpeed's shards
+        # Single and DDP read a full optimizer.pt on any count. FSDP writes an optimizer.pt too, but one that
+        # only its own count can read: the Trainer's RNG file per rank tells that count.
+        n = _saved_processes(ckpt)
+        same = mine == "full" or n in (None, topo.num_processes)
+        saved = mine if same else layout(topo.strategy, n, spec.distributed.zero_stage)
     mode = "native"
     if saved != mine:
         if (ckpt / PORTABLE_FILE).is_file():
