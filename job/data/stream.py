@@ -96,24 +96,38 @@ class Spill:
         return every
 
     def read(self, idx: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """(ids, labels) of examples ``idx``, in that order (repeats allowed); reads only their bytes, in
-        ascending runs (examples less than READ_GAP bytes apart are read with one call, the gap discarded)."""
+        """(ids, labels) of examples ``idx``, in that order, one array per example (views of ``read_flat``)."""
+        ids, labels, lengths = self.read_flat(idx)
+        cut = np.cumsum(lengths)[:-1]
+        return np.split(ids, cut), np.split(labels, cut)
+
+    def read_flat(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ids, labels, lengths) of examples ``idx`` in that order (repeats allowed), flat: the examples'
+        tokens end to end. Reads only their bytes, in ascending runs (examples less than READ_GAP bytes apart
+        are read with one call, the gap discarded); the reordering is one vectorised gather."""
         fid, flab = self._fds
         idx = np.asarray(idx, np.int64)
+        lengths = self.starts[idx + 1] - self.starts[idx]
+        if not len(idx):
+            return np.zeros(0, np.int32), np.zeros(0, np.int32), lengths
         order = np.argsort(idx, kind="stable")
-        lo_b, hi_b = self.starts[idx[order]] * 4, self.starts[idx[order] + 1] * 4
-        reach = np.maximum.accumulate(hi_b) if len(hi_b) else hi_b
-        cuts = np.flatnonzero(lo_b[1:] - reach[:-1] > READ_GAP) + 1
-        ids: list = [None] * len(idx)
-        labels: list = [None] * len(idx)
-        for r0, r1 in zip(np.concatenate([[0], cuts]).tolist(), np.concatenate([cuts, [len(idx)]]).tolist(), strict=True):
-            base, n = int(lo_b[r0]), int(reach[r1 - 1] - lo_b[r0])
-            run_ids = np.frombuffer(os.pread(fid, n, base), np.int32)
-            run_labels = np.frombuffer(os.pread(flab, n, base), np.int32)
-            for j, a, b in zip(order[r0:r1].tolist(), ((lo_b[r0:r1] - base) // 4).tolist(),
-                               ((hi_b[r0:r1] - base) // 4).tolist(), strict=True):
-                ids[j], labels[j] = run_ids[a:b], run_labels[a:b]
-        return ids, labels
+        lo, hi = self.starts[idx[order]], self.starts[idx[order] + 1]  # in tokens, ascending
+        reach = np.maximum.accumulate(hi)
+        cuts = np.flatnonzero(lo[1:] - reach[:-1] > READ_GAP // 4) + 1
+        first, last = np.concatenate([[0], cuts]), np.concatenate([cuts, [len(idx)]]) - 1
+        run_lo, run_len = lo[first], reach[last] - lo[first]
+        run_at = np.concatenate([[0], np.cumsum(run_len)[:-1]])  # where each run lands in the buffer
+        buf_ids = np.empty(int(run_len.sum()), np.int32)
+        buf_labels = np.empty_like(buf_ids)
+        for base, n, at in zip(run_lo.tolist(), run_len.tolist(), run_at.tolist(), strict=True):
+            buf_ids[at:at + n] = np.frombuffer(os.pread(fid, n * 4, base * 4), np.int32)
+            buf_labels[at:at + n] = np.frombuffer(os.pread(flab, n * 4, base * 4), np.int32)
+        run = np.repeat(np.arange(len(first)), last - first + 1)
+        at = np.empty(len(idx), np.int64)
+        at[order] = run_at[run] + lo - run_lo[run]  # each example's first token in the buffer
+        heads = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        gather = np.repeat(at - heads, lengths) + np.arange(int(lengths.sum()))
+        return buf_ids[gather], buf_labels[gather], lengths
 
     def remove(self) -> None:
         if self._fds:
@@ -154,19 +168,17 @@ def write(path: Path, spill: Spill, every: Examples, order: np.ndarray, pack: bo
     rows = tokens = 0
     with pq.ParquetWriter(path, schema, use_dictionary=False, compression="zstd") as writer:
         for a, b in windows(every.lengths[order], budget or window_tokens(max_length)):
-            ids, labels = spill.read(order[a:b])
             if pack:
-                ids, labels, pos, _ = packing.pack(ids, labels, max_length)
+                ids, labels, pos, _ = packing.pack(*spill.read(order[a:b]), max_length)
+                lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+                ids, labels, pos = (np.concatenate(x) if x else np.zeros(0, np.int32) for x in (ids, labels, pos))
             else:
-                pos = [np.arange(len(x), dtype=np.int32) for x in ids]
-            lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+                ids, labels, lengths = spill.read_flat(order[a:b])
+                heads = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+                pos = np.arange(int(lengths.sum())) - np.repeat(heads, lengths)
             offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
-
-            def col(parts, offsets=offsets):
-                flat = np.concatenate(parts).astype(np.int32, copy=False) if parts else np.zeros(0, np.int32)
-                return pa.ListArray.from_arrays(offsets, pa.array(flat))
-
-            writer.write_table(pa.Table.from_arrays([col(ids), col(labels), col(pos)], schema=schema))
+            cols = [pa.ListArray.from_arrays(offsets, pa.array(np.asarray(x, np.int32))) for x in (ids, labels, pos)]
+            writer.write_table(pa.Table.from_arrays(cols, schema=schema))
             rows += len(lengths)
             tokens += int(lengths.sum())
     eff = tokens / (rows * max_length) if pack and rows else (0.0 if pack else None)
