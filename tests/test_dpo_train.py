@@ -176,3 +176,25 @@ def test_preview_shows_the_prompt_once_and_the_trained_spans_of_both_answers(pai
     assert out.count("prompt: ") == 1 and out.count(row["prompt"][0]["content"]) == 1
     assert f"[[{row['chosen'][0]['content']}<|im_end|>]]" in out
     assert f"[[{row['rejected'][0]['content']}<|im_end|>]]" in out
+
+
+def test_dpo_under_ddp_and_fsdp_with_two_processes_trains_the_same_steps_and_publishes(pairs, tmp_path):
+    """DPO on 2 processes under DDP and under FSDP: the same global batch, so the same losses step for step
+    (the reference is the adapter-free base in both); each run publishes a verified adapter."""
+    losses = {}
+    for strategy in ("ddp", "fsdp"):
+        out = tmp_path / strategy
+        r = trainkit.run(*_args(out, *pairs, 4, "--per-device-train-batch-size", "2", "--logging-steps", "1",
+                                "--distributed", strategy, "--num-processes", "2"),
+                         env={"SFTJOB_CACHE_DIR": str(tmp_path / "cache")})
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+        assert (out / "_SUCCESS").exists() and (out / "adapter_model.safetensors").exists()
+        topo = json.loads((out / "launch" / "topology.json").read_text())
+        assert (topo["strategy"], topo["num_processes"]) == (strategy, 2)
+        recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        losses[strategy] = {x["step"]: x["loss"] for x in recs if "loss" in x}
+        assert [x for x in recs if "loss" in x][-1]["rewards/margins"] > 0
+    assert sorted(losses["ddp"]) == sorted(losses["fsdp"]) == [1, 2, 3, 4]
+    for step, loss in losses["ddp"].items():
+        assert losses["fsdp"][step] == pytest.approx(loss, abs=1e-4), step
+    assert losses["ddp"][4] < losses["ddp"][1]  # it learned
