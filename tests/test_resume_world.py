@@ -190,6 +190,8 @@ def test_plan_resume_reads_the_checkpoint_layout(tmp_path):
     for r in range(2):
         (ck / "global_step7" / f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt").write_bytes(b"x")
     assert reshard.plan_resume(ck, spec, topo("deepspeed", 2)).mode == "native"  # same layout
+    zero1 = spec.model_copy(update={"distributed": spec.distributed.model_copy(update={"zero_stage": 1})})
+    assert reshard.plan_resume(ck, zero1, topo("deepspeed", 2)).mode == "native"  # same count: as it always did
     with pytest.raises(reshard.CheckpointUnusableError, match="saved as zero2x2 and this run is zero2x1"):
         reshard.plan_resume(ck, spec, topo("deepspeed", 1))
     legacy_fsdp = tmp_path / "checkpoint-3"

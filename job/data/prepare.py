@@ -286,8 +286,7 @@ def worker_pool(encoder: Encoder, data_spec, model_spec, num_proc: int):
     Measured on 2 cores, 100k rows: 2 workers 13.1 s wall / 22.4 CPU-s against 16.3 s / 24.8 CPU-s for one
     process whose tokenizer thread runs on both cores: Python (parse, render, spans) is the longer half,
     and in one process it runs on one core only. A one-thread tokenizer per worker also keeps a 16-core
-    node at 16 busy threads, not 16 x 16. Workers are forked before this process ever tokenizes, so a
-    Rust thread pool is never inherited half-initialised.
+    node at 16 busy threads, not 16 x 16, and never uses a Rust thread pool inherited through the fork.
     """
     if num_proc <= 1:
         yield None

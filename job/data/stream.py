@@ -98,6 +98,8 @@ class Spill:
     def read(self, idx: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """(ids, labels) of examples ``idx``, in that order, one array per example (views of ``read_flat``)."""
         ids, labels, lengths = self.read_flat(idx)
+        if not len(lengths):
+            return [], []
         cut = np.cumsum(lengths)[:-1]
         return np.split(ids, cut), np.split(labels, cut)
 

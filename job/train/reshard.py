@@ -124,7 +124,10 @@ def plan_resume(ckpt: Path | None, spec, topo) -> Resume:
         g = t.per_device_train_batch_size * t.gradient_accumulation_steps * topo.num_processes
         return Resume("fresh", spec, _record(spec, topo, g))
     rec, saved = _saved_layout(ckpt)
-    if rec is None and not saved.startswith("zero"):  # from before sftjob_world.json, not DeepSpeed's shards
+    if rec is None and saved.startswith("zero"):  # from before sftjob_world.json: DeepSpeed's shards tell the count
+        if saved.split("x")[-1] == mine.split("x")[-1] == str(topo.num_processes):
+            saved = mine  # on the same count: resume as it always did
+    elif rec is None:
         # Single and DDP read a full optimizer.pt on any count. FSDP writes an optimizer.pt too, but one that
         # only its own count can read: the Trainer's RNG file per rank tells that count.
         n = _saved_processes(ckpt)
