@@ -10,7 +10,7 @@ class ExitCode(IntEnum):
     DATA = 65  # bad data: fix the rows, do not retry
     NOT_FOUND = 66  # input (bucket, key, file, model) not found
     VERIFY = 70  # the adapter failed verification: nothing published (retryable)
-    RANK_DIED = 71  # a training process died (killed, crashed); the others were ended (retryable, resumes)
+    RANK_DIED = 71  # a training process (or a tokenizer worker) died; the others were ended (retryable, resumes)
     STALLED = 72  # no optimizer step for resilience.stall_seconds; stacks logged, ranks ended (retryable, resumes)
     UNAVAILABLE = 69  # storage or service unavailable after retries (retryable)
     PUBLISHED = 73  # output already published; refused
@@ -35,7 +35,7 @@ MEANING = {
     ExitCode.DATA: "bad data",
     ExitCode.NOT_FOUND: "input not found (bucket, key, file, model)",
     ExitCode.VERIFY: "adapter failed verification; nothing published",
-    ExitCode.RANK_DIED: "a training process died (killed or crashed); the others were ended",
+    ExitCode.RANK_DIED: "a training process or tokenizer worker died (killed or crashed); the others were ended",
     ExitCode.STALLED: "training stalled (no optimizer step for stall_seconds); stacks in the log",
     ExitCode.UNAVAILABLE: "storage or service unavailable after retries",
     ExitCode.PUBLISHED: "output already published; refused",

@@ -160,9 +160,48 @@ def test_sigterm_while_the_data_is_prepared_stops_the_run_and_its_tokenizer_work
         return len(workers) == 2
 
     trainkit.wait_until(forked, proc, "two tokenizer workers", timeout=120)
+
+    def busy() -> bool:  # mid-stream: results of several MB in flight (where Pool.terminate could hang)
+        return all(w.cpu_times().user > 1.0 for w in workers)
+
+    trainkit.wait_until(busy, proc, "the workers tokenizing", timeout=120)
     assert trainkit.sigterm_and_wait(proc, timeout=60) == 75, log.read_text()[-3000:]
     text = log.read_text()
     assert "stopped by SIGTERM" in text and "Traceback" not in text, text[-3000:]
     _, alive = psutil.wait_procs(workers, timeout=10)
     assert not alive, f"tokenizer workers left running: {alive}"
+    assert not (tmp_path / "out" / "_SUCCESS").exists()
+
+
+def test_a_tokenizer_worker_killed_during_prepare_ends_the_run_with_71_naming_it(tmp_path):
+    """kill -9 of one forked tokenizer worker (what the OOM killer does): the run must not wait forever for
+    its lost task (multiprocessing.Pool's behaviour); it ends with the retryable 71, names the process and
+    signal, prints no traceback and leaves no cache entry nor output."""
+    import psutil
+
+    from job import demo_data
+
+    data = demo_data.write_jsonl(tmp_path / "big.jsonl", n=60000)
+    log = tmp_path / "run.log"
+    cache = tmp_path / "c"
+    proc = trainkit.start("run", "--model", str(trainkit.tiny_model()), "--data", str(data),
+                          "--output", str(tmp_path / "out"), "--max-steps", "2", "--num-proc", "2",
+                          env={"SFTJOB_CACHE_DIR": str(cache)}, log=log)
+    parent = psutil.Process(proc.pid)
+    workers: list = []
+
+    def busy() -> bool:
+        workers[:] = [c for c in parent.children() if c.cmdline() == parent.cmdline()]
+        return len(workers) == 2 and all(w.cpu_times().user > 0.5 for w in workers)
+
+    trainkit.wait_until(busy, proc, "two tokenizer workers at work", timeout=120)
+    victim = workers[1].pid
+    os.kill(victim, signal.SIGKILL)
+    rc = proc.wait(timeout=60)
+    text = log.read_text()
+    assert rc == 71, text[-3000:]
+    assert f"tokenizer process {victim} died: killed by SIGKILL" in text and "Traceback" not in text, text[-3000:]
+    _, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive
+    assert not list(cache.glob("prepared/*")), "a half-prepared cache entry was left"
     assert not (tmp_path / "out" / "_SUCCESS").exists()

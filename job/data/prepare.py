@@ -11,14 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import multiprocessing
 import os
 import re
 import shutil
-import signal
 import tempfile
 import time
-from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -38,6 +35,7 @@ from job.data.templates import (
     resolve_template,
     tokenizer_files_sha256,
 )
+from job.data.workers import Workers
 from job.errors import ConfigError, DataError, NotFoundError
 from job.loader import load_tokenizer
 
@@ -239,11 +237,6 @@ def _init_worker(state: tuple) -> None:
     _WORKER = state
     # one core per worker (and a Rust thread pool inherited through fork would deadlock)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    # The pool ends its workers with SIGTERM, and the handler inherited from the run (raise Interrupted)
-    # made a worker print a traceback or hang the pool's shutdown. A worker just dies; the parent, which
-    # got the pod's SIGTERM or Ctrl-C, is the one that stops the run.
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _encode_chunks(chunks: list[list[tuple]]) -> list[Encoded]:
@@ -291,9 +284,8 @@ def worker_pool(encoder: Encoder, data_spec, model_spec, num_proc: int):
     if num_proc <= 1:
         yield None
         return
-    ctx = multiprocessing.get_context("fork")
-    with ctx.Pool(num_proc, initializer=_init_worker,
-                  initargs=((encoder, data_spec, model_spec),)) as pool:
+    with Workers(num_proc, _encode_chunks, _init_worker, ((encoder, data_spec, model_spec),),
+                 name="tokenizer") as pool:
         yield pool
 
 
@@ -340,24 +332,12 @@ def encode_iter(encoder: Encoder, records: Iterable[tuple], data_spec, model_spe
         for c in chunks():
             yield encoder.encode_records(c, data_spec, model_spec, keep_text=True)
     elif pool is not None:  # groups of chunks per worker task: each runs the pipeline
-        yield from counted(_bounded_imap(pool, _encode_chunks, _grouped(chunks(), 4)))
+        yield from counted(pool.imap(_grouped(chunks(), 4)))
     elif num_proc > 1:
         with worker_pool(encoder, data_spec, model_spec, num_proc) as p:
-            yield from counted(_bounded_imap(p, _encode_chunks, _grouped(chunks(), 4)))
+            yield from counted(p.imap(_grouped(chunks(), 4)))
     else:
         yield from pipelined(encoder, chunks(), data_spec, model_spec, progress)
-
-
-def _bounded_imap(pool, fn, items, depth: int | None = None):
-    """``pool.imap`` that reads its input only a few tasks ahead (imap's feeder thread would read it all)."""
-    depth = depth or 2 * max(getattr(pool, "_processes", 2), 1)
-    pending: deque = deque()
-    for item in items:
-        pending.append(pool.apply_async(fn, (item,)))
-        if len(pending) >= depth:
-            yield pending.popleft().get()
-    while pending:
-        yield pending.popleft().get()
 
 
 def _grouped(it, n: int):
