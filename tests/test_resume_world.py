@@ -21,7 +21,7 @@ from job.train import reshard
 STEPS = 30
 COMMON = ["--logging-steps", "1", "--seed", "5", "--learning-rate", "1e-3", "--max-length", "256",
           "--lora-dropout", "0", "--lr-scheduler-type", "linear", "--max-steps", str(STEPS)]
-MODES = {"ddp": ["--distributed", "ddp"], "zero2": ["--distributed", "deepspeed", "--zero-stage", "2"],
+MODES = {"auto": [], "ddp": ["--distributed", "ddp"], "zero2": ["--distributed", "deepspeed", "--zero-stage", "2"],
          "zero3": ["--distributed", "deepspeed", "--zero-stage", "3"], "fsdp": ["--distributed", "fsdp"]}
 FULL = ["--method", "full"]  # every parameter trainable: portable/ holds the whole model and its moments
 
@@ -90,7 +90,10 @@ def _strip_portable(out, step):
 # (each case is ~1-2 min of CI): FSDP LoRA (DTensors), full under ZeRO-2 (the param-group relink) and FSDP.
 # FSDP 1 → 2, ZeRO-2 full 1 → 2 and ZeRO-3 full 2 → 1 passed the same way when this was written
 # (|Δloss| ≤ 1e-6) and are left out of CI for time.
+# "auto" is the default: DeepSpeed on 2 processes, single on 1, so a default run re-admitted on another GPU
+# count also changes strategy (ZeRO-2 shards ↔ one plain optimizer.pt), both ways through portable/.
 CASES = [(mode, "lora", before, after) for mode in ("ddp", "zero2", "zero3") for before, after in ((2, 1), (1, 2))] + [
+         ("auto", "lora", 2, 1), ("auto", "lora", 1, 2),
          ("fsdp", "lora", 2, 1),
          ("zero2", "full", 2, 1), ("fsdp", "full", 2, 1)]
 
@@ -105,6 +108,8 @@ def test_sigterm_then_resume_with_another_process_count(tmp_path, reference, mod
     stopped, before_losses = _interrupt(tmp_path, out, env, *flags, *_procs(before))
     world = json.loads((out / "checkpoints" / f"step-{stopped}" / reshard.WORLD_FILE).read_text())
     assert world["num_processes"] == before and world["global_batch"] == 2
+    if mode == "auto":
+        assert world["strategy"] == ("deepspeed" if before > 1 else "single"), world
     assert (out / "checkpoints" / f"step-{stopped}" / reshard.PORTABLE_FILE).is_file()
 
     if mode == "fsdp" and method == "lora":  # the same checkpoint as written before portable/ existed: refused
@@ -140,6 +145,29 @@ def test_sigterm_then_resume_with_another_process_count(tmp_path, reference, mod
           f"→ {stopped + 1} {resumed[stopped + 1]:.5f} (ref {reference[stopped + 1]:.5f}), final {resumed[STEPS]:.5f}")
     for s, loss in resumed.items():
         assert loss == pytest.approx(reference[s], abs=1e-4), s
+
+
+# Another strategy on the same count: the sharded layouts most unlike each other, both ways (a platform
+# moving a run between its DeepSpeed and FSDP images, or a spec edited between attempts).
+CROSS = [("zero3", "fsdp"), ("fsdp", "zero2")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("first,then", CROSS, ids=[f"{a}-to-{b}" for a, b in CROSS])
+def test_sigterm_then_resume_under_another_strategy(tmp_path, reference, first, then):
+    out = tmp_path / "out"
+    stopped, _ = _interrupt(tmp_path, out, {"SFTJOB_CACHE_DIR": str(tmp_path / "c")}, *MODES[first], *_procs(2))
+    rerun = trainkit.run(*_args(out, *MODES[then], *_procs(2)), env={"SFTJOB_CACHE_DIR": str(tmp_path / "c2")})
+    assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-4000:]
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "succeeded" and status["resumed_from"] == stopped and (out / "_SUCCESS").exists()
+    assert "resumed weights and optimizer state" in rerun.stderr
+    resumed, ref = trainkit.losses(rerun.stdout.splitlines()), reference("lora")
+    assert min(resumed) == stopped + 1 and max(resumed) == STEPS
+    worst = max(abs(loss - ref[s]) for s, loss in resumed.items())
+    print(f"{first} -> {then} at step {stopped}: after |Δ| ≤ {worst:.1e}")
+    for s, loss in resumed.items():
+        assert loss == pytest.approx(ref[s], abs=1e-4), s
 
 
 @pytest.mark.slow
@@ -204,6 +232,9 @@ def test_plan_resume_reads_the_checkpoint_layout(tmp_path):
     with pytest.raises(reshard.CheckpointUnusableError, match="saved as fsdpx2 and this run is fsdpx1.*before portable"):
         reshard.plan_resume(legacy_fsdp, spec, topo("fsdp", 1))
     assert reshard.plan_resume(legacy_fsdp, spec, topo("ddp", 1)).mode == "native"  # DDP's is full: any count
+    # DeepSpeed reads only its own shards (HF's loader raised on a plain optimizer.pt: exit 71 at every retry)
+    with pytest.raises(reshard.CheckpointUnusableError, match="saved as full and this run is zero2x2"):
+        reshard.plan_resume(legacy_fsdp, spec, topo("deepspeed", 2))
     rec = reshard.plan_resume(None, spec, topo("deepspeed", 2)).record
     (ck / reshard.WORLD_FILE).write_text(json.dumps(rec))
     (ck / "portable").mkdir()
@@ -244,3 +275,31 @@ def test_a_full_fine_tune_over_portable_max_gb_resumes_only_on_its_own_count(tmp
             "world-size-independent form: portable/ was not written") in r.stderr
     assert "--portable-max-gb" in r.stderr and "Traceback" not in r.stderr
     assert not (out / "_SUCCESS").exists()
+
+
+@pytest.mark.parametrize("saved_groups,now_groups", [(1, 2), (2, 1), (2, 2)])
+def test_a_schedule_resumes_at_its_step_whatever_the_parameter_grouping(saved_groups, now_groups):
+    """DeepSpeed keeps 1 parameter group for LoRA, single/DDP/FSDP 2 (an empty no-decay group): a schedule saved
+    under one must resume under the other at the same step and lr (torch's load_state_dict raised)."""
+    import torch
+    from transformers import get_scheduler
+
+    def schedule(groups: int):
+        opt = torch.optim.AdamW([{"params": [torch.nn.Parameter(torch.zeros(2))], "weight_decay": wd}
+                                 for wd in (0.0, 0.01)[:groups]], lr=1e-3)
+        return get_scheduler("linear", opt, num_warmup_steps=3, num_training_steps=30)
+
+    before = schedule(saved_groups)
+    for _ in range(7):
+        before.optimizer.step()
+        before.step()
+    now = schedule(now_groups)
+    reshard.load_schedule(now, before.state_dict())
+    want = before.get_last_lr()[0]
+    assert now.last_epoch == 7 and now.get_last_lr() == pytest.approx([want] * now_groups)
+    assert [g["lr"] for g in now.optimizer.param_groups] == pytest.approx([want] * now_groups)  # set now
+    now.optimizer.step()
+    now.step()
+    before.optimizer.step()
+    before.step()
+    assert now.get_last_lr() == pytest.approx([before.get_last_lr()[0]] * now_groups)  # and it goes on alike

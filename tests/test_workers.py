@@ -134,31 +134,26 @@ def test_a_stop_while_workers_send_large_results_never_hangs():
     class Stop(Exception):
         pass
 
+    def run(w: Workers, stop_at: int, stopped: list, done: threading.Event) -> None:
+        try:
+            with w:
+                for k, _r in enumerate(w.imap(range(50))):
+                    if k == stop_at:
+                        time.sleep(random.random() * 0.03)
+                        stopped.append(time.monotonic())
+                        raise Stop
+        except Stop:
+            done.set()
+
     worst = 0.0
     for _ in range(30):
-        w = Workers(2, big)
+        w, stopped, done = Workers(2, big), [], threading.Event()
         pids = w.pids
-        t0 = None
-        done = threading.Event()
-
-        def run():
-            nonlocal t0
-            try:
-                with w:
-                    for k, _r in enumerate(w.imap(range(50))):
-                        if k == stop_at:
-                            time.sleep(random.random() * 0.03)
-                            t0 = time.monotonic()
-                            raise Stop
-            except Stop:
-                done.set()
-
-        stop_at = random.randrange(0, 4)
-        th = threading.Thread(target=run, daemon=True)
+        th = threading.Thread(target=run, args=(w, random.randrange(0, 4), stopped, done), daemon=True)
         th.start()
         th.join(30)
         assert done.is_set(), "the stop hung"
-        worst = max(worst, time.monotonic() - t0)
+        worst = max(worst, time.monotonic() - stopped[0])
         assert not _alive(pids)
     assert worst < 5, worst
 

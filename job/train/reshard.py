@@ -127,7 +127,7 @@ def plan_resume(ckpt: Path | None, spec, topo) -> Resume:
     if rec is None and saved.startswith("zero"):  # from before sftjob_world.json: DeepSpeed's shards tell the count
         if saved.split("x")[-1] == mine.split("x")[-1] == str(topo.num_processes):
             saved = mine  # on the same count: resume as it always did
-    elif rec is None:
+    elif rec is None and topo.strategy != "deepspeed":  # DeepSpeed reads only its own global_step* shards
         # Single and DDP read a full optimizer.pt on any count. FSDP writes an optimizer.pt too, but one that
         # only its own count can read: the Trainer's RNG file per rank tells that count.
         n = _saved_processes(ckpt)
@@ -321,13 +321,35 @@ def load_portable(trainer, checkpoint: str) -> None:
             st["step"] = torch.full_like(st["step"], blob["step"]) if torch.is_tensor(st["step"]) else blob["step"]
     sched = Path(checkpoint) / "scheduler.pt"
     if sched.is_file():
-        trainer.lr_scheduler.load_state_dict(torch.load(sched, weights_only=True))
-        # the schedule writes an lr into the optimizer only at its next step(): the resumed step needs it now
-        # (a native resume gets it from the optimizer's saved param_groups)
-        for group, lr in zip(trainer.lr_scheduler.optimizer.param_groups, trainer.lr_scheduler.get_last_lr(), strict=True):
-            group["lr"] = lr
+        load_schedule(trainer.lr_scheduler, torch.load(sched, weights_only=True))
     log.info("resumed weights and optimizer state (Adam step %d, %d tensors) from %s", blob["step"], len(params),
              PORTABLE_FILE)
+
+
+def load_schedule(scheduler, state: dict) -> None:
+    """The saved schedule's position on this run's parameter groups, and each group's lr set now.
+
+    Another strategy may group the parameters differently: DeepSpeed drops the empty no-decay group of a
+    LoRA run (1 group) where single, DDP and FSDP keep it (2). The saved per-group lists then do not fit
+    (torch's load_state_dict fails on them), so only the position (``last_epoch``) is taken and each group's
+    lr is computed from it by this run's schedule, which the same spec makes the same schedule. The lr is
+    written into the optimizer now because the schedule writes it only at its next step(), and the resumed
+    step needs it (a native resume gets it from the optimizer's saved param_groups)."""
+    groups = scheduler.optimizer.param_groups
+    if len(state.get("base_lrs", groups)) == len(groups):
+        scheduler.load_state_dict(state)
+    else:
+        import warnings
+
+        scheduler.last_epoch = int(state["last_epoch"])
+        scheduler._step_count = int(state.get("_step_count", scheduler.last_epoch + 1))
+        with warnings.catch_warnings():  # get_lr() outside step() warns; here it is the point
+            warnings.simplefilter("ignore")
+            scheduler._last_lr = [float(lr) for lr in scheduler.get_lr()]
+        log.info("the checkpoint's schedule had %d parameter group(s) and this run has %d: resumed at its step %d",
+                 len(state["base_lrs"]), len(groups), scheduler.last_epoch)
+    for group, lr in zip(groups, scheduler.get_last_lr(), strict=True):
+        group["lr"] = lr
 
 
 REFUSED_FILE = "resume_refused.json"
