@@ -242,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
 
             traceback.print_exc()
         print(f"sftjob: error: {redact.text(str(e))}", file=sys.stderr)
+        from job import outage
+
+        outage.leave_if_stuck(int(e.exit_code))  # a transfer hung on a frozen store must not hold the exit
         return int(e.exit_code)
     except KeyboardInterrupt:  # Ctrl-C by a person: not a preemption, so not 75
         print("sftjob: interrupted (Ctrl-C)", file=sys.stderr)

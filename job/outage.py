@@ -67,6 +67,29 @@ def bounded(what: str, fn, seconds: float, *, kept: str | None = None):
                                if kept else "check the store's endpoint and health, then rerun")
 
 
+def leave_if_stuck(code: int, wait: float = 5.0) -> None:
+    """Exit now with ``code`` when threads still run after an error: a transfer hung on a frozen store is
+    joined by the interpreter's exit for read_timeout × attempts (minutes), far past the pod's grace period,
+    so a SIGTERM during a fetch would end in SIGKILL instead of 75. They get ``wait`` seconds to end; the
+    exit handlers (the status push's last chance, the log) still run."""
+    deadline = time.monotonic() + wait
+    me = threading.current_thread()
+    for t in threading.enumerate():
+        if t is not me and not t.daemon:
+            t.join(max(deadline - time.monotonic(), 0))
+    stuck = [t.name for t in threading.enumerate() if t is not me and not t.daemon and t.is_alive()]
+    if stuck:
+        log.warning("exiting with %d thread(s) still waiting on the store (%s)", len(stuck), ", ".join(stuck[:4]))
+        import atexit
+        import os
+        import sys
+
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
 def _files(adapter: Path) -> dict[str, list[int]]:
     """rel path → [size, mtime_ns]: enough to see the local adapter was not touched since (full fine-tunes
     are gigabytes; hashing them twice would cost minutes, and publish hashes them for the manifest anyway)."""

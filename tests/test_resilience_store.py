@@ -215,3 +215,45 @@ def test_kill_9_of_the_whole_tree_at_any_moment_leaves_no_false_complete_nor_suc
     assert final.returncode == 0, final.stderr[-3000:]
     assert _verify_every_complete(s3, bucket, prefix)
     assert c.head_object(Bucket=bucket, Key=f"{prefix}/_SUCCESS")
+
+
+def test_sigterm_while_the_model_downloads_from_a_frozen_store_exits_75_within_grace_and_the_rerun_completes(
+        s3, tmp_path):
+    """The store freezes while the base model downloads, then the pod gets SIGTERM: the transfer threads hang
+    for read_timeout × attempts (minutes) and waiting for them (the pool's shutdown, then the interpreter's
+    exit) outlasted the grace period, so the pod would be SIGKILLed. It must exit 75 within the grace
+    period, and the rerun must complete the download (resumed from its journal) and train."""
+    import hashlib
+    import os
+
+    bucket = s3.bucket("frozen-fetch")
+    c = s3.client()
+    for f in trainkit.tiny_model().iterdir():
+        c.upload_file(str(f), bucket, f"tiny/{f.name}")
+    pad = tmp_path / "pad.dat"  # a model's big shard: 6 ranged parts of 16 MiB
+    pad.write_bytes(os.urandom(96 << 20))
+    c.upload_file(str(pad), bucket, "tiny/pad.dat")
+    grace = 30
+    cache, log = tmp_path / "c", tmp_path / "run.log"
+    args = ["run", "--model", f"s3://{bucket}/tiny", "--data", str(trainkit.chat_data()),
+            "--output", str(tmp_path / "out"), "--max-steps", "2", "--grace-seconds", str(grace)]
+    proc = trainkit.start(*args, env={"SFTJOB_CACHE_DIR": str(cache)}, log=log)
+    try:
+        trainkit.wait_until(lambda: any(cache.glob("inputs/**/pad.dat.part")), proc, "the download", timeout=120)
+        with s3.frozen():
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            rc = proc.wait(timeout=grace + 60)
+            took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text(errors="replace")
+    print(f"SIGTERM during a download from a frozen store: exit {rc} after {took:.1f}s (grace {grace}s)")
+    assert rc == 75 and took < grace, text[-3000:]
+    assert "stopped by SIGTERM" in text and "Traceback" not in text, text[-3000:]
+
+    again = trainkit.run(*args, env={"SFTJOB_CACHE_DIR": str(cache)})
+    assert again.returncode == 0, again.stderr[-3000:]
+    [got] = list(cache.glob("inputs/**/pad.dat"))
+    assert hashlib.sha256(got.read_bytes()).digest() == hashlib.sha256(pad.read_bytes()).digest()

@@ -86,17 +86,24 @@ def retry_stream(fn):
 
 
 def _run(tasks: list, what: str) -> None:
-    """Run callables on one pool; the first failure cancels the rest and is raised as a project error."""
+    """Run callables on one pool; the first failure cancels the rest and is raised as a project error.
+
+    On a failure, a SIGTERM (Interrupted) or Ctrl-C, the transfers not started are cancelled and those
+    running are left behind, not waited for: on a frozen store each would hold for read_timeout × attempts,
+    far past the pod's grace period. A download left behind writes nothing once its file is closed."""
     if not tasks:
         return
-    with cf.ThreadPoolExecutor(max_workers=min(s3.concurrency(), len(tasks)), thread_name_prefix="s3") as pool:
+    pool = cf.ThreadPoolExecutor(max_workers=min(s3.concurrency(), len(tasks)), thread_name_prefix="s3")
+    try:
         futures = {pool.submit(fn): uri for fn, uri in tasks}
-        done, pending = cf.wait(futures, return_when=cf.FIRST_EXCEPTION)
-        for f in pending:
-            f.cancel()
+        done, _ = cf.wait(futures, return_when=cf.FIRST_EXCEPTION)
         for f in done:
             if f.exception() is not None:
                 raise s3.translate(f.exception(), futures[f], what) from None
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
 
 
 # ---- downloads ------------------------------------------------------------------------------------
@@ -141,7 +148,9 @@ class _Resumable:
                                           Range=f"bytes={start}-{end}", **kw)["Body"]
             off = start
             for chunk in body.iter_chunks(MiB):
-                os.pwrite(self.fd, chunk, off)
+                with self.lock:  # never into a closed fd (its number may already be another file's)
+                    self._check_open()
+                    os.pwrite(self.fd, chunk, off)
                 off += len(chunk)
                 if self.bar is not None:
                     self.bar.update(len(chunk))
@@ -156,6 +165,7 @@ class _Resumable:
                                        hint="retry; the download restarts from the new version") from None
             raise
         with self.lock:
+            self._check_open()  # closed: a later attempt owns the journal now
             with open(self.log, "a") as f:
                 f.write(f"{i}\n")
             self.remaining -= 1
@@ -171,9 +181,14 @@ class _Resumable:
         self.log.unlink(missing_ok=True)
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        with self.lock:
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
+
+    def _check_open(self) -> None:
+        if self.fd < 0:
+            raise UnavailableError(f"{self.obj.uri}: download abandoned", hint="the next attempt resumes it")
 
 
 def _get_whole(obj: Obj, dest: Path, bar) -> None:
