@@ -130,3 +130,63 @@ def test_a_kept_adapter_is_reused_only_for_the_same_spec_and_untouched_files(tmp
     assert outage.trained(tmp_path, "spec-a", Outcome) is None
     outage.settle(tmp_path, ValueError("anything else"))  # any other end forgets it
     assert not (tmp_path / outage.MARKER).exists()
+
+
+_TRANSFER = """
+import signal, sys
+from pathlib import Path
+from job import outage
+from job.errors import Interrupted
+from job.storage import transfer
+from job.storage.s3 import head
+
+def stop(*_):
+    raise Interrupted("stopped by SIGTERM")
+
+signal.signal(signal.SIGTERM, stop)
+src, bucket, direction = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+print("start", flush=True)
+try:
+    if direction == "up":
+        transfer.upload([(src, bucket, "big.bin", None)])
+    else:
+        transfer.download([(head(f"s3://{bucket}/big.bin"), src.with_name("copy.bin"))])
+except Interrupted:
+    print("interrupted", flush=True)
+    outage.leave_if_stuck(75)
+    sys.exit(75)
+"""
+
+
+@pytest.mark.parametrize("direction", ["up", "down"])
+def test_sigterm_during_a_transfer_to_a_frozen_store_exits_within_seconds(s3, tmp_path, direction):
+    """A SIGTERM in the middle of a multipart upload (or ranged download) while the store is frozen: the hung
+    parts are left behind, the abort of the upload waits at most 5 s, the process exits 75. Before: the
+    pool's shutdown and the abort each waited read_timeout × attempts (minutes), past any grace period."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    bucket = s3.bucket("frozen-transfer")
+    src = tmp_path / "big.bin"
+    src.write_bytes(os.urandom(160 << 20))  # 10 parts of 16 MiB
+    if direction == "down":
+        s3.client().upload_file(str(src), bucket, "big.bin")
+    proc = subprocess.Popen([sys.executable, "-c", _TRANSFER, str(src), bucket, direction],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
+    try:
+        assert proc.stdout.readline().strip() == "start"
+        time.sleep(0.3)  # parts in flight
+        with s3.frozen():
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            rc = proc.wait(timeout=90)
+            took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = proc.stdout.read()
+    print(f"SIGTERM during the {direction}load to/from a frozen store: exit {rc} after {took:.1f}s")
+    assert rc == 75 and took < 20, out[-2000:]
+    assert "Traceback" not in out, out[-2000:]

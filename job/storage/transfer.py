@@ -265,7 +265,7 @@ class _Multipart:
         kw = {"ChecksumAlgorithm": "SHA256"} if s3.checksums_enabled() else {}
         self.upload_id = s3.call("uploading", self.uri, lambda: s3.client().create_multipart_upload(
             Bucket=bucket, Key=key, **kw))["UploadId"]
-        self.fd = os.open(path, os.O_RDONLY)
+        self.closed = False
         self.parts: list = [None] * self.n
         self.remaining, self.done = self.n, False
         self.lock = threading.Lock()
@@ -274,7 +274,10 @@ class _Multipart:
         return [(lambda i=i: self._part(i), self.uri) for i in range(self.n)]
 
     def _part(self, i: int) -> None:
-        data = os.pread(self.fd, min(self.part, self.size - i * self.part), i * self.part)
+        if self.closed:  # abandoned (a failure or a SIGTERM): nothing more to send
+            raise UnavailableError(f"{self.uri}: upload abandoned", hint="the next attempt uploads it again")
+        with open(self.path, "rb") as f:  # a file of its own: a part left running never reads a reused fd
+            data = os.pread(f.fileno(), min(self.part, self.size - i * self.part), i * self.part)
         entry: dict = {"PartNumber": i + 1}
         kw = {}
         if s3.checksums_enabled():
@@ -294,15 +297,19 @@ class _Multipart:
             self.done = True
 
     def close(self) -> None:
-        """Release the file; abort an unfinished upload so its parts do not linger (and cost)."""
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        """Stop sending parts; abort an unfinished upload so its parts do not linger (and cost). The abort waits
+        at most 5 s: on a frozen store it would hold a SIGTERM's exit for read_timeout × attempts."""
+        self.closed = True
         if not self.done:
-            try:
-                s3.client().abort_multipart_upload(Bucket=self.bucket, Key=self.key, UploadId=self.upload_id)
-            except Exception:  # best effort: a lifecycle rule cleans up what this cannot
-                pass
+            def abort() -> None:
+                try:
+                    s3.client().abort_multipart_upload(Bucket=self.bucket, Key=self.key, UploadId=self.upload_id)
+                except Exception:  # noqa: BLE001 - best effort: a lifecycle rule cleans up what this cannot
+                    pass
+
+            t = threading.Thread(target=abort, daemon=True, name="s3-abort")
+            t.start()
+            t.join(5)
 
 
 def _stored_checksum(path: Path, size: int, sha_hex: str, part: int) -> str:
