@@ -49,6 +49,15 @@ def _verify_every_complete(s3, bucket, prefix) -> list[int]:
     return steps
 
 
+def _sigterm_while_frozen(s3, proc, timeout: float) -> tuple[int, float]:
+    """Freeze the store, SIGTERM the run, wait for its exit: (exit code, seconds from the signal)."""
+    with s3.frozen():
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=timeout)
+        return rc, time.monotonic() - t0
+
+
 def _workdir_status(cache: Path) -> dict:
     [path] = list((cache / "runs").glob("*/status.json"))
     return json.loads(path.read_text())
@@ -96,11 +105,7 @@ def test_sigterm_with_the_store_frozen_ends_within_grace_exit_75_and_says_not_st
         trainkit.wait_for_step(log, proc, 3)
         trainkit.wait_until(lambda: _steps_with_complete(s3, bucket, prefix), proc, "a first COMPLETE checkpoint")
         stored = _steps_with_complete(s3, bucket, prefix)[-1]
-        with s3.frozen():
-            t0 = time.monotonic()
-            proc.send_signal(signal.SIGTERM)
-            rc = proc.wait(timeout=grace + 30)
-            took = time.monotonic() - t0
+        rc, took = _sigterm_while_frozen(s3, proc, timeout=grace + 30)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -240,11 +245,7 @@ def test_sigterm_while_the_model_downloads_from_a_frozen_store_exits_75_within_g
     proc = trainkit.start(*args, env={"SFTJOB_CACHE_DIR": str(cache)}, log=log)
     try:
         trainkit.wait_until(lambda: any(cache.glob("inputs/**/pad.dat.part")), proc, "the download", timeout=120)
-        with s3.frozen():
-            t0 = time.monotonic()
-            proc.send_signal(signal.SIGTERM)
-            rc = proc.wait(timeout=grace + 60)
-            took = time.monotonic() - t0
+        rc, took = _sigterm_while_frozen(s3, proc, timeout=grace + 60)
     finally:
         if proc.poll() is None:
             proc.kill()
