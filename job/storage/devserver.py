@@ -26,6 +26,12 @@ from pathlib import Path
 REGION = "us-east-1"
 ADMIN = ("SFTJOBTESTADMINKEY01", "sftjob-test-admin-secret-5f9c2a7e41d3")
 READER = ("SFTJOBTESTREADERKEY1", "sftjob-test-reader-secret-0b8e6d13c2aa")
+#: volumes the server may create. Each bucket is a collection with volumes of its own, and `weed mini` sizes
+#: the default from free disk at 1 GiB a volume: on a CI disk with 37 GiB free, the 37th bucket of the suite
+#: could not be written ("No writable volumes and no free volumes left"). Volumes are sparse files, so a
+#: fixed, generous count costs no disk.
+MAX_VOLUMES = 400
+
 # weed also listens on <port> + 10000 (gRPC) for master, volume, filer and s3
 _GRPC_OFFSET = 10000
 
@@ -136,7 +142,7 @@ class S3Server:
                "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false", "-webdav=false",
                "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.port={s3p}",
                f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
-               f"-s3.config={conf}"]
+               f"-s3.config={conf}", f"-volume.max={MAX_VOLUMES}"]
         self.port = s3p
         log = open(self.root / "weed.out", "wb")  # noqa: SIM115 - owned by the child
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
