@@ -179,6 +179,8 @@ class StorageSpec(Section):
     max_concurrency: int = Field(16, ge=1, description="Parallel transfers / multipart parts.")
     multipart_chunksize_mb: int = Field(16, ge=5, description="Multipart part size in MiB.")
     max_attempts: int = Field(5, ge=1, description="Retries (adaptive mode) before exit 69.")
+    read_timeout: float = Field(120, gt=0, description="Seconds a request may wait for the store's next bytes before it is retried; a store that hangs (accepts, never answers) costs read_timeout x max_attempts per request, then exit 69.")
+    connect_timeout: float = Field(10, gt=0, description="Seconds to open a connection to the store before the attempt is retried.")
 
 
 class OutputSpec(Section):

@@ -190,3 +190,35 @@ def test_sigterm_during_a_transfer_to_a_frozen_store_exits_within_seconds(s3, tm
     print(f"SIGTERM during the {direction}load to/from a frozen store: exit {rc} after {took:.1f}s")
     assert rc == 75 and took < 20, out[-2000:]
     assert "Traceback" not in out, out[-2000:]
+
+
+def test_a_store_frozen_before_the_run_starts_ends_it_with_69_after_read_timeout_x_attempts(s3, tmp_path):
+    """The store accepts connections and never answers from the start (no SIGTERM to cut it short): each
+    request waits storage.read_timeout per attempt, then the run exits 69 (retryable) naming the store, the
+    URI and the knob, with no traceback and nothing published. With the defaults this is 120 s x 5 attempts."""
+    import os
+    import subprocess
+    import sys
+
+    import trainkit
+
+    bucket = s3.bucket("frozen-start")
+    s3.client().upload_file(str(trainkit.chat_data()), bucket, "data/train.jsonl")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "job", "run", "--model", str(trainkit.tiny_model()),
+           "--data", f"s3://{bucket}/data/train.jsonl", "--output", str(out), "--max-steps", "2",
+           "--read-timeout", "2", "--connect-timeout", "2", "--max-attempts", "2"]
+    env = {**os.environ, **s3.env, "SFTJOB_CACHE_DIR": str(tmp_path / "cache")}
+    with s3.frozen():
+        t0 = time.monotonic()
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        took = time.monotonic() - t0
+    print(f"store frozen from the start: exit {p.returncode} after {took:.1f}s")
+    assert p.returncode == 69, p.stderr[-2000:]
+    assert took < 40, took  # 2 attempts x 2 s, their backoff, start-up; not minutes
+    assert "Traceback" not in p.stderr
+    assert f"s3://{bucket}/data/train.jsonl" in p.stderr and "storage.read_timeout (2 s)" in p.stderr
+    assert "the job can be retried" in p.stderr
+    assert not (out / "_SUCCESS").exists() and not (out / "manifest.json").exists()
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "failed" and status["error"]["exit_code"] == 69

@@ -127,7 +127,7 @@ def _make_client(s):
         s3cfg["payload_signing_enabled"] = False
     cfg = Config(retries={"total_max_attempts": s.max_attempts, "mode": "adaptive"},
                  s3=s3cfg, max_pool_connections=2 * s.max_concurrency + 4,
-                 connect_timeout=10, read_timeout=120, tcp_keepalive=True, user_agent_extra="sftjob")
+                 connect_timeout=s.connect_timeout, read_timeout=s.read_timeout, tcp_keepalive=True, user_agent_extra="sftjob")
     try:
         return boto3.session.Session(region_name=s.region or None).client(
             "s3", endpoint_url=endpoint, verify=verify, config=cfg)
@@ -154,7 +154,9 @@ def parse(uri: str) -> tuple[str, str]:
 
 def translate(e: BaseException, uri: str, op: str) -> SftjobError:
     """botocore exception → project error (exit code) naming the URI and endpoint, never a secret."""
-    return s3errors.translate(e, uri, op, endpoint=safe_endpoint(), attempts=options().max_attempts)
+    o = options()
+    return s3errors.translate(e, uri, op, endpoint=safe_endpoint(), attempts=o.max_attempts,
+                              read_timeout=o.read_timeout)
 
 
 def call(op: str, uri: str, fn, *args, **kwargs):

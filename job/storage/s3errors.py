@@ -14,6 +14,7 @@ from botocore.exceptions import (
     NoRegionError,
     ParamValidationError,
     PartialCredentialsError,
+    ReadTimeoutError,
     SSLError,
 )
 from botocore.exceptions import ConnectionError as BotoConnectionError
@@ -37,7 +38,8 @@ _RETRYABLE_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestT
                     "ThrottlingException", "RequestTimeTooSkewed", "503", "500", "502", "504"}
 
 
-def translate(e: BaseException, uri: str, op: str, *, endpoint: str, attempts: int) -> SftjobError:
+def translate(e: BaseException, uri: str, op: str, *, endpoint: str, attempts: int,
+              read_timeout: float | None = None) -> SftjobError:
     """botocore exception → project error (exit code) with a message naming the URI, never a secret."""
     if isinstance(e, SftjobError):
         return e
@@ -89,6 +91,12 @@ def translate(e: BaseException, uri: str, op: str, *, endpoint: str, attempts: i
         return ConfigError(f"no region for {uri}", hint="set storage.region or AWS_REGION")
     if isinstance(e, ParamValidationError):
         return ConfigError(f"invalid S3 request for {uri}: {redact.text(str(e))[:200]}")
+    if isinstance(e, ReadTimeoutError):  # accepted the connection, never answered: a hung store, not a dead one
+        waited = f" within storage.read_timeout ({read_timeout:g} s)" if read_timeout else ""
+        return UnavailableError(f"the store did not answer: {where} got no reply{waited}, "
+                                f"{attempts} attempts",
+                                hint="the store accepts connections but hangs; check its health, the job can be "
+                                     "retried (storage.read_timeout x storage.max_attempts bound each request)")
     if isinstance(e, (BotoConnectionError, HTTPClientError, BotoCoreError, OSError)):
         return UnavailableError(f"storage endpoint unreachable: {where} ({type(e).__name__}) "
                                 f"after {attempts} attempts",
