@@ -163,3 +163,16 @@ def test_a_normal_end_lets_workers_exit_on_their_own():
         procs = list(w._procs)
         assert list(w.imap(range(10))) == [i * i for i in range(10)]
     assert [p.exitcode for p in procs] == [0, 0]  # exited, not killed
+
+
+def test_a_caller_that_stops_reading_early_does_not_wait_for_the_tasks_in_flight():
+    """Two results read of many, 8 MB each: the workers are mid-task or blocked sending. close() kills them
+    at once (it used to wait 30 s for an exit that could not come)."""
+    with Workers(2, big, depth=2) as w:
+        it = w.imap(range(50))
+        assert len(next(it)) == len(next(it)) == 8 << 20
+        pids = w.pids
+        t0 = time.monotonic()
+    took = time.monotonic() - t0
+    assert took < 5, took
+    assert not _alive(pids)

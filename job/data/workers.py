@@ -42,6 +42,7 @@ class Workers:
         self.depth, self.name = depth, name
         self._procs: list = []
         self._conns: list = []
+        self._in_flight = 0  # tasks sent whose results were not handed out: close() then kills at once
         ctx = multiprocessing.get_context("fork")
         try:
             # No SIGTERM handler may run between a fork and the child's reset of it: the child would raise
@@ -97,6 +98,7 @@ class Workers:
                     raise self._died(w) from None
                 queued[w].append(sent)
                 sent += 1
+                self._in_flight += 1
             if given == sent:
                 return
             while given not in done:
@@ -109,11 +111,18 @@ class Workers:
                     if not ok:
                         raise value
                     done[queued[w].popleft()] = value
+            self._in_flight -= 1
             yield done.pop(given)
             given += 1
 
     def close(self, timeout: float = 30) -> None:
-        """The normal end: each worker gets the stop sentinel and exits; one that does not is killed."""
+        """The normal end: each worker gets the stop sentinel and exits; one that does not is killed. Left
+        with tasks in flight (a caller that stopped reading early), the workers are killed at once: a worker
+        would finish its task and block sending a result nobody reads."""
+        if self._in_flight:
+            self._in_flight = 0
+            self.kill()
+            return
         for conn in self._conns:
             try:
                 conn.send(None)
