@@ -70,9 +70,10 @@ def bounded(what: str, fn, seconds: float, *, kept: str | None = None):
 def leave_if_stuck(code: int, wait: float = 5.0) -> None:
     """Exit now with ``code`` when threads still run after an error: a transfer hung on a frozen store is
     joined by the interpreter's exit for read_timeout × attempts (minutes), far past the pod's grace period,
-    so a SIGTERM during a fetch would end in SIGKILL instead of 75. They get ``wait`` seconds to end; the
-    exit handlers (the status push's last chance, the log) still run."""
-    deadline = time.monotonic() + wait
+    so a SIGTERM during a fetch would end in SIGKILL instead of 75. They get ``wait`` seconds to end, none
+    when a bounded call already gave up on one (``abandoned``); the exit handlers (the status push's last
+    chance, the log) still run."""
+    deadline = time.monotonic() + (0 if abandoned() else wait)
     me = threading.current_thread()
     for t in threading.enumerate():
         if t is not me and not t.daemon:

@@ -9,11 +9,9 @@ import hashlib
 import json
 import logging
 import math
-import os
 import re
 import shutil
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -134,13 +132,7 @@ def run(spec: RunSpec) -> int:
     except SftjobError as e:
         outage.settle(workdir, e)
         status.fail(int(e.exit_code), e.kind, str(e))
-        if outage.abandoned():
-            # a publish thread hangs on a frozen store inside a transfer pool that interpreter exit
-            # would join (for read_timeout × attempts): say why and leave now
-            print(f"sftjob: error: {e}", file=sys.stderr, flush=True)
-            sys.stdout.flush()
-            os._exit(int(e.exit_code))
-        raise
+        raise  # the CLI prints it and leaves at once if a store call still hangs (outage.leave_if_stuck)
     except BaseException as e:
         status.fail(1, "crash", f"{type(e).__name__}: {e}")
         raise
