@@ -105,6 +105,15 @@ def test_tool_rows_are_read_from_openai_and_sharegpt_style_files(tmp_path):
     assert isinstance(bad, BadRow) and bad.field == "messages[1].tool_calls[0].function.arguments"
     assert "not valid JSON" in bad.problem
 
+    # OpenAI omits content on a turn that only calls tools: the calls are kept (they were dropped, and the
+    # turn trained as empty), and calls that are not a list are a bad row
+    no_content = {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [CALL]}]}
+    not_a_list = {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": "oops"}]}
+    p.write_text("\n".join(json.dumps(r) for r in (no_content, not_a_list)) + "\n")
+    row, bad = formats.read_rows(formats.expand(str(p), tmp_path), spec.data, spec.model)
+    assert isinstance(row, Row) and row.messages[1] == {"role": "assistant", "content": "", "tool_calls": [CALL]}
+    assert isinstance(bad, BadRow) and bad.field == "messages[1].tool_calls" and "list" in bad.problem
+
     g = tmp_path / "glaive.jsonl"  # ShareGPT exports of function-calling sets: function_call / observation
     g.write_text(json.dumps({"conversations": [
         {"from": "human", "value": "Tiempo en Madrid"},

@@ -369,7 +369,7 @@ def _messages(obj: dict, key: str, rk: str, ck: str, roles: dict[str, str], need
         if type(c) is not str or not c or c.isspace():
             c = _content(c, f"{key}[{i}].{ck}", mapped, m.get("tool_calls"))
         msg = {"role": mapped, "content": c}
-        if len(m) > 2:
+        if len(m) > 2 or ck not in m:  # more than role and content (a tool call may come without content)
             t = _train_flag(m, f"{key}[{i}]", mapped)
             if t is not None:
                 msg["train"] = t
