@@ -320,3 +320,19 @@ def test_a_hub_id_is_not_called_a_missing_directory(tmp_path, monkeypatch, capsy
     assert main(["validate", "--data", str(f), "--model", "Qwen/Qwen2.5-0.5B-Instruct"]) == 66
     err = capsys.readouterr().err
     assert "hub id" in err and "HF_HUB_OFFLINE" in err and "not a directory" not in err
+
+
+def test_prepare_with_tokenizer_workers_lists_unreadable_json_array_elements_as_bad_rows(tmp_path, tok_dir):
+    """A .json array's unreadable element travels to the forked tokenizer workers as a row problem; it could
+    not be unpickled there (exit 1, a traceback in the worker) before RowIssue learned to cross."""
+    f = tmp_path / "rows.json"
+    dup = '{"messages": [{"role": "user", "content": "q", "role": "user"}, {"role": "assistant", "content": "a"}]}'
+    lone = '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "\\udc00"}]}'
+    f.write_text("[\n" + ",\n".join([json.dumps(OK)] * 40 + [dup, lone] + [json.dumps(OK)] * 40) + "\n]")
+    out = run_cli("prepare", "--data", str(f), "--model", str(tok_dir), "--cache-dir", str(tmp_path / "c"),
+                  "--num-proc", "2")
+    assert out.returncode == 65, out.stderr[-2000:]
+    assert "Traceback" not in out.stdout + out.stderr
+    assert "2 bad row(s)" in out.stderr
+    assert f"{f}:42: messages[0]: duplicate key 'role'" in out.stderr
+    assert f"{f}:43: messages[1].content: invalid Unicode: a lone surrogate (\\udc00)" in out.stderr

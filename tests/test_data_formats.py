@@ -221,3 +221,40 @@ def test_a_limit_of_zero_reads_no_rows(tmp_path):
     f = write_jsonl(tmp_path / "d.jsonl", [ROW, ROW])
     spec = specmod.build(overrides={"data.path": str(f)})
     assert list(formats.iter_records(formats.expand(str(f), tmp_path), spec.data, limit=0)) == []
+
+
+def test_a_lone_surrogate_or_a_row_nested_too_deeply_is_a_bad_row_naming_the_field(tmp_path):
+    """Found by fuzzing `prepare`: JSON lets a lone `\\ud800` through (the tokenizer then raised a TypeError:
+    exit 1, a traceback) and a row nested thousands of levels deep raised RecursionError. Both are bad rows."""
+    pair = '{"messages": [{"role": "user", "content": "\\ud83d\\ude00"}, {"role": "assistant", "content": "\\uD83D\\uDE00"}]}'
+    lone = '{"messages": [{"role": "user", "content": "ok"}, {"role": "assistant", "content": "a\\udc00b"}]}'
+    key = '{"messages": [{"role": "user", "content": "q", "n\\ud800": 1}, {"role": "assistant", "content": "a"}]}'
+    deep = '{"a": ' * 5000 + "1" + "}" * 5000
+    f = write_jsonl(tmp_path / "u.jsonl", [ROW, pair, lone, key, deep])
+    ok, paired, bad_lone, bad_key, bad_deep = rows_of(f)
+    assert isinstance(ok, Row) and isinstance(paired, Row)
+    assert paired.messages[0]["content"] == paired.messages[1]["content"] == "\N{GRINNING FACE}"
+    assert str(bad_lone) == (f"{f}:3: messages[1].content: invalid Unicode: a lone surrogate (\\udc00) at character 1; "
+                             "the file was written with broken escapes")
+    assert isinstance(bad_key, BadRow) and bad_key.field == "messages[0].n\ud800" and "lone surrogate" in bad_key.problem
+    assert isinstance(bad_deep, BadRow) and bad_deep.field == "(row)" and "nested too deeply" in bad_deep.problem
+
+    arr = tmp_path / "u.json"  # the same in a JSON array: the element, by line
+    arr.write_text("[\n" + json.dumps(ROW) + ",\n" + lone + ",\n" + pair + "\n]")
+    a, b, c = rows_of(arr)
+    assert isinstance(a, Row) and isinstance(c, Row)
+    assert isinstance(b, BadRow) and b.where == f"{arr}:3" and b.field == "messages[1].content"
+    deep_arr = tmp_path / "deep.json"
+    deep_arr.write_text("[" + json.dumps(ROW) + ", " + "[" * 5000 + "]" * 5000 + "]")
+    a, b = rows_of(deep_arr)
+    assert isinstance(a, Row) and isinstance(b, BadRow) and "nested too deeply" in b.problem
+
+
+def test_a_file_whose_rows_are_all_unreadable_names_the_first_problem_not_the_format(tmp_path):
+    """A one-row file with a broken row said 'cannot detect the row format (fields: none)'."""
+    f = write_jsonl(tmp_path / "one.jsonl", ['{"messages": [{"role": "user", "content": "\\ud800"}]}'])
+    with pytest.raises(DataError, match=r"one.jsonl:1: messages\[0\].content: invalid Unicode: a lone surrogate"):
+        rows_of(f)
+    g = write_jsonl(tmp_path / "two.jsonl", ['{"messages": [', '{bad'])
+    with pytest.raises(DataError, match=r"two.jsonl:1: \(row\): invalid JSON"):
+        rows_of(g)

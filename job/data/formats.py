@@ -48,6 +48,9 @@ class RowIssue(Exception):
         super().__init__(f"{field}: {problem}")
         self.field, self.problem = field, problem
 
+    def __reduce__(self):  # crosses to the tokenizer workers (a .json array's unreadable element)
+        return RowIssue, (self.field, self.problem)
+
 
 @dataclass
 class Row:
@@ -163,7 +166,7 @@ def _iter_json_array(path: Path, encoding: str | None = None) -> Iterator[tuple[
     i = _skip_ws(text, i + 1)
     rows: list[tuple[int, Any]] = []
     while i < len(text) and text[i] != "]":
-        line = text.count("\n", 0, i) + 1
+        line, start = text.count("\n", 0, i) + 1, i
         try:
             obj, i = dec.raw_decode(text, i)
         except _DuplicateKey:
@@ -173,6 +176,11 @@ def _iter_json_array(path: Path, encoding: str | None = None) -> Iterator[tuple[
             rows.append((text.count("\n", 0, e.pos) + 1,
                          RowIssue("(row)", f"invalid JSON: {e.msg}; the rest of the array is unreadable")))
             break
+        except RecursionError:
+            rows.append((line, RowIssue("(row)", f"{_TOO_DEEP}; the rest of the array is unreadable")))
+            break
+        if text.find("\\ud", start, i) >= 0 or text.find("\\uD", start, i) >= 0:
+            obj = _lone_surrogate(obj) or obj
         rows.append((line, obj))
         i = _skip_ws(text, i)
         if i < len(text) and text[i] == ",":
@@ -246,9 +254,39 @@ def _duplicate_issue(obj: Any, where: str = "") -> RowIssue | None:
 
 def parse_line(raw: bytes) -> Any:
     try:
-        return json.loads(raw)
+        obj = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RowIssue("(row)", f"invalid JSON: {getattr(e, 'msg', None) or e}") from None
+    except RecursionError:
+        raise RowIssue("(row)", _TOO_DEEP) from None
+    if b"\\ud" in raw or b"\\uD" in raw:  # a \uXXXX escape of a UTF-16 surrogate: is it paired?
+        issue = _lone_surrogate(obj)
+        if issue is not None:
+            raise issue
+    return obj
+
+
+_TOO_DEEP = "invalid JSON: nested too deeply to read (thousands of levels)"
+
+
+def _lone_surrogate(obj: Any, where: str = "") -> RowIssue | None:
+    """A string holding half of a UTF-16 surrogate pair (JSON lets ``\\ud800`` through; it is not a
+    character, and the tokenizer rejects it), as a RowIssue naming its place in the row."""
+    if isinstance(obj, str):
+        try:
+            obj.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return RowIssue(where or "(row)", f"invalid Unicode: a lone surrogate (\\u{ord(obj[e.start]):04x}) at "
+                                              f"character {e.start}; the file was written with broken escapes")
+        return None
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    for k, v in items:
+        place = f"{where}[{k}]" if isinstance(k, int) else f"{where}.{k}" if where else str(k)
+        found = _lone_surrogate(k, place) if isinstance(k, str) else None
+        found = found or _lone_surrogate(v, place)
+        if found is not None:
+            return found
+    return None
 
 
 def check_unique_keys(raw: bytes, obj: Any) -> None:
@@ -512,6 +550,9 @@ def iter_records(files: list[tuple[str, Path]], data_spec, limit: int | None = N
             objs = [_parsed(o) for _, o in head]
             fmt = detect(objs, data_spec.columns)
             if fmt is None:
+                unread = _unreadable(head)
+                if unread is not None:  # no row could be read at all: say why, for the first one
+                    raise DataError(f"{unread[0]}: {unread[1]}", hint="fix or remove this row (`sftjob validate --data ...` lists every bad row)")
                 keys = sorted({k for o in objs if isinstance(o, dict) for k in o})[:10]
                 raise DataError(f"{display}: cannot detect the row format from the first rows (fields: {', '.join(keys) or 'none'})",
                                 hint="set data.format (messages, sharegpt, alpaca, prompt_completion) and data.columns")
@@ -520,6 +561,23 @@ def iter_records(files: list[tuple[str, Path]], data_spec, limit: int | None = N
             n += 1
             if limit is not None and n >= limit:
                 return
+
+
+def _unreadable(head: list[tuple[str, Any]]) -> tuple[str, RowIssue] | None:
+    """(FILE:LINE, issue) of the first row when none of ``head`` is readable JSON (a one-row file with a
+    broken row would otherwise be reported as a format that cannot be detected)."""
+    issues = []
+    for where, o in head:
+        try:
+            if isinstance(o, RowIssue):
+                raise o
+            if isinstance(o, bytes):
+                parse_line(o)
+        except RowIssue as e:
+            issues.append((where, e))
+            continue
+        return None
+    return issues[0] if issues else None
 
 
 def to_row(where: str, raw: Any, fmt: str, data_spec, model_spec) -> Row | BadRow:

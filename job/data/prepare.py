@@ -40,7 +40,7 @@ from job.errors import ConfigError, DataError, NotFoundError
 from job.loader import load_tokenizer
 
 log = logging.getLogger(__name__)
-PREP_VERSION = "2"  # bump when the same inputs would now be prepared differently
+PREP_VERSION = "3"  # bump when the same inputs would now be prepared differently (3: tool-only turns keep their calls)
 CHUNK_ROWS = 512
 MAX_LISTED = 20
 
