@@ -22,7 +22,8 @@ from job.errors import ConfigError
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # no knob means infinity or NaN (`--learning-rate inf` and `--max-runtime inf` were accepted; a weight of inf crashed prepare)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
     primary: ClassVar[str | None] = None  # field a bare string (and the section-named flag) sets
 
     @model_validator(mode="before")
@@ -34,9 +35,9 @@ class Section(BaseModel):
 
 
 class DataSource(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     path: str = Field(description="File, directory or S3 prefix (jsonl, jsonl.gz, json, parquet).")
-    weight: float = Field(1.0, gt=0, description="Mixture weight: share of rows taken relative to other sources (1.0 = all rows once).")
+    weight: float = Field(1.0, gt=0, le=1000, description="Mixture weight: share of rows taken relative to other sources (1.0 = all rows once, 2.0 = twice).")
 
     @model_validator(mode="before")
     @classmethod
@@ -218,7 +219,7 @@ class EvalSpec(Section):
 class RunSpec(BaseModel):
     """Everything one run needs; serialised as run.yaml beside the outputs (without secrets)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     name: str | None = Field(None, description="Run name (default: derived from the output prefix).")
     model: ModelSpec = Field(default_factory=ModelSpec)

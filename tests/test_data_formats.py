@@ -258,3 +258,15 @@ def test_a_file_whose_rows_are_all_unreadable_names_the_first_problem_not_the_fo
     g = write_jsonl(tmp_path / "two.jsonl", ['{"messages": [', '{bad'])
     with pytest.raises(DataError, match=r"two.jsonl:1: \(row\): invalid JSON"):
         rows_of(g)
+
+
+def test_a_row_weight_is_a_finite_number_of_copies_up_to_1000(tmp_path):
+    """A weight of 1e308 or Infinity crashed prepare (numpy: negative dimensions): it is a bad row."""
+    rows = [{**ROW, "weight": w} for w in (0, 2.5, 1000)]
+    rows += ['{"messages": ' + json.dumps(ROW["messages"]) + ', "weight": ' + w + "}"
+             for w in ("1001", "1e308", "Infinity", "NaN", "-1", '"2"', "true")]
+    out = rows_of(write_jsonl(tmp_path / "w.jsonl", rows))
+    assert [r.weight for r in out[:3]] == [0, 2.5, 1000]
+    bad = out[3:]
+    assert all(isinstance(b, BadRow) and b.field == "weight" for b in bad), bad
+    assert bad[0].problem == "must be a number from 0 to 1000 (copies of the row), got 1001"

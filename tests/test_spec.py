@@ -147,3 +147,23 @@ def test_a_helm_values_file_with_pod_keys_beside_run_is_read_for_run(tmp_path):
     f.write_text("nodes: 2\nrun: 3\n")
     with pytest.raises(ConfigError, match="run:. must be a mapping"):
         specmod.build(f, environ={})
+
+
+@pytest.mark.parametrize("key,value", [("train.learning_rate", "nan"), ("train.learning_rate", "inf"),
+                                       ("resilience.max_runtime", "inf"), ("train.warmup_ratio", "nan"),
+                                       ("storage.read_timeout", "inf")])
+def test_no_knob_takes_infinity_or_nan(key, value):
+    """`--learning-rate inf` was accepted (NaN only where a bound happened to refuse it); every float knob is finite."""
+    with pytest.raises(ConfigError, match=rf"{key}: Input should be a finite number"):
+        specmod.build(overrides={key: value}, environ={})
+
+
+def test_a_source_weight_is_finite_and_at_most_1000_copies(tmp_path):
+    f = tmp_path / "run.yaml"
+    for w, ok in [("2.5", True), ("1000", True), ("1001", False), (".inf", False), ("1e308", False)]:
+        f.write_text(f"data: {{sources: [{{path: a.jsonl, weight: {w}}}]}}\n")
+        if ok:
+            assert specmod.build(f, environ={}).data.sources[0].weight == float(w)
+        else:
+            with pytest.raises(ConfigError, match="data.sources.0.weight"):
+                specmod.build(f, environ={})

@@ -517,9 +517,13 @@ def _weight(obj: dict, key: str) -> float:
     w = obj.get(key, 1.0)
     if w is None:
         return 1.0
-    if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0 or w != w:
-        raise RowIssue(key, f"must be a number >= 0, got {w!r}")
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w <= MAX_WEIGHT:  # NaN fails too
+        raise RowIssue(key, f"must be a number from 0 to {MAX_WEIGHT:g} (copies of the row), got {w!r}")
     return float(w)
+
+
+#: a row (or source) weight is a number of copies: a larger one is a mistake that would exhaust memory
+MAX_WEIGHT = 1000.0
 
 
 def apply_system_prompt(messages: list[dict], prompt: str | None, mode: str) -> list[dict]:
