@@ -185,6 +185,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if cmd in SPEC_COMMANDS:
         warn_unknown_env()
         spec = spec_from_args(args)
+        specmod.usable_cache_root(spec)  # where inputs are fetched and data prepared: refuse a bad one now
         from job import storage
 
         storage.configure(spec.storage)  # every command reads inputs with the run's storage settings

@@ -275,6 +275,32 @@ def cache_root(explicit: str | None = None) -> Path:
     return Path.home() / ".cache" / "sftjob"
 
 
+def usable_cache_root(spec: RunSpec) -> Path:
+    """The cache root, created and written to once: an unusable one is a config error naming it and where it
+    came from, before anything is fetched or prepared into it (it was a traceback deep in prepare)."""
+    import errno
+    import tempfile
+
+    root = spec.cache_root()
+    source = ("--cache-dir / SFTJOB_CACHE_DIR" if spec.cache_dir else
+              "$XDG_CACHE_HOME/sftjob" if os.environ.get("XDG_CACHE_HOME") else "~/.cache/sftjob")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=root):
+            pass
+    except OSError as e:
+        why = e.strerror or type(e).__name__
+        if e.errno == errno.ENOSPC:  # the node's disk, not the spec: another node may have room
+            from job.errors import UnavailableError
+
+            raise UnavailableError(f"cache directory {root} ({source}): {why}",
+                                   hint="free space on the node or give the pod's cache volume more room") from None
+        raise ConfigError(f"cache directory {root} ({source}) is not usable: {why}",
+                          hint="point SFTJOB_CACHE_DIR (or --cache-dir) at a writable directory; in the chart "
+                               "it is cache.mountPath") from None
+    return root
+
+
 # ---- flags and env, generated from the models -----------------------------------------------
 
 SECTIONS: dict[str, type[Section]] = {

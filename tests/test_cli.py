@@ -167,3 +167,23 @@ def test_run_id_carries_one_timestamp():
     assert make_run_id(None, "s3://b/runs/demo-20261129-195229") == "demo-20261129-195229"
     assert make_run_id("mine", "s3://b/runs/x") == "mine"
     assert re.fullmatch(r"run-42-\d{8}-\d{6}", make_run_id(None, "s3://b/runs/run-42/"))
+
+
+@pytest.mark.parametrize("command", ["prepare", "run", "validate"])
+def test_an_unusable_cache_directory_is_a_config_error_naming_it_not_a_traceback(tmp_path, command):
+    """SFTJOB_CACHE_DIR below a regular file (as a wrong mount would give): prepare crashed with a traceback
+    (exit 1, retried by Kubernetes); now 64 before anything is fetched, naming the directory and the fix."""
+    from job import tiny
+
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    model = tiny.write(tmp_path / "m")
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}))
+    p = sftjob(command, "--model", str(model), "--data", str(data), "--output", str(tmp_path / "out"),
+               env={"SFTJOB_CACHE_DIR": str(blocker / "cache")})
+    assert p.returncode == ExitCode.CONFIG, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr
+    assert f"cache directory {blocker / 'cache'} (--cache-dir / SFTJOB_CACHE_DIR) is not usable" in p.stderr
+    assert "fix: point SFTJOB_CACHE_DIR" in p.stderr
+    assert not (tmp_path / "out").exists()
