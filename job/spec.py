@@ -239,7 +239,19 @@ class RunSpec(BaseModel):
     def _check(self) -> RunSpec:
         if self.data.path and self.data.sources:
             raise ValueError("set data.path or data.sources, not both")
+        for name, value in self._locations():
+            _check_scheme(name, value)
         return self
+
+    def _locations(self):
+        """Every knob that names a file, directory or prefix, with its dotted name."""
+        for section, keys in (("model", ("path", "tokenizer", "adapter", "chat_template")),
+                              ("data", ("path", "eval_data", "cache_uri")), ("output", ("uri",)),
+                              ("eval", ("prompts", "json_schema"))):
+            for k in keys:
+                yield f"{section}.{k}", getattr(getattr(self, section), k)
+        for i, src in enumerate(self.data.sources):
+            yield f"data.sources.{i}.path", src.path
 
     # ---- derived -----------------------------------------------------------------------
     def data_sources(self) -> list[DataSource]:
@@ -273,6 +285,20 @@ def cache_root(explicit: str | None = None) -> Path:
     if os.environ.get("XDG_CACHE_HOME"):
         return Path(os.environ["XDG_CACHE_HOME"]) / "sftjob"
     return Path.home() / ".cache" / "sftjob"
+
+
+def _check_scheme(name: str, value: str | None) -> None:
+    """s3:// and local paths (file:// too) are read; any other scheme was taken for a local path that does
+    not exist ("data not found: gs://..."): say so at load time, naming the knob."""
+    if not value or "://" not in value:
+        return
+    scheme = value.split("://", 1)[0]
+    if scheme in ("s3", "file"):
+        return
+    fix = ("write it as s3://bucket/key (lower case; s3a/s3n are Hadoop's names for the same store)"
+           if scheme.lower() in ("s3", "s3a", "s3n") else "use s3://bucket/key (any S3-compatible store, with "
+           "storage.endpoint_url) or a local path")
+    raise ValueError(f"{name}: unsupported URI scheme '{scheme}://' in {redact.text(value)}: {fix}")
 
 
 def usable_cache_root(spec: RunSpec) -> Path:
@@ -434,6 +460,8 @@ def _explain(err: ValidationError, source: str) -> ConfigError:
             close = difflib.get_close_matches(str(loc[-1]), valid + list(ALL_FLAGS_UNDERSCORED), n=1, cutoff=0.6)
             tip = f" — did you mean '{close[0]}'?" if close else ""
             lines.append(f"unknown key '{key}'{tip}")
+        elif not loc and e["type"] == "value_error":  # a whole-spec check: its message names the knob(s)
+            lines.append(str(e["ctx"]["error"]) if "error" in e.get("ctx", {}) else e["msg"])
         else:
             got = "" if not loc else f" (got {redact.text(repr(e.get('input')))})"  # top level: the whole config
             lines.append(f"{key}: {e['msg']}{got}")

@@ -167,3 +167,27 @@ def test_a_source_weight_is_finite_and_at_most_1000_copies(tmp_path):
         else:
             with pytest.raises(ConfigError, match="data.sources.0.weight"):
                 specmod.build(f, environ={})
+
+
+@pytest.mark.parametrize("key,value,fix", [
+    ("data.path", "gs://bucket/train.jsonl", "use s3://bucket/key"),
+    ("model.path", "hf://org/model", "use s3://bucket/key"),
+    ("output.uri", "S3://bucket/runs/a", "write it as s3://bucket/key (lower case"),
+    ("data.cache_uri", "s3a://bucket/cache", "s3a/s3n are Hadoop's names"),
+    ("model.chat_template", "https://user:pa55word@example.com/t.jinja", "use s3://bucket/key"),
+])
+def test_a_location_with_a_scheme_we_do_not_read_is_refused_naming_the_knob(key, value, fix):
+    """gs://, S3:// or s3a:// were taken for local paths that do not exist ('data not found: gs://...')."""
+    with pytest.raises(ConfigError) as e:
+        specmod.build(overrides={key: value}, environ={})
+    msg = str(e.value)
+    assert f"{key}: unsupported URI scheme '{value.split('://')[0]}://'" in msg and fix in msg
+    assert "(top level)" not in msg and "pa55word" not in msg
+
+
+def test_s3_file_and_local_locations_and_hub_ids_are_accepted(tmp_path):
+    spec = specmod.build(overrides={"data.sources": ["s3://b/train/", f"file://{tmp_path}/x.jsonl", "rel/dir"],
+                                    "model.path": "Qwen/Qwen2.5-0.5B", "output.uri": "s3://b/runs/a/"}, environ={})
+    assert [s.path for s in spec.data.sources][0] == "s3://b/train/"
+    with pytest.raises(ConfigError, match=r"data.sources.1.path: unsupported URI scheme 'gs://'"):
+        specmod.build(overrides={"data.sources": ["s3://b/a/", "gs://b/c/"]}, environ={})
