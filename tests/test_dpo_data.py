@@ -52,6 +52,10 @@ def test_an_earlier_assistant_turn_of_the_prompt_is_context_not_trained():
     ({"prompt": "q", "chosen": "same", "rejected": "same"}, "rejected: identical to chosen"),
     ({"chosen": [U("q"), A("yes")], "rejected": [U("other"), A("no")]}, "rejected: its prompt differs from chosen's at message 0"),
     ({"chosen": [U("q"), A("yes")], "rejected": [U("q"), U("no")]}, "rejected[1]: must be an assistant turn"),
+    # an invalid weight was silently taken as 1.0 (and Infinity crashed prepare): the same rule as SFT rows
+    ({"prompt": "q", "chosen": "yes", "rejected": "no", "weight": -1}, "weight: must be a number from 0 to 1000"),
+    ({"prompt": "q", "chosen": "yes", "rejected": "no", "weight": "2"}, "weight: must be a number from 0 to 1000"),
+    ({"prompt": "q", "chosen": "yes", "rejected": "no", "weight": float("inf")}, "weight: must be a number"),
 ])
 def test_bad_pairs_name_the_field_and_the_problem(row, where):
     b = norm(row)
@@ -164,3 +168,12 @@ def test_pairs_longer_than_max_length_are_truncated_or_dropped_and_counted(tmp_p
     assert rep["truncation"]["truncated"] == 1 and rep["examples"]["train"] == 6 and rep["lengths"]["max"] <= 128
     rep = prepare(specmod.build(overrides={**base, "data.truncation": "drop"}), tiny_model()).report
     assert rep["rows"]["dropped"] == {"too_long": 1} and rep["examples"]["train"] == 5
+
+
+def test_a_preference_file_whose_first_rows_are_unreadable_names_the_first_problem(tmp_path, capsys):
+    """It said 'not preference data: no chosen column (fields: none)' for a file of broken rows."""
+    f = tmp_path / "prefs.jsonl"
+    f.write_text('{"prompt": "q", "chosen": "a", "rejected": \n' + '{"prompt": ' + "[" * 3000 + "]" * 3000 + "}\n")
+    assert main(["validate", "--objective", "dpo", "--data", str(f), "--tokenizer", str(tiny_model())]) == 65
+    err = capsys.readouterr().err
+    assert f"{f}:1: (row): invalid JSON" in err and "not preference data" not in err

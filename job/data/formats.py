@@ -554,9 +554,7 @@ def iter_records(files: list[tuple[str, Path]], data_spec, limit: int | None = N
             objs = [_parsed(o) for _, o in head]
             fmt = detect(objs, data_spec.columns)
             if fmt is None:
-                unread = _unreadable(head)
-                if unread is not None:  # no row could be read at all: say why, for the first one
-                    raise DataError(f"{unread[0]}: {unread[1]}", hint="fix or remove this row (`sftjob validate --data ...` lists every bad row)")
+                refuse_unreadable(head)
                 keys = sorted({k for o in objs if isinstance(o, dict) for k in o})[:10]
                 raise DataError(f"{display}: cannot detect the row format from the first rows (fields: {', '.join(keys) or 'none'})",
                                 hint="set data.format (messages, sharegpt, alpaca, prompt_completion) and data.columns")
@@ -567,10 +565,10 @@ def iter_records(files: list[tuple[str, Path]], data_spec, limit: int | None = N
                 return
 
 
-def _unreadable(head: list[tuple[str, Any]]) -> tuple[str, RowIssue] | None:
-    """(FILE:LINE, issue) of the first row when none of ``head`` is readable JSON (a one-row file with a
-    broken row would otherwise be reported as a format that cannot be detected)."""
-    issues = []
+def refuse_unreadable(head: list[tuple[str, Any]]) -> None:
+    """When no row of a file's first rows is readable JSON, the first one's problem as a DataError (a
+    one-row file with a broken row was reported as a format that cannot be detected)."""
+    first = None
     for where, o in head:
         try:
             if isinstance(o, RowIssue):
@@ -578,10 +576,12 @@ def _unreadable(head: list[tuple[str, Any]]) -> tuple[str, RowIssue] | None:
             if isinstance(o, bytes):
                 parse_line(o)
         except RowIssue as e:
-            issues.append((where, e))
+            first = first or (where, e)
             continue
-        return None
-    return issues[0] if issues else None
+        return
+    if first is not None:
+        raise DataError(f"{first[0]}: {first[1]}",
+                        hint="fix or remove this row (`sftjob validate --data ...` lists every bad row)")
 
 
 def to_row(where: str, raw: Any, fmt: str, data_spec, model_spec) -> Row | BadRow:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from job.data.formats import BadRow, Row, RowIssue, _messages, apply_system_prompt, parse_line
+from job.data.formats import BadRow, Row, RowIssue, _messages, _weight, apply_system_prompt, parse_line
 from job.data.masks import IGNORE, Encoder
 
 log = logging.getLogger(__name__)
@@ -95,9 +95,7 @@ def _normalize(where, obj, columns, roles, model_spec) -> Pair:
     prompt = [{**m, "train": False} if m["role"] == "assistant" else m for m in prompt]
     chosen, rejected = ([{**m, "train": True} if m["role"] == "assistant" else m for m in c] for c in (chosen, rejected))
     prompt = apply_system_prompt(prompt, model_spec.system_prompt, model_spec.system_prompt_mode)
-    w = obj.get(columns.get("weight", "weight"), 1.0)
-    weight = float(w) if isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 else 1.0
-    return Pair(where, prompt, chosen, rejected, weight)
+    return Pair(where, prompt, chosen, rejected, _weight(obj, columns.get("weight", "weight")))
 
 
 def _turns(obj: dict, key: str, rk: str, ck: str, roles: dict, string_role: str) -> list[dict]:
@@ -208,6 +206,7 @@ def iter_pair_records(files, data_spec):
                 break
         objs = [formats._parsed(o) for _, o in head]
         if not looks_like_pairs(objs, data_spec.columns):
+            formats.refuse_unreadable(head)
             keys = sorted({k for o in objs if isinstance(o, dict) for k in o})[:10]
             raise DataError(f"{display}: not preference data: no '{data_spec.columns.get('chosen', 'chosen')}' column "
                             f"in the first rows (fields: {', '.join(keys) or 'none'})",
