@@ -103,18 +103,9 @@ def find_and_fetch(output_uri: str, local_root: Path) -> Found | None:
 def _read_marker(prefix: str) -> dict:
     """The COMPLETE marker, every entry checked: a relative path inside the checkpoint, a size, a sha256."""
     what = f"{prefix}/COMPLETE"
-    try:
-        marker = json.loads(storage.read_bytes(storage.join(prefix, "COMPLETE")))
-    except ValueError:
-        marker = None
-    files = marker.get("files") if isinstance(marker, dict) else None
-    if not isinstance(files, list):
-        raise VerificationError(f"{what} is not a checkpoint marker (no files list)")
-    for f in files:
-        if not isinstance(f, dict) or not isinstance(f.get("size"), int) or not isinstance(f.get("sha256"), str):
-            raise VerificationError(f"{what}: malformed entry {f!r}")
-        paths.confine(f.get("path"), what, error=VerificationError)
-    return marker
+    body = storage.read_bytes(storage.join(prefix, "COMPLETE"))
+    paths.file_entries(body, what, error=VerificationError)
+    return json.loads(body)
 
 
 def _matches(local: Path, marker: dict) -> bool:
@@ -301,10 +292,8 @@ class Mirror:
             docs = {}
             for k in range(self.num_nodes):
                 uri = storage.join(prefix, ".nodes", f"node-{k}.json")
-                if storage.exists(uri):
-                    docs[k] = json.loads(storage.read_bytes(uri))
-                    for e in docs[k]["files"]:  # another node's list becomes the COMPLETE marker
-                        paths.confine(e["path"], uri, error=VerificationError)
+                if storage.exists(uri):  # another node's list becomes the COMPLETE marker: checked first
+                    docs[k] = {"files": paths.file_entries(storage.read_bytes(uri), uri, error=VerificationError)}
             if len(docs) == self.num_nodes:
                 merged = {e["path"]: e for d in docs.values() for e in d["files"]}
                 return sorted(merged.values(), key=lambda e: e["path"])

@@ -187,16 +187,17 @@ def verify_published(output_uri: str) -> dict:
     except NotFoundError:
         raise NotFoundError(f"{output_uri} is not published: no {MANIFEST}",
                             hint="run the job (or rerun it: publishing completes an interrupted upload)") from None
+    paths.file_entries(body, storage.join(output_uri, MANIFEST))  # a hostile or broken one: 65 naming it
     manifest = json.loads(body)
-    for entry in manifest.get("files", []):
-        paths.confine(entry.get("path") if isinstance(entry, dict) else entry, storage.join(output_uri, MANIFEST))
     if not manifest.get("partial"):
         try:
             marker = json.loads(storage.read_bytes(storage.join(output_uri, SUCCESS)))
         except NotFoundError:
             raise VerificationError(f"{output_uri} has {MANIFEST} but no {SUCCESS}: the publish did not finish",
                                     hint="rerun the job; publishing completes it") from None
-        if marker.get("manifest_sha256") != hashlib.sha256(body).hexdigest():
+        except ValueError:
+            marker = None
+        if not isinstance(marker, dict) or marker.get("manifest_sha256") != hashlib.sha256(body).hexdigest():
             raise VerificationError(f"{output_uri}: {MANIFEST} does not match the one {SUCCESS} sealed",
                                     hint="the prefix was modified after publishing; republish with overwrite")
 

@@ -70,3 +70,57 @@ def test_resume_from_a_local_output_does_not_follow_a_symlink_out_of_the_checkpo
     assert found.step == 2
     assert not list((tmp_path / "resume").rglob("key.pem"))
     assert "'key.pem' leads outside" in caplog.text
+
+
+SHA = hashlib.sha256(b"x").hexdigest()
+
+
+@pytest.mark.parametrize("body, problem", [
+    (b"not json", "not a file list"), (b"\xff\xfe", "not a file list"), (b"[]", "not a file list"),
+    (b'{"files": "x"}', "not a file list"), (b'{"files": null}', "not a file list"),
+    (b"[" * 5000 + b"]" * 5000, "not a file list"),
+    (b'{"files": [["a"]]}', "malformed entry"), (b'{"files": [{"nopath": 1}]}', "malformed entry"),
+    (json.dumps({"files": [{"path": "a", "size": 1, "sha256": 5}]}).encode(), "malformed entry"),
+    (json.dumps({"files": [{"path": "a", "size": "1", "sha256": SHA}]}).encode(), "malformed entry"),
+    (json.dumps({"files": [{"path": "a", "size": -1, "sha256": SHA}]}).encode(), "malformed entry"),
+    (json.dumps({"files": [{"path": "a", "size": 1, "sha256": "ab"}]}).encode(), "malformed entry"),
+    (json.dumps({"files": [{"path": "../a", "size": 1, "sha256": SHA}]}).encode(), "unsafe path '../a'"),
+])
+def test_a_file_list_read_from_the_store_is_checked_whole_before_use(body, problem):
+    """Manifests, COMPLETE markers and node files: each of these crashed a reader (exit 1, a traceback:
+    JSONDecodeError, AttributeError, TypeError, KeyError) or, for the last, is an escape."""
+    with pytest.raises(DataError, match="m.json") as e:
+        paths.file_entries(body, "m.json")
+    assert problem in str(e.value)
+    with pytest.raises(VerificationError):
+        paths.file_entries(body, "m.json", error=VerificationError)
+
+
+def test_a_well_formed_file_list_passes_unchanged():
+    files = [{"path": "a/b.bin", "size": 0, "sha256": SHA, "extra": 1}]
+    assert paths.file_entries(json.dumps({"files": files}).encode(), "m.json") == files
+    assert paths.file_entries({"files": []}, "m.json") == []
+
+
+@pytest.mark.parametrize("body", [b"not json", b"[]", b'{"files": [{"path": "a", "sha256": 5}]}'])
+def test_verify_published_refuses_a_broken_manifest_with_65_naming_it(tmp_path, body):
+    from job import publish
+    from job.errors import ExitCode
+
+    (tmp_path / "manifest.json").write_bytes(body)
+    (tmp_path / "_SUCCESS").write_text(json.dumps({"manifest_sha256": hashlib.sha256(body).hexdigest()}))
+    with pytest.raises(DataError) as e:
+        publish.verify_published(str(tmp_path))
+    assert e.value.exit_code == ExitCode.DATA and f"{tmp_path}/manifest.json" in str(e.value)
+
+
+@pytest.mark.parametrize("seal", [b"[]", b"not json", b'{"manifest_sha256": 5}'])
+def test_verify_published_refuses_a_broken_success_marker_as_unsealed(tmp_path, seal):
+    from job import publish
+
+    body = json.dumps({"files": [{"path": "a", "size": 1, "sha256": SHA}]}).encode()
+    (tmp_path / "manifest.json").write_bytes(body)
+    (tmp_path / "a").write_bytes(b"x")
+    (tmp_path / "_SUCCESS").write_bytes(seal)  # `[]` crashed with AttributeError
+    with pytest.raises(VerificationError, match="does not match the one _SUCCESS sealed"):
+        publish.verify_published(str(tmp_path))

@@ -7,6 +7,8 @@ plant or delete files outside the prefix, or anywhere on the node; so every such
 """
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 from job.errors import DataError, SftjobError
@@ -33,6 +35,29 @@ def problem(rel) -> str | None:
     if ".." in parts or "." in parts:
         return "has a '..' or '.' part"
     return None
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def file_entries(doc, what: str, *, error: type[SftjobError] = DataError, hint: str = _HINT) -> list[dict]:
+    """The ``files`` list of a manifest, marker or node file (JSON bytes or parsed), once each entry is
+    ``{path, size, sha256}`` with a confined path; else ``error`` naming ``what``. Not JSON, a list where an
+    object belongs, a sha256 that is a number: each crashed the reader with a traceback (exit 1)."""
+    if isinstance(doc, (bytes, str)):
+        try:
+            doc = json.loads(doc)
+        except (ValueError, RecursionError):
+            doc = None
+    files = doc.get("files") if isinstance(doc, dict) else None
+    if not isinstance(files, list):
+        raise error(f"{what} is not a file list this job wrote (not JSON, or no files list)", hint=hint)
+    for f in files:
+        if not (isinstance(f, dict) and type(f.get("size")) is int and f["size"] >= 0
+                and isinstance(f.get("sha256"), str) and _SHA256.fullmatch(f["sha256"])):
+            raise error(f"{what}: malformed entry {str(f)[:160]} (needs path, size and a sha256)", hint=hint)
+        confine(f.get("path"), what, error=error, hint=hint)
+    return files
 
 
 def confine(rel, what: str, *, error: type[SftjobError] = DataError, hint: str = _HINT) -> str:
