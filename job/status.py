@@ -65,12 +65,13 @@ class Status:
                 previous = json.loads(storage.read_bytes(storage.join(self.output_uri, "status.json")))
             except Exception:  # noqa: BLE001 - first attempt, or unreadable: start fresh
                 previous = {}
+        previous = _earlier(previous)
         doc = {
             "state": "pending", "run_id": run_id, "output": self.output_uri, "version": version(), "step": 0,
             "max_steps": max_steps, "epoch": 0.0, "loss": None, "tokens_per_second": None,
-            "eta_seconds": None, "attempt": int(previous.get("attempt", 0)) + 1, "resumed_from": None,
-            "started_at": now(), "updated_at": now(), "events": list(previous.get("events", []))[-200:],
-            "mlflow_run_id": previous.get("mlflow_run_id"),  # a resumed attempt continues the same MLflow run
+            "eta_seconds": None, "attempt": previous["attempt"] + 1, "resumed_from": None,
+            "started_at": now(), "updated_at": now(), "events": previous["events"][-200:],
+            "mlflow_run_id": previous["mlflow_run_id"],  # a resumed attempt continues the same MLflow run
             "error": None,
         }
         with self._locked():
@@ -118,6 +119,18 @@ class Status:
     def flush(self, timeout: float) -> bool:
         """Wait up to ``timeout`` s for the newest state to reach the output; False if it has not."""
         return self._pusher.flush(timeout) if self._pusher else True
+
+
+def _earlier(doc) -> dict:
+    """What an attempt takes from the previous one's status.json, each field only when it has the shape this
+    job writes: the file is read from the store, and a list or an attempt of "x" there crashed every retry."""
+    doc = doc if isinstance(doc, dict) else {}
+    attempt, events, mlflow_run = doc.get("attempt"), doc.get("events"), doc.get("mlflow_run_id")
+    return {"attempt": attempt if type(attempt) is int and 0 <= attempt < 1_000_000 else 0,
+            "events": [e for e in events if isinstance(e, dict) and all(isinstance(e.get(k), str) for k in
+                                                                         ("time", "type", "message"))]
+            if isinstance(events, list) else [],
+            "mlflow_run_id": mlflow_run if isinstance(mlflow_run, str) else None}
 
 
 #: how long the end of a run (fail, succeeded) waits for status.json to reach a slow store

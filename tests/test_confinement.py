@@ -124,3 +124,24 @@ def test_verify_published_refuses_a_broken_success_marker_as_unsealed(tmp_path, 
     (tmp_path / "_SUCCESS").write_bytes(seal)  # `[]` crashed with AttributeError
     with pytest.raises(VerificationError, match="does not match the one _SUCCESS sealed"):
         publish.verify_published(str(tmp_path))
+
+
+@pytest.mark.parametrize("previous, attempt", [
+    (b"[]", 1), (b'{"attempt": "x"}', 1), (b'{"attempt": 2, "events": [{}, 5, {"time": "t", "type": "a", '
+                                            b'"message": "m"}], "mlflow_run_id": 7}', 3), (b"not json", 1)])
+def test_an_attempt_reads_only_well_formed_fields_of_the_previous_status(tmp_path, monkeypatch, previous, attempt):
+    """The output's status.json counts attempts; a list there, or an attempt of "x", crashed every retry
+    at its start (AttributeError / ValueError: exit 1, retried until backoffLimit)."""
+    from job.status import Status
+
+    out, work = tmp_path / "out", tmp_path / "work"
+    out.mkdir()
+    work.mkdir()
+    (out / "status.json").write_bytes(previous)
+    monkeypatch.setenv("SFTJOB_TERMINATION_LOG", str(tmp_path / "termlog"))
+    status = Status(work, str(out))
+    doc = status.start(run_id="r")
+    assert doc["attempt"] == attempt and doc["mlflow_run_id"] is None
+    assert all(set(e) >= {"time", "type", "message"} for e in doc["events"])
+    status.fail(65, "data", "bad row")  # the termination log reads every kept event
+    assert "exit_code=65" in (tmp_path / "termlog").read_text()

@@ -145,7 +145,8 @@ def read_progress(run: dict) -> tuple[dict | None, str | None]:
         except ValueError:
             pass
     try:
-        return json.loads(storage.read_bytes(storage.join(out, "status.json"))), None
+        doc = json.loads(storage.read_bytes(storage.join(out, "status.json")))
+        return (doc, None) if isinstance(doc, dict) else (None, "status.json unreadable: not a JSON object")
     except SftjobError as e:
         return None, "no status.json yet" if e.exit_code == ExitCode.NOT_FOUND else f"status.json unreadable: {e.message}"
     except ValueError:
