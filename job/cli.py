@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--limit", type=int, default=3, help="examples to show")
             sp.add_argument("--json", action="store_true", help="one JSON object per example per line")
         if name == "plan":
-            sp.add_argument("--tokens-per-second", type=float, default=None,
+            sp.add_argument("--tokens-per-second", type=_positive_number, default=None,
                             help="throughput per GPU for the time estimate")
             sp.add_argument("--json", action="store_true", help="print the plan as JSON")
             sp.add_argument("--model-config", default=None,
@@ -159,6 +159,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     ops.add_commands(sub)
     return p
+
+
+def _positive_number(text: str) -> float:
+    """argparse type: a finite number > 0 (a rate; -5 printed a negative time estimate)."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a number above 0, got {text}")
+    return value
 
 
 def _dispatch(args: argparse.Namespace) -> int:

@@ -187,3 +187,19 @@ def test_an_unusable_cache_directory_is_a_config_error_naming_it_not_a_traceback
     assert f"cache directory {blocker / 'cache'} (--cache-dir / SFTJOB_CACHE_DIR) is not usable" in p.stderr
     assert "fix: point SFTJOB_CACHE_DIR" in p.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_plan_refuses_a_model_config_that_is_not_json_and_a_rate_that_is_not_positive(tmp_path):
+    """Both were found by fuzzing: a traceback (exit 1) and a negative time estimate (exit 0)."""
+    from job import tiny
+
+    model = tiny.write(tmp_path / "m")
+    junk = tmp_path / "config.json"
+    junk.write_text("{bad")
+    p = sftjob("plan", "--model", str(model), "--model-config", str(junk), env={"SFTJOB_CACHE_DIR": str(tmp_path / "c")})
+    assert p.returncode == ExitCode.CONFIG and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert f"{junk} is not valid JSON" in p.stderr
+    for rate in ("-5", "inf", "0"):
+        p = sftjob("plan", "--model", str(model), "--tokens-per-second", rate,
+                   env={"SFTJOB_CACHE_DIR": str(tmp_path / "c")})
+        assert p.returncode == ExitCode.CONFIG and "must be a number above 0" in p.stderr, p.stderr[-500:]

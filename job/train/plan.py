@@ -25,18 +25,27 @@ def _config(spec, model_config: str | None) -> dict:
     if not src:
         raise ConfigError("missing required setting 'model.path'", hint="pass --model or --model-config FILE")
     if storage.is_remote(src):
-        return json.loads(storage.read_bytes(src if src.endswith(".json") else storage.join(src, "config.json")))
+        uri = src if src.endswith(".json") else storage.join(src, "config.json")
+        return _parsed_config(storage.read_bytes(uri), uri)
     p = Path(src)
     if p.is_dir():
         p = p / "config.json"
     if p.is_file():
-        return json.loads(p.read_text())
+        return _parsed_config(p.read_bytes(), str(p))
     try:
         from job.loader import model_config
 
         return model_config(src).to_dict()
     except Exception:  # noqa: BLE001
         raise NotFoundError(f"no config.json for {src}", hint="pass --model-config path/to/config.json") from None
+
+
+def _parsed_config(body: bytes, where: str) -> dict:
+    try:
+        cfg = json.loads(body)
+    except (ValueError, RecursionError) as e:  # a traceback (exit 1) before
+        raise ConfigError(f"{where} is not valid JSON ({e})", hint="use the model's own config.json") from None
+    return cfg if isinstance(cfg, dict) else {}
 
 
 def _count(cfg: dict, spec, vocab: int = 0) -> tuple[int, int, dict]:
