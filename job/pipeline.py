@@ -181,16 +181,18 @@ def fetch_model(spec: RunSpec) -> str:
     raise NotFoundError(f"model not found: {uri}", hint="give a local directory, an s3:// prefix, or a cached hub id")
 
 
-def _explained(e: VerificationError, spec: RunSpec, outcome) -> VerificationError:
-    """An untrained adapter from a run so short that LR warm-up (which starts at 0) took every step."""
+def _explained(e: VerificationError, spec: RunSpec, outcome) -> SftjobError:
+    """An untrained adapter from a run so short that LR warm-up (which starts at 0) took every step: a
+    setting to change (64, not retried: every retry would train the same single step), not a fault."""
     from job.train.export import UntrainedError
 
     steps = outcome.step or 0
     warmup = math.ceil(steps * spec.train.warmup_ratio)
     if isinstance(e, UntrainedError) and 0 < steps <= warmup:
-        e.hint = (f"the run made {steps} optimizer step(s) and warm-up (warmup_ratio {spec.train.warmup_ratio}: "
-                  f"{warmup} step(s), from lr 0) took them all; train longer (more rows, num_train_epochs, "
-                  "max_steps) or set warmup_ratio 0. Nothing was published")
+        return ConfigError(f"{e.message}: the run made {steps} optimizer step(s) and warm-up (warmup_ratio "
+                           f"{spec.train.warmup_ratio}: {warmup} step(s), from lr 0) took them all",
+                           hint="train longer (more rows, num_train_epochs) or set warmup_ratio 0. "
+                                "Nothing was published")
     return e
 
 

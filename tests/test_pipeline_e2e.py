@@ -102,14 +102,25 @@ def test_bad_data_fails_with_65_and_status_says_why(s3, tmp_path):
     assert "runs/bad/_SUCCESS" not in s3.keys(bucket, "runs/bad/")
 
 
-def test_a_run_whose_only_step_is_warm_up_is_refused_with_the_reason(tmp_path):
+def test_a_one_step_smoke_test_trains_and_a_run_whose_only_step_is_warm_up_is_refused_with_64(tmp_path):
+    """Warm-up starts at lr 0. With max_steps known it never takes every step, so `--max-steps 1` trains (it
+    failed verification with 70, retried by Kubernetes). Epochs over data that make one step cannot be
+    capped ahead: that is 64 with the reason (not retried: every retry would train the same single step)."""
     out = tmp_path / "out"
+    env = {"SFTJOB_CACHE_DIR": str(tmp_path / "c")}
     r = trainkit.run("run", "--model", str(trainkit.tiny_model()), "--data", str(trainkit.chat_data()),
-                     "--output", str(out), "--max-steps", "1", env={"SFTJOB_CACHE_DIR": str(tmp_path / "c")})
-    assert r.returncode == 70, r.stderr[-2000:]
+                     "--output", str(out), "--max-steps", "1", env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (out / "_SUCCESS").exists()
+
+    out = tmp_path / "epoch"
+    r = trainkit.run("run", "--model", str(trainkit.tiny_model()), "--data", str(trainkit.chat_data(4)),
+                     "--output", str(out), "--max-steps", "-1", "--num-train-epochs", "1",
+                     "--per-device-train-batch-size", "8", "--gradient-accumulation-steps", "1", env=env)
+    assert r.returncode == 64, r.stderr[-2000:]
     assert "lora_B tensors are all zero" in r.stderr and "warm-up" in r.stderr and "warmup_ratio 0" in r.stderr
     assert "Traceback" not in r.stderr and not (out / "_SUCCESS").exists()
-    assert json.loads((out / "status.json").read_text())["error"]["exit_code"] == 70
+    assert json.loads((out / "status.json").read_text())["error"]["exit_code"] == 64
 
 
 def test_a_full_fine_tune_publishes_verified_full_weights(tmp_path):

@@ -139,3 +139,13 @@ def test_dpo_recipe_plans_two_sequences_per_pair_and_a_reference_without_extra_w
     out = capsys.readouterr().out
     assert full == 0
     assert json.loads(out[out.index("{"):])["memory_gb_per_gpu"]["reference"] > 0  # a frozen copy of the base
+
+
+@pytest.mark.parametrize("max_steps,ratio,expected", [(1, 0.03, 0), (2, 0.5, 1), (100, 0.03, 3), (10, 0.99, 9),
+                                                       (-1, 0.03, 0.03), (50, 0.0, 0.0)])
+def test_warm_up_never_takes_every_step_when_the_steps_are_known(max_steps, ratio, expected):
+    from job.spec import build
+    from job.train import sft
+
+    spec = build(overrides={"train.max_steps": max_steps, "train.warmup_ratio": ratio}, environ={})
+    assert sft._warmup(spec.train) == expected

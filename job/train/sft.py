@@ -205,6 +205,17 @@ def _callbacks(plan: dict, collator: Collator, stop: StopFlag, mirror, status, t
     return [Progress()]
 
 
+def _warmup(t) -> float | int:
+    """warmup_ratio as transformers takes it (a fraction < 1 of the steps); with max_steps known, the warm-up
+    steps themselves, never all of them: warm-up starts at lr 0, so a 1-step run (a smoke test with
+    --max-steps 1) left the adapter untrained and failed verification."""
+    import math
+
+    if t.max_steps <= 0 or t.warmup_ratio == 0:
+        return t.warmup_ratio
+    return min(math.ceil(t.max_steps * t.warmup_ratio), t.max_steps - 1)
+
+
 def _training_args(spec, plan: dict, config_cls=None, extra: dict | None = None):
     """SFTConfig; or config_cls (DPOConfig) from the same settings, keeping only the fields it has."""
     import dataclasses
@@ -222,7 +233,7 @@ def _training_args(spec, plan: dict, config_cls=None, extra: dict | None = None)
         output_dir=plan["checkpoint_dir"], max_steps=t.max_steps, num_train_epochs=t.num_train_epochs,
         per_device_train_batch_size=t.per_device_train_batch_size, per_device_eval_batch_size=t.per_device_train_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps, learning_rate=t.learning_rate,
-        lr_scheduler_type=t.lr_scheduler_type, warmup_steps=t.warmup_ratio, weight_decay=t.weight_decay,
+        lr_scheduler_type=t.lr_scheduler_type, warmup_steps=_warmup(t), weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm, optim=t.optim, activation_checkpointing=t.gradient_checkpointing,
         logging_steps=t.logging_steps, report_to=trackers.for_transformers(t.report_to), seed=t.seed, data_seed=t.seed,
         save_strategy="steps" if spec.resilience.save_steps else "no",
