@@ -290,9 +290,16 @@ def cache_root(explicit: str | None = None) -> Path:
 def _check_scheme(name: str, value: str | None) -> None:
     """s3:// and local paths (file:// too) are read; any other scheme was taken for a local path that does
     not exist ("data not found: gs://..."): say so at load time, naming the knob."""
-    if not value or "://" not in value:
+    if not value:
         return
-    scheme = value.split("://", 1)[0]
+    if name == "output.uri" and value.startswith("/") and not value.strip("/"):
+        raise ValueError("output.uri: / is the filesystem root; the run publishes (and on overwrite deletes) "
+                         "files there: give a directory of its own")
+    if "://" not in value:
+        return
+    scheme, rest = value.split("://", 1)
+    if scheme == "s3" and not rest.split("/", 1)[0]:  # was found only after training, when publishing
+        raise ValueError(f"{name}: {redact.text(value)} names no bucket: write it as s3://bucket/key")
     if scheme in ("s3", "file"):
         return
     fix = ("write it as s3://bucket/key (lower case; s3a/s3n are Hadoop's names for the same store)"

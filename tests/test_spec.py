@@ -191,3 +191,13 @@ def test_s3_file_and_local_locations_and_hub_ids_are_accepted(tmp_path):
     assert [s.path for s in spec.data.sources][0] == "s3://b/train/"
     with pytest.raises(ConfigError, match=r"data.sources.1.path: unsupported URI scheme 'gs://'"):
         specmod.build(overrides={"data.sources": ["s3://b/a/", "gs://b/c/"]}, environ={})
+
+
+@pytest.mark.parametrize("key,value,problem", [
+    ("output.uri", "s3://", "names no bucket"), ("data.path", "s3:///train.jsonl", "names no bucket"),
+    ("output.uri", "/", "filesystem root"), ("output.uri", "//", "filesystem root"),
+])
+def test_an_output_with_no_bucket_or_the_filesystem_root_is_refused_before_training(key, value, problem):
+    """`--output s3://` and `--output /` trained first and failed only when publishing."""
+    with pytest.raises(ConfigError, match=f"{key}: .*{problem}"):
+        specmod.build(overrides={key: value}, environ={})
