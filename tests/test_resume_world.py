@@ -303,3 +303,18 @@ def test_a_schedule_resumes_at_its_step_whatever_the_parameter_grouping(saved_gr
     before.optimizer.step()
     before.step()
     assert now.get_last_lr() == pytest.approx([before.get_last_lr()[0]] * now_groups)  # and it goes on alike
+
+
+@pytest.mark.parametrize("world", [b"[]", b"not json", b'{"layout": 5}', b'{"layout": "ddpx2", "global_batch": "x"}',
+                                   b'{"layout": "ddpx2", "num_processes": -2}', b'{"layout": "ddpx2", "method": []}'])
+def test_a_world_file_of_another_shape_is_an_unusable_checkpoint_not_a_crash(tmp_path, world):
+    """sftjob_world.json comes back from the store; a global_batch of "x" crashed the resume (ValueError, 71)."""
+    from job.spec import RunSpec
+    from job.train.launch import Topology
+
+    ck = tmp_path / "checkpoint-5"
+    ck.mkdir()
+    (ck / reshard.WORLD_FILE).write_bytes(world)
+    spec = RunSpec.model_validate({"train": {"per_device_train_batch_size": 2}})
+    with pytest.raises(reshard.CheckpointUnusableError, match="sftjob_world.json is unreadable"):
+        reshard.plan_resume(ck, spec, Topology("ddp", 2, 2, 1, 0, "127.0.0.1", 1, "no", False))

@@ -97,10 +97,12 @@ def _saved_layout(ckpt: Path) -> tuple[dict | None, str]:
     if f.is_file():
         try:
             rec = json.loads(f.read_text())
-            return rec, str(rec["layout"])
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, RecursionError):
+            rec = None
+        if not _well_formed(rec):  # it comes back from the store: a value of another type crashed the resume
             raise CheckpointUnusableError(f"{ckpt.name}/{WORLD_FILE} is unreadable",
-                                          hint="remove that checkpoint from the output, or pass --resume false") from None
+                                          hint="remove that checkpoint from the output, or pass --resume false")
+        return rec, rec["layout"]
     shards = list(ckpt.glob("global_step*/*optim_states.pt"))
     if shards:  # ZeRO-3 also writes one model-states file per rank; ZeRO-1/2 one in all
         stage = 3 if list(ckpt.glob("global_step*/zero_pp_rank_*_model_states.pt")) else 2
@@ -108,6 +110,15 @@ def _saved_layout(ckpt: Path) -> tuple[dict | None, str]:
     if (ckpt / "optimizer.pt").is_file():
         return None, "full"
     return None, "unknown"
+
+
+def _well_formed(rec) -> bool:
+    """The fields plan_resume reads, with the types this job writes."""
+    def count(k):
+        return k not in rec or rec[k] is None or (type(rec[k]) is int and rec[k] > 0)
+
+    return (isinstance(rec, dict) and isinstance(rec.get("layout"), str) and count("global_batch")
+            and count("num_processes") and isinstance(rec.get("method", ""), (str, type(None))))
 
 
 def _saved_processes(ckpt: Path) -> int | None:
