@@ -457,7 +457,9 @@ def _valid_keys(loc: tuple) -> list[str]:
     return list(getattr(model, "model_fields", {}))
 
 
-def _explain(err: ValidationError, source: str) -> ConfigError:
+def _explain(err: ValidationError, source: str, origin: dict[str, str] | None = None) -> ConfigError:
+    """One line per problem, naming the key, what was wrong, and where the value came from when it was
+    not the config file (a flag or an SFTJOB_* variable)."""
     lines = []
     for e in err.errors():
         loc = tuple(x for x in e["loc"] if not (isinstance(x, str) and x.startswith("function-")))
@@ -471,7 +473,8 @@ def _explain(err: ValidationError, source: str) -> ConfigError:
             lines.append(str(e["ctx"]["error"]) if "error" in e.get("ctx", {}) else e["msg"])
         else:
             got = "" if not loc else f" (got {redact.text(repr(e.get('input')))})"  # top level: the whole config
-            lines.append(f"{key}: {e['msg']}{got}")
+            came = (origin or {}).get(".".join(str(x) for x in loc[:2])) or (origin or {}).get(key)
+            lines.append(f"{key}: {e['msg']}{got}" + (f" from {came}" if came else ""))
     return ConfigError(f"invalid run spec ({source}):\n  " + "\n  ".join(lines),
                        hint="see `sftjob schema` for every key, its type and default")
 
@@ -500,13 +503,20 @@ def build(config: str | Path | None = None, overrides: dict[str, Any] | None = N
     if tree is None:
         tree = load_yaml(config) if config else {}
     tree = _relocate_bare_keys(tree)
-    source = source or (str(config) if config else "flags")
-    for path, value in {**env_overrides(environ), **(overrides or {})}.items():
+    env = env_overrides(environ)
+    origin = {**{p: "SFTJOB_" + FLAGS_BY_PATH.get(p, p).replace("-", "_").upper() if p != "cache_dir"
+                 else "SFTJOB_CACHE_DIR" for p in env},
+              **{p: "--" + FLAGS_BY_PATH.get(p, p) for p in overrides or {}}}
+    layers = [str(config)] if config else []
+    layers += ["environment"] if env else []
+    layers += ["flags"] if overrides else []
+    source = source or (", ".join(layers) or "flags")
+    for path, value in {**env, **(overrides or {})}.items():
         _set(tree, path, value)
     try:
         return RunSpec.model_validate(tree)
     except ValidationError as e:
-        raise _explain(e, source) from None
+        raise _explain(e, source, origin) from None
 
 
 def json_schema() -> dict:

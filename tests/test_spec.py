@@ -201,3 +201,15 @@ def test_an_output_with_no_bucket_or_the_filesystem_root_is_refused_before_train
     """`--output s3://` and `--output /` trained first and failed only when publishing."""
     with pytest.raises(ConfigError, match=f"{key}: .*{problem}"):
         specmod.build(overrides={key: value}, environ={})
+
+
+def test_an_invalid_value_names_the_flag_or_variable_it_came_from(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text("train: {warmup_ratio: 2}\n")
+    with pytest.raises(ConfigError) as e:
+        specmod.build(f, {"train.max_steps": 0}, environ={"SFTJOB_LEARNING_RATE": "inf"})
+    msg = str(e.value)
+    assert msg.startswith(f"invalid run spec ({f}, environment, flags):")
+    assert "train.learning_rate: Input should be a finite number (got 'inf') from SFTJOB_LEARNING_RATE" in msg
+    assert "(got 0) from --max-steps" in msg
+    assert "train.warmup_ratio: Input should be less than 1 (got 2)\n" in msg + "\n"  # the file's own: no origin
