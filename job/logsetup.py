@@ -90,9 +90,17 @@ def setup(debug: bool = False, fmt: str | None = None) -> str:
 def event(kind: str, text: str, **fields) -> None:
     """One event, printed once: a JSON object on stdout, or `text` for a person on stderr."""
     if _format == "json":
-        print(redact.text(json.dumps({"event": kind, **fields}, default=str)), flush=True)
+        _line(sys.stdout, redact.text(json.dumps({"event": kind, **fields}, default=str)))
     else:
-        print(redact.text(text), file=sys.stderr, flush=True)
+        _line(sys.stderr, redact.text(text))
+
+
+def _line(stream, text: str) -> None:
+    """text and its newline in ONE write: under PYTHONUNBUFFERED (the image sets it) print() writes them
+    separately, and another process's line on the same pod log (rank 0's mirror log, the launcher's)
+    landed between them: a JSON line with a second object glued to it (seen in a CI test's log)."""
+    stream.write(text + "\n")
+    stream.flush()
 
 
 def as_text(line: str) -> str:

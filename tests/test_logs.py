@@ -84,3 +84,31 @@ def test_json_log_records_are_redacted(capsys, monkeypatch):
     doc = json.loads(line)
     assert doc["level"] == "WARNING" and "hunter2secret" not in line and "s3.local" in doc["message"]
     monkeypatch.setenv(logsetup.ENV, "auto")  # restored (removed) after the test
+
+
+_WRITER = """
+import sys
+from job import logsetup
+logsetup._format = "json"
+for i in range(3000):
+    logsetup.event("progress", "text", step=i, writer=int(sys.argv[1]), pad="x" * 200)
+"""
+
+
+def test_events_of_processes_sharing_one_unbuffered_log_never_split_a_line(tmp_path):
+    """Under PYTHONUNBUFFERED (the image sets it) print() wrote an event and its newline separately, and
+    another process's line landed between them (a CI log: a progress object with a log record glued on).
+    Three real processes share one log file, as ranks and the launcher share the pod's stdout."""
+    import os
+    import subprocess
+    import sys
+
+    log = tmp_path / "log"
+    with open(log, "w") as f:
+        procs = [subprocess.Popen([sys.executable, "-c", _WRITER, str(k)], stdout=f, stderr=subprocess.STDOUT,
+                                  env={**os.environ, "PYTHONUNBUFFERED": "1"}) for k in range(3)]
+        assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]
+    lines = log.read_text().splitlines()
+    assert len(lines) == 9000
+    records = [json.loads(line) for line in lines]  # a glued or split line fails here
+    assert sorted((r["writer"], r["step"]) for r in records) == [(k, i) for k in range(3) for i in range(3000)]
