@@ -61,6 +61,25 @@ def complete_steps(output_uri: str) -> list[int]:
 class Found:
     step: int
     path: Path  # local directory the trainer resumes from
+    identity: dict | None = None  # what defined the run that wrote it (job/identity.py); None: an older job
+
+
+def newest_marker(output_uri: str) -> tuple[int, dict] | None:
+    """(step, marker) of the newest complete checkpoint whose marker reads; None when there is none.
+    Nothing is downloaded but the markers: the resume-identity check runs before any fetch."""
+    for step in reversed(complete_steps(output_uri)):
+        try:
+            return step, _read_marker(remote_prefix(output_uri, step))
+        except VerificationError as e:
+            log.warning("checkpoint step-%d: %s", step, e.message)
+    return None
+
+
+def discard_all(output_uri: str) -> None:
+    """Every checkpoint of the output, markers first (a kill mid-delete leaves no false COMPLETE)."""
+    for step in complete_steps(output_uri):
+        storage.delete(storage.join(remote_prefix(output_uri, step), "COMPLETE"))
+    storage.delete_prefix(storage.join(output_uri, "checkpoints") + "/")
 
 
 def find_and_fetch(output_uri: str, local_root: Path) -> Found | None:
@@ -96,16 +115,21 @@ def find_and_fetch(output_uri: str, local_root: Path) -> Found | None:
             shutil.rmtree(tmp, ignore_errors=True)
             continue
         log.info("resuming from complete checkpoint step-%d (%d files)", step, len(marker["files"]))
-        return Found(step, dest)
+        return Found(step, dest, marker.get("identity"))
     return None
 
 
 def _read_marker(prefix: str) -> dict:
-    """The COMPLETE marker, every entry checked: a relative path inside the checkpoint, a size, a sha256."""
+    """The COMPLETE marker, every entry checked: a relative path inside the checkpoint, a size, a sha256;
+    its run identity, when there is one, an object of field names."""
     what = f"{prefix}/COMPLETE"
     body = storage.read_bytes(storage.join(prefix, "COMPLETE"))
     paths.file_entries(body, what, error=VerificationError)
-    return json.loads(body)
+    marker = json.loads(body)
+    ident = marker.get("identity", {})  # compared with this run's (job/identity.py), never used as a path
+    if not (isinstance(ident, dict) and all(isinstance(k, str) for k in ident)):
+        raise VerificationError(f"{what}: its run identity is not an object of field names (not what this job writes)")
+    return marker
 
 
 def _matches(local: Path, marker: dict) -> bool:
@@ -146,8 +170,9 @@ class Mirror:
     """
 
     def __init__(self, output_uri: str, *, node_rank: int, num_nodes: int, is_main: bool, keep: int,
-                 on_complete=None, on_error=None, resumed_step: int | None = None):
+                 on_complete=None, on_error=None, resumed_step: int | None = None, identity: dict | None = None):
         self.output_uri, self.node_rank, self.num_nodes = output_uri, node_rank, num_nodes
+        self.identity = identity  # recorded in every COMPLETE marker: a resume under another spec is refused
         self.is_main, self.keep, self.on_complete, self.on_error = is_main, keep, on_complete, on_error
         self._cond = threading.Condition()
         self._pending: tuple[Path, int, Future] | None = None
@@ -277,6 +302,8 @@ class Mirror:
         if self.is_main:
             all_entries = self._gather_nodes(prefix)
             marker = {"step": step, "files": all_entries, "created_at": time.time()}
+            if self.identity is not None:
+                marker["identity"] = self.identity
             storage.write_bytes(storage.join(prefix, "COMPLETE"), json.dumps(marker, indent=1).encode())
             self.completed.append(step)
             self.last_complete = step

@@ -54,6 +54,10 @@ def run(spec: RunSpec) -> int:
     if fresh and node_rank == 0:
         publish.retire(output)
         log.warning("output.overwrite: replacing the finished run at %s (its checkpoints are removed)", output)
+    from job import identity
+
+    if not fresh:  # a checkpoint of another spec: refused (64) before anything is fetched
+        fresh = identity.check_before_fetch(spec, output, node_rank=node_rank)
     status = Status(workdir, output if node_rank == 0 else None)  # one writer of <output>/status.json
     signal.signal(signal.SIGTERM, _interrupt)  # before/after training; launch owns it while ranks run
     status.start(run_id=run_id, max_steps=spec.train.max_steps if spec.train.max_steps > 0 else None)
@@ -89,8 +93,10 @@ def run(spec: RunSpec) -> int:
             outcome = kept
         else:
             outage.forget(workdir)
+            run_identity = identity.of_run(spec, model_dir=model_dir, prepared=prepared,
+                                           adapter_sha256=adapter.info["sha256"] if adapter else None)
             outcome = launch.train(spec, prepared, model_dir, workdir, status, started=started, fresh=fresh,
-                                   adapter_path=str(adapter.path) if adapter else None)
+                                   adapter_path=str(adapter.path) if adapter else None, run_identity=run_identity)
         if outcome.node_rank != 0:
             return 0
         if outcome.stopped == "sigterm":

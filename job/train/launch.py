@@ -282,9 +282,10 @@ def check_bitsandbytes(spec) -> None:
 
 
 def train(spec, prepared, model_dir: str, workdir: Path, status, *, started: float, fresh: bool = False,
-          adapter_path: str | None = None) -> Outcome:
-    """Resume from the newest complete checkpoint, spawn the ranks, read back what they did."""
-    from job import checkpoints
+          adapter_path: str | None = None, run_identity: dict | None = None) -> Outcome:
+    """Resume from the newest complete checkpoint (when it was made by this run: job/identity.py), spawn
+    the ranks, read back what they did."""
+    from job import checkpoints, identity
 
     check_bitsandbytes(spec)  # also for callers that skip the pipeline's early check
     topo = topology(spec)
@@ -296,6 +297,11 @@ def train(spec, prepared, model_dir: str, workdir: Path, status, *, started: flo
     ckpt_dir = workdir / "checkpoints"
     ckpt_dir.mkdir(exist_ok=True)
     found = checkpoints.find_and_fetch(spec.output.uri, ckpt_dir) if spec.resilience.resume and not fresh else None
+    if found and run_identity is not None:
+        where = f"checkpoint {checkpoints.remote_prefix(spec.output.uri, found.step)}"
+        lines = identity.check(found.identity, run_identity, found.step, where)
+        if lines and identity.start_over(spec, spec.output.uri, lines, found.step, where, node_rank=topo.machine_rank):
+            found = None
     for old in ckpt_dir.glob("checkpoint-*"):
         if not found or old != found.path:
             shutil.rmtree(old, ignore_errors=True)
@@ -329,7 +335,7 @@ def train(spec, prepared, model_dir: str, workdir: Path, status, *, started: flo
         "num_machines": topo.num_machines, "mixed_precision": topo.mixed_precision,
         "attn_implementation": fast["attention"]["implementation"], "fast_path": fast,
         "deepspeed_config": str(configs["deepspeed"]) if "deepspeed" in configs else None,
-        "world": resume.record, "resume_mode": resume.mode,
+        "world": resume.record, "resume_mode": resume.mode, "identity": run_identity,
     }
     plan_path = workdir / "launch" / "plan.json"
     public = redact.data(plan)  # published with the run (launch/): no credentials

@@ -162,10 +162,15 @@ def plan_resume(ckpt: Path | None, spec, topo) -> Resume:
         t.per_device_train_batch_size * t.gradient_accumulation_steps * topo.num_processes
     message = None
     processes_then = rec.get("num_processes") if rec else None
-    if processes_then and processes_then != topo.num_processes:
+    split_now = t.per_device_train_batch_size * t.gradient_accumulation_steps * topo.num_processes
+    # another count, or another micro-batch / accumulation on the same count (e.g. a smaller micro-batch
+    # after an OOM): the global batch is part of the run (job/identity.py leaves the split free to change)
+    if (processes_then and processes_then != topo.num_processes) or split_now != g:
         micro, accum, exact = choose_batch(g, t.per_device_train_batch_size, topo.num_processes)
         got = micro * accum * topo.num_processes
-        message = (f"world size {processes_then} → {topo.num_processes} ({mode} resume from {ckpt.name}): "
+        change = (f"world size {processes_then} → {topo.num_processes}" if processes_then != topo.num_processes
+                  else f"micro-batch × accumulation {t.per_device_train_batch_size} × {t.gradient_accumulation_steps}")
+        message = (f"{change} ({mode} resume from {ckpt.name}): "
                    f"micro-batch {micro} × accumulation {accum} × {topo.num_processes} processes = global batch {got}"
                    + (" (kept)" if exact else f" (the run's {g} cannot be kept exactly; closest chosen)"))
         spec = spec.model_copy(update={"train": t.model_copy(update={

@@ -336,7 +336,8 @@ def train(plan: dict, recipe_for: Callable[[Any, dict, Any], Recipe] = sft_recip
     if local_rank == 0 and plan.get("output_uri"):
         mirror = checkpoints.Mirror(plan["output_uri"], node_rank=node_rank,
                                     num_nodes=int(plan.get("num_machines", 1)), is_main=rank == 0,
-                                    keep=spec.resilience.save_total_limit, **_mirror_reports(plan, status))
+                                    keep=spec.resilience.save_total_limit, identity=plan.get("identity"),
+                                    **_mirror_reports(plan, status))
     if "tensorboard" in spec.train.report_to:  # TensorBoardCallback's dir; published as <output>/tensorboard/
         os.environ["TENSORBOARD_LOGGING_DIR"] = trackers.tensorboard_dir(plan["workdir"])
     tracks = trackers.trackers(spec.train.report_to, plan, status, rank)
