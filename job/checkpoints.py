@@ -124,8 +124,7 @@ def _read_marker(prefix: str) -> dict:
     its run identity, when there is one, an object of field names."""
     what = f"{prefix}/COMPLETE"
     body = storage.read_bytes(storage.join(prefix, "COMPLETE"))
-    paths.file_entries(body, what, error=VerificationError)
-    marker = json.loads(body)
+    marker = paths.file_document(body, what, error=VerificationError)
     ident = marker.get("identity", {})  # compared with this run's (job/identity.py), never used as a path
     if not (isinstance(ident, dict) and all(isinstance(k, str) for k in ident)):
         raise VerificationError(f"{what}: its run identity is not an object of field names (not what this job writes)")

@@ -187,8 +187,7 @@ def verify_published(output_uri: str) -> dict:
     except NotFoundError:
         raise NotFoundError(f"{output_uri} is not published: no {MANIFEST}",
                             hint="run the job (or rerun it: publishing completes an interrupted upload)") from None
-    paths.file_entries(body, storage.join(output_uri, MANIFEST))  # a hostile or broken one: 65 naming it
-    manifest = json.loads(body)
+    manifest = paths.file_document(body, storage.join(output_uri, MANIFEST))  # a hostile or broken one: 65
     if not manifest.get("partial"):
         try:
             marker = json.loads(storage.read_bytes(storage.join(output_uri, SUCCESS)))

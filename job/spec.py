@@ -289,23 +289,17 @@ def cache_root(explicit: str | None = None) -> Path:
 
 def _check_scheme(name: str, value: str | None) -> None:
     """s3:// and local paths (file:// too) are read; any other scheme was taken for a local path that does
-    not exist ("data not found: gs://..."): say so at load time, naming the knob."""
+    not exist ("data not found: gs://..."): say so at load time, naming the knob (job.storage owns the rule)."""
+    from job.storage import scheme_problem
+
     if not value:
         return
     if name == "output.uri" and value.startswith("/") and not value.strip("/"):
         raise ValueError("output.uri: / is the filesystem root; the run publishes (and on overwrite deletes) "
                          "files there: give a directory of its own")
-    if "://" not in value:
-        return
-    scheme, rest = value.split("://", 1)
-    if scheme == "s3" and not rest.split("/", 1)[0]:  # was found only after training, when publishing
-        raise ValueError(f"{name}: {redact.text(value)} names no bucket: write it as s3://bucket/key")
-    if scheme in ("s3", "file"):
-        return
-    fix = ("write it as s3://bucket/key (lower case; s3a/s3n are Hadoop's names for the same store)"
-           if scheme.lower() in ("s3", "s3a", "s3n") else "use s3://bucket/key (any S3-compatible store, with "
-           "storage.endpoint_url) or a local path")
-    raise ValueError(f"{name}: unsupported URI scheme '{scheme}://' in {redact.text(value)}: {fix}")
+    why = scheme_problem(value)
+    if why:
+        raise ValueError(f"{name}: {why}")
 
 
 def usable_cache_root(spec: RunSpec) -> Path:
@@ -399,14 +393,20 @@ def _parse_env_value(raw: str) -> Any:
 
 def env_overrides(environ: dict[str, str] | None = None) -> dict[str, Any]:
     """SFTJOB_<FLAG_NAME> (upper snake) for every flag; values parsed as YAML scalars/lists."""
+    return {path: value for path, (_, value) in env_layer(environ).items()}
+
+
+def env_layer(environ: dict[str, str] | None = None) -> dict[str, tuple[str, Any]]:
+    """dotted path → (the SFTJOB_* variable it came from, its value): the one naming rule, which errors
+    also quote. SFTJOB_CACHE_DIR is taken as given (a path, never YAML)."""
     environ = os.environ if environ is None else environ
     out = {}
     for flag, path in ALL_FLAGS.items():
         key = "SFTJOB_" + flag.replace("-", "_").upper()
         if key in environ and key != "SFTJOB_CACHE_DIR":
-            out[path] = _parse_env_value(environ[key])
+            out[path] = (key, _parse_env_value(environ[key]))
     if "SFTJOB_CACHE_DIR" in environ:
-        out["cache_dir"] = environ["SFTJOB_CACHE_DIR"]
+        out["cache_dir"] = ("SFTJOB_CACHE_DIR", environ["SFTJOB_CACHE_DIR"])
     return out
 
 
@@ -503,10 +503,9 @@ def build(config: str | Path | None = None, overrides: dict[str, Any] | None = N
     if tree is None:
         tree = load_yaml(config) if config else {}
     tree = _relocate_bare_keys(tree)
-    env = env_overrides(environ)
-    origin = {**{p: "SFTJOB_" + FLAGS_BY_PATH.get(p, p).replace("-", "_").upper() if p != "cache_dir"
-                 else "SFTJOB_CACHE_DIR" for p in env},
-              **{p: "--" + FLAGS_BY_PATH.get(p, p) for p in overrides or {}}}
+    layer = env_layer(environ)
+    env = {p: value for p, (_, value) in layer.items()}
+    origin = {**{p: var for p, (var, _) in layer.items()}, **{p: "--" + FLAGS_BY_PATH.get(p, p) for p in overrides or {}}}
     layers = [str(config)] if config else []
     layers += ["environment"] if env else []
     layers += ["flags"] if overrides else []

@@ -41,15 +41,35 @@ def is_remote(uri: str) -> bool:
     return str(uri).startswith("s3://")
 
 
+def scheme_problem(uri: str) -> str | None:
+    """Why storage cannot read `uri` (the one scheme rule: s3://bucket/key, file://, local paths), or None.
+    The spec checks every location knob with it at load, naming the knob; backend() for any other caller."""
+    from job import redact
+
+    uri = str(uri)
+    if "://" not in uri:
+        return None
+    scheme, rest = uri.split("://", 1)
+    if scheme == "s3" and not rest.split("/", 1)[0]:
+        return f"{redact.text(uri)} names no bucket: write it as s3://bucket/key"
+    if scheme in ("s3", "file"):
+        return None
+    fix = ("write it as s3://bucket/key (lower case; s3a/s3n are Hadoop's names for the same store)"
+           if scheme.lower() in ("s3", "s3a", "s3n") else "use s3://bucket/key (any S3-compatible store, with "
+           "storage.endpoint_url) or a local path")
+    return f"unsupported URI scheme '{scheme}://' in {redact.text(uri)}: {fix}"
+
+
 def backend(uri: str):
+    why = scheme_problem(uri)
+    if why:
+        from job.errors import ConfigError
+
+        raise ConfigError(why, hint="use s3://bucket/key or a local path")
     if is_remote(uri):
         from job.storage import s3
 
         return s3
-    if "://" in str(uri) and not str(uri).startswith("file://"):
-        from job.errors import ConfigError
-
-        raise ConfigError(f"unsupported URI scheme: {uri}", hint="use s3://bucket/key or a local path")
     return local
 
 

@@ -44,6 +44,11 @@ def file_entries(doc, what: str, *, error: type[SftjobError] = DataError, hint: 
     """The ``files`` list of a manifest, marker or node file (JSON bytes or parsed), once each entry is
     ``{path, size, sha256}`` with a confined path; else ``error`` naming ``what``. Not JSON, a list where an
     object belongs, a sha256 that is a number: each crashed the reader with a traceback (exit 1)."""
+    return file_document(doc, what, error=error, hint=hint)["files"]
+
+
+def file_document(doc, what: str, *, error: type[SftjobError] = DataError, hint: str = _HINT) -> dict:
+    """The whole document (parsed once) whose ``files`` list `file_entries` checks."""
     if isinstance(doc, (bytes, str)):
         try:
             doc = json.loads(doc)
@@ -57,7 +62,7 @@ def file_entries(doc, what: str, *, error: type[SftjobError] = DataError, hint: 
                 and isinstance(f.get("sha256"), str) and _SHA256.fullmatch(f["sha256"])):
             raise error(f"{what}: malformed entry {str(f)[:160]} (needs path, size and a sha256)", hint=hint)
         confine(f.get("path"), what, error=error, hint=hint)
-    return files
+    return doc
 
 
 def confine(rel, what: str, *, error: type[SftjobError] = DataError, hint: str = _HINT) -> str:
