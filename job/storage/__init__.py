@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from job.storage import local
+from job.storage import local, paths
 
 _settings = None  # job.spec.StorageSpec, set once by configure()
 
@@ -41,27 +41,8 @@ def is_remote(uri: str) -> bool:
     return str(uri).startswith("s3://")
 
 
-def scheme_problem(uri: str) -> str | None:
-    """Why storage cannot read `uri` (the one scheme rule: s3://bucket/key, file://, local paths), or None.
-    The spec checks every location knob with it at load, naming the knob; backend() for any other caller."""
-    from job import redact
-
-    uri = str(uri)
-    if "://" not in uri:
-        return None
-    scheme, rest = uri.split("://", 1)
-    if scheme == "s3" and not rest.split("/", 1)[0]:
-        return f"{redact.text(uri)} names no bucket: write it as s3://bucket/key"
-    if scheme in ("s3", "file"):
-        return None
-    fix = ("write it as s3://bucket/key (lower case; s3a/s3n are Hadoop's names for the same store)"
-           if scheme.lower() in ("s3", "s3a", "s3n") else "use s3://bucket/key (any S3-compatible store, with "
-           "storage.endpoint_url) or a local path")
-    return f"unsupported URI scheme '{scheme}://' in {redact.text(uri)}: {fix}"
-
-
 def backend(uri: str):
-    why = scheme_problem(uri)
+    why = paths.scheme_problem(uri)
     if why:
         from job.errors import ConfigError
 
@@ -121,17 +102,26 @@ def delete_prefix(prefix: str) -> None:
     backend(prefix).delete_prefix(prefix)
 
 
+def _mover(uri: str):
+    """Whole files and trees: S3's through transfer.py (parallel, resumable, checksummed), local ones by copy."""
+    if backend(uri) is local:
+        return local
+    from job.storage import transfer
+
+    return transfer
+
+
 def download_file(uri: str, dest: Path) -> Path:
-    return backend(uri).download_file(uri, Path(dest))
+    return _mover(uri).download_file(uri, Path(dest))
 
 
 def upload_file(src: Path, uri: str, *, sha256: str | None = None) -> None:
-    backend(uri).upload_file(Path(src), uri, sha256=sha256)
+    _mover(uri).upload_file(Path(src), uri, sha256=sha256)
 
 
 def download_tree(prefix: str, dest: Path) -> list[Path]:
     """Copy everything under prefix into dest (same relative layout); returns local paths."""
-    return backend(prefix).download_tree(prefix, Path(dest))
+    return _mover(prefix).download_tree(prefix, Path(dest))
 
 
 def upload_tree(src: Path, prefix: str, *, files: Iterable[Path] | None = None,
@@ -140,7 +130,7 @@ def upload_tree(src: Path, prefix: str, *, files: Iterable[Path] | None = None,
 
     sha256 maps a relative path (posix) to the hex digest its stored copy must have.
     """
-    return backend(prefix).upload_tree(Path(src), prefix, files=files, sha256=sha256)
+    return _mover(prefix).upload_tree(Path(src), prefix, files=files, sha256=sha256)
 
 
 def fetch(uri: str, cache_dir: Path, *, only=None) -> Path:
@@ -150,4 +140,8 @@ def fetch(uri: str, cache_dir: Path, *, only=None) -> Path:
     (and pods sharing a PVC) of a node download once and a restarted download resumes.
     ``only(relative name) -> bool`` takes part of a remote prefix (a tokenizer without the weights).
     """
-    return backend(uri).fetch(uri, Path(cache_dir), only)
+    if backend(uri) is local:
+        return local.fetch(uri, Path(cache_dir), only)
+    from job.storage import cache  # the node cache of remote copies
+
+    return cache.fetch(uri, Path(cache_dir), only)

@@ -11,6 +11,7 @@ import json
 import re
 from pathlib import Path
 
+from job import redact
 from job.errors import DataError, SftjobError
 
 _HINT = ("the prefix holds a name this job did not write (tampered or corrupted); "
@@ -91,3 +92,20 @@ def child(prefix: str, rel, what: str, *, error: type[SftjobError] = DataError, 
         return prefix.rstrip("/") + "/" + confine(rel, what, error=error, hint=hint)
     local = prefix[len("file://"):] if prefix.startswith("file://") else prefix
     return str(local_child(local, rel, what, error=error, hint=hint))
+
+
+def scheme_problem(uri: str) -> str | None:
+    """Why storage cannot read `uri` (the one scheme rule: s3://bucket/key, file://, local paths), or None.
+    The spec checks every location knob with it at load, naming the knob; storage.backend() any other URI."""
+    uri = str(uri)
+    if "://" not in uri:
+        return None
+    scheme, rest = uri.split("://", 1)
+    if scheme == "s3" and not rest.split("/", 1)[0]:
+        return f"{redact.text(uri)} names no bucket: write it as s3://bucket/key"
+    if scheme in ("s3", "file"):
+        return None
+    fix = ("write it as s3://bucket/key (lower case; s3a/s3n are Hadoop's names for the same store)"
+           if scheme.lower() in ("s3", "s3a", "s3n") else "use s3://bucket/key (any S3-compatible store, with "
+           "storage.endpoint_url) or a local path")
+    return f"unsupported URI scheme '{scheme}://' in {redact.text(uri)}: {fix}"

@@ -18,19 +18,26 @@ import base64
 import hashlib
 import logging
 import os
+import random
 import threading
+import time
 import uuid
-from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectionClosedError,
+    IncompleteReadError,
+    ReadTimeoutError,
+    ResponseStreamingError,
+)
 
-from job.errors import ConfigError, NotFoundError, PermissionDeniedError, SftjobError, VerificationError
-from job.storage import paths, s3errors
+from job.errors import ConfigError, PermissionDeniedError, SftjobError, VerificationError
+from job.storage import s3errors
 
 if os.environ.get("SFTJOB_BOTO_DEBUG") != "1":
     for _name in ("botocore", "boto3", "s3transfer", "urllib3"):
@@ -172,9 +179,23 @@ def b64_sha256(hex_digest: str) -> str:
 
 # ---- objects -------------------------------------------------------------------------------------
 
-def read_bytes(uri: str) -> bytes:
-    from job.storage.transfer import retry_stream
+_STREAM_ERRORS = (ResponseStreamingError, ReadTimeoutError, IncompleteReadError, ConnectionClosedError,
+                  ConnectionError, TimeoutError)
 
+
+def retry_stream(fn):
+    """botocore retries requests, not a body that breaks mid-stream: retry those here, with backoff."""
+    attempts = options().max_attempts
+    for i in range(attempts):
+        try:
+            return fn()
+        except _STREAM_ERRORS:
+            if i == attempts - 1:
+                raise
+            time.sleep(min(8.0, 0.25 * 2 ** i) * random.uniform(0.5, 1.0))
+
+
+def read_bytes(uri: str) -> bytes:
     bucket, key = parse(uri)
 
     def get():
@@ -291,37 +312,6 @@ def sha256(uri: str) -> str:
     return call("reading", uri, run)
 
 
-# ---- transfers (job/storage/transfer.py) and the node cache (job/storage/cache.py) -----------------
-
-def download_file(uri: str, dest: Path) -> Path:
-    from job.storage import transfer
-
-    obj = head(uri)
-    if obj is None:
-        raise NotFoundError(f"not found: {uri} (at {safe_endpoint()})", hint="check the key")
-    transfer.download([(obj, Path(dest))])
-    return Path(dest)
-
-
-def upload_file(src: Path, uri: str, *, sha256: str | None = None) -> None:
-    from job.storage import transfer
-
-    bucket, key = parse(uri)
-    transfer.upload([(Path(src), bucket, key, sha256)])
-
-
-def download_tree(prefix: str, dest: Path) -> list[Path]:
-    from job.storage import transfer
-
-    objs = list_objects(prefix)
-    if not objs:
-        raise NotFoundError(f"no objects under {prefix} (at {safe_endpoint()})", hint="check the prefix")
-    pairs = [(o, paths.local_child(dest, rel, f"downloading {prefix}"))
-             for o, rel in zip(objs, relative_names(prefix, objs), strict=True)]
-    transfer.download(pairs)
-    return [p for _, p in pairs]
-
-
 def relative_names(prefix: str, objs: list[Obj]) -> list[str]:
     _, key = parse(prefix)
     out = []
@@ -332,32 +322,3 @@ def relative_names(prefix: str, objs: list[Obj]) -> list[str]:
             base = key if (not key or key.endswith("/")) else key + "/"
             out.append(o.key[len(base):])
     return out
-
-
-def upload_tree(src: Path, prefix: str, *, files: Iterable[Path] | None = None,
-                sha256: dict[str, str] | None = None) -> list[str]:
-    """Upload files (default: all under src) keeping relative paths; sha256 maps rel path → hex.
-
-    With sha256 given, objects already stored with the same size and SHA256 checksum are skipped,
-    so rerunning a publish that was killed halfway sends only what is missing.
-    """
-    from job.storage import transfer
-
-    src = Path(src)
-    paths = [Path(f) for f in files] if files is not None else sorted(p for p in src.rglob("*") if p.is_file())
-    bucket, key = parse(prefix)
-    base = key if (not key or key.endswith("/")) else key + "/"
-    items = []
-    for f in paths:
-        f = f if f.is_absolute() else src / f
-        rel = f.relative_to(src).as_posix()
-        items.append((f, bucket, base + rel, (sha256 or {}).get(rel)))
-    todo = transfer.changed(items, list_objects(prefix)) if sha256 and checksums_enabled() else items
-    transfer.upload(todo)
-    return [f"s3://{bucket}/{k}" for _, _, k, _ in items]
-
-
-def fetch(uri: str, cache_dir: Path, only=None) -> Path:
-    from job.storage import cache
-
-    return cache.fetch(uri, Path(cache_dir), only)

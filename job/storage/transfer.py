@@ -17,27 +17,21 @@ import hashlib
 import json
 import logging
 import os
-import random
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
-from botocore.exceptions import (
-    ConnectionClosedError,
-    IncompleteReadError,
-    ReadTimeoutError,
-    ResponseStreamingError,
-)
+from botocore.exceptions import IncompleteReadError
 
-from job.errors import UnavailableError
+from job.errors import NotFoundError, UnavailableError
 from job.storage import s3
-from job.storage.s3 import MiB, Obj
+from job.storage.paths import local_child
+from job.storage.s3 import MiB, Obj, retry_stream
 
 log = logging.getLogger(__name__)
 PROGRESS_MIN_BYTES = 64 * MiB
-_STREAM_ERRORS = (ResponseStreamingError, ReadTimeoutError, IncompleteReadError, ConnectionClosedError,
-                  ConnectionError, TimeoutError)
 
 
 class _LogProgress:
@@ -71,18 +65,6 @@ def _progress(total: int, desc: str):
 
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, file=sys.stderr,
                 mininterval=0.5)
-
-
-def retry_stream(fn):
-    """botocore retries requests, not a body that breaks mid-stream: retry those here, with backoff."""
-    attempts = s3.options().max_attempts
-    for i in range(attempts):
-        try:
-            return fn()
-        except _STREAM_ERRORS:
-            if i == attempts - 1:
-                raise
-            time.sleep(min(8.0, 0.25 * 2 ** i) * random.uniform(0.5, 1.0))
 
 
 def _run(tasks: list, what: str) -> None:
@@ -365,3 +347,49 @@ def upload(items: list[tuple[Path, str, str, str | None]]) -> None:
             m.close()
         if bar is not None:
             bar.close()
+
+
+# ---- whole files and trees (what storage.download_file/... run for s3:// URIs) ---------------------
+
+def download_file(uri: str, dest: Path) -> Path:
+    obj = s3.head(uri)
+    if obj is None:
+        raise NotFoundError(f"not found: {uri} (at {s3.safe_endpoint()})", hint="check the key")
+    download([(obj, Path(dest))])
+    return Path(dest)
+
+
+def upload_file(src: Path, uri: str, *, sha256: str | None = None) -> None:
+    bucket, key = s3.parse(uri)
+    upload([(Path(src), bucket, key, sha256)])
+
+
+def download_tree(prefix: str, dest: Path) -> list[Path]:
+    objs = s3.list_objects(prefix)
+    if not objs:
+        raise NotFoundError(f"no objects under {prefix} (at {s3.safe_endpoint()})", hint="check the prefix")
+    pairs = [(o, local_child(dest, rel, f"downloading {prefix}"))
+             for o, rel in zip(objs, s3.relative_names(prefix, objs), strict=True)]
+    download(pairs)
+    return [p for _, p in pairs]
+
+
+def upload_tree(src: Path, prefix: str, *, files: Iterable[Path] | None = None,
+                sha256: dict[str, str] | None = None) -> list[str]:
+    """Upload files (default: all under src) keeping relative paths; sha256 maps rel path → hex.
+
+    With sha256 given, objects already stored with the same size and SHA256 checksum are skipped,
+    so rerunning a publish that was killed halfway sends only what is missing.
+    """
+    src = Path(src)
+    chosen = [Path(f) for f in files] if files is not None else sorted(p for p in src.rglob("*") if p.is_file())
+    bucket, key = s3.parse(prefix)
+    base = key if (not key or key.endswith("/")) else key + "/"
+    items = []
+    for f in chosen:
+        f = f if f.is_absolute() else src / f
+        rel = f.relative_to(src).as_posix()
+        items.append((f, bucket, base + rel, (sha256 or {}).get(rel)))
+    todo = changed(items, s3.list_objects(prefix)) if sha256 and s3.checksums_enabled() else items
+    upload(todo)
+    return [f"s3://{bucket}/{k}" for _, _, k, _ in items]
