@@ -20,16 +20,16 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from job import storage
 from job.data import formats
 from job.errors import ConfigError, DataError, NotFoundError
+from job.evalkit import FORMAT, Evaluation, free_cuda, load_base, tokenizer, with_adapter, written
 from job.evalreport import load_schema, markdown, score, summary
 
 log = logging.getLogger("sftjob.eval")
-FORMAT = "sftjob.eval/1"
 BATCH = 16
 SAMPLES = 5
 
@@ -40,13 +40,6 @@ class Prompt:
     ids: list[int]
     text: str  # the rendered prompt, for samples
     reference: str | None
-
-
-@dataclass
-class Evaluation:
-    report: dict
-    summary: dict
-    failures: list[str] = field(default_factory=list)
 
 
 # ---- configuration, checked before any training ---------------------------------------------
@@ -177,33 +170,6 @@ def generate(model, tok, prompts: list[Prompt], max_new_tokens: int, stop_ids: l
     return answers
 
 
-def _load_base(spec, model_dir: str, vocab: int):
-    """The base model as training loaded it (job.loader: dtype, attention, QLoRA quantization, added tokens)."""
-    import torch
-
-    from job.loader import load_model, local_settings
-
-    precision, attn = local_settings(spec)
-    model = load_model(model_dir, spec, precision=precision, attn=attn, vocab=vocab)
-    if torch.cuda.is_available() and spec.train.method != "qlora":  # a quantized model is already on the GPU
-        model.to("cuda")
-    return model.eval()
-
-
-def _with_adapter(spec, base, adapter_dir: str):
-    if spec.train.method == "full":
-        from job.loader import load_weights
-
-        device, dtype = next(base.parameters()).device, next(base.parameters()).dtype
-        attn = base.config._attn_implementation
-        del base
-        return load_weights(adapter_dir, dtype=str(dtype).replace("torch.", ""), attn=attn,
-                            trust_remote_code=spec.model.trust_remote_code).to(device).eval()
-    from peft import PeftModel
-
-    return PeftModel.from_pretrained(base, adapter_dir).eval()
-
-
 # ---- the entry point -----------------------------------------------------------------------------
 
 def evaluate(spec, prepared, model_dir: str, adapter_dir: str, workdir: Path) -> Evaluation:
@@ -219,8 +185,8 @@ def evaluate(spec, prepared, model_dir: str, adapter_dir: str, workdir: Path) ->
     schema = load_schema(e.json_schema) if e.json_schema else None
     base_loss = bool(e.base_loss and report["loss"])
     if e.prompts or e.num_prompts or base_loss:
-        tok = _tokenizer(spec, prepared, model_dir, adapter_dir)
-        model = _load_base(spec, model_dir, len(tok))
+        tok = tokenizer(spec, prepared, model_dir, adapter_dir)
+        model = load_base(spec, model_dir, len(tok))
         if base_loss:
             t = time.time()
             loss = eval_loss(model, prepared.eval_path, spec)
@@ -229,21 +195,9 @@ def evaluate(spec, prepared, model_dir: str, adapter_dir: str, workdir: Path) ->
         if e.prompts or e.num_prompts:
             report["generation"], model = _generation(spec, prepared, tok, model, adapter_dir, schema)
         del model
-        _free_cuda()
+        free_cuda()
     return written(workdir, report, gate(spec, report), t0, markdown, summary,
                    min_json_valid=e.min_json_valid, max_loss=e.max_loss)
-
-
-def written(workdir: Path, report: dict, failures: list[str], t0: float, markdown, summary, **thresholds) -> Evaluation:
-    """The ending every objective shares: the gate's verdict in the report, eval.json + eval.md, the log line."""
-    report["gate"] = {**thresholds, "checked": any(v is not None for v in thresholds.values()),
-                      "passed": not failures, "failures": failures}
-    report["seconds"] = round(time.time() - t0, 1)
-    (workdir / "eval.json").write_text(json.dumps(report, indent=1, ensure_ascii=False))
-    (workdir / "eval.md").write_text(markdown(report))
-    ev = Evaluation(report, summary(report), failures)
-    log.info("evaluation: %s", json.dumps(ev.summary))
-    return ev
 
 
 def _loss(workdir: Path, prepared) -> dict | None:
@@ -289,26 +243,6 @@ def eval_loss(model, eval_path: Path, spec) -> float | None:
     return total / rows if rows else None
 
 
-def _tokenizer(spec, prepared, model_dir: str, adapter_dir: str):
-    """The adapter's tokenizer (saved by training), else the one prepare used; with the run's added tokens."""
-    from job.data.templates import locate_tokenizer
-    from job.loader import load_tokenizer
-
-    saved = (Path(adapter_dir) / "tokenizer_config.json").exists()
-    tok = load_tokenizer(adapter_dir if saved else locate_tokenizer(spec, model_dir),
-                         add_special_tokens=spec.model.add_special_tokens,
-                         trust_remote_code=spec.model.trust_remote_code)
-    tok.chat_template = prepared.chat_template
-    return tok
-
-
-def _free_cuda() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def _generation(spec, prepared, tok, model, adapter_dir: str, schema: dict | None) -> tuple[dict, object]:
     """Base answers, then the adapter loaded onto the same model; returns the report and the model."""
     e = spec.eval
@@ -325,7 +259,7 @@ def _generation(spec, prepared, tok, model, adapter_dir: str, schema: dict | Non
     t0 = time.time()
     before = generate(model, tok, prompts, e.max_new_tokens, stop)
     t1 = time.time()
-    model = _with_adapter(spec, model, adapter_dir)
+    model = with_adapter(spec, model, adapter_dir)
     after = generate(model, tok, prompts, e.max_new_tokens, stop)
     t2 = time.time()
     refs = [p.reference for p in prompts]

@@ -13,7 +13,7 @@ import logging
 import time
 from pathlib import Path
 
-from job.evaluate import FORMAT, Evaluation, _free_cuda, _load_base, _tokenizer, _with_adapter, written
+from job.evalkit import FORMAT, Evaluation, free_cuda, load_base, tokenizer, with_adapter, written
 
 log = logging.getLogger("sftjob.eval")
 BATCH = 8
@@ -50,13 +50,13 @@ def evaluate(spec, prepared, model_dir: str, adapter_dir: str, workdir: Path) ->
     report: dict = {"format": FORMAT, "objective": "dpo", "beta": beta,
                     "loss": {"eval_loss": trainer.get("eval_loss"), "trainer_metrics": trainer} if trainer else None}
     if prepared.eval_path is not None:
-        tok = _tokenizer(spec, prepared, model_dir, adapter_dir)
-        model = _load_base(spec, model_dir, len(tok))
+        tok = tokenizer(spec, prepared, model_dir, adapter_dir)
+        model = load_base(spec, model_dir, len(tok))
         base = pair_margins(model, prepared.eval_path)
-        model = _with_adapter(spec, model, adapter_dir)
+        model = with_adapter(spec, model, adapter_dir)
         after = pair_margins(model, prepared.eval_path)
         del model
-        _free_cuda()
+        free_cuda()
         rewards = [beta * (a - b) for a, b in zip(after, base, strict=True)]  # chosen reward − rejected reward
         report["preference"] = {
             "pairs": len(rewards),
