@@ -58,7 +58,7 @@ def _parse_value(path: str, raw: str) -> Any:
         return raw
     if kind == "list":
         if raw.strip().startswith("["):
-            return specmod._parse_env_value(raw)
+            return specmod.parse_env_value(raw)
         if path == "train.target_modules" and raw == "all-linear":
             return raw
         return [x.strip() for x in raw.split(",") if x.strip()]
@@ -69,7 +69,7 @@ def _parse_value(path: str, raw: str) -> Any:
         if v in ("0", "false", "no", "off"):
             return False
         return raw
-    return specmod._parse_env_value(raw)
+    return specmod.parse_env_value(raw)
 
 
 def spec_from_args(args: argparse.Namespace):
@@ -217,9 +217,10 @@ def _dispatch(args: argparse.Namespace) -> int:
             return commands.prepare_command(spec)
         if cmd == "validate":
             from job.data import commands
-            from job.train import dsops
+            from job.train import dpo, dsops
 
             dsops.check(spec)  # a knob whose DeepSpeed op cannot load is a config error, before any fetch
+            dpo.check(spec)  # a knob of the other objective, as `run` refuses it
 
             return commands.validate_command(spec)
         if cmd == "preview":

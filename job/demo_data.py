@@ -21,7 +21,7 @@ WORDS = {"hello": "hola", "thank you": "gracias", "cat": "gato", "dog": "perro",
          "water": "agua", "book": "libro", "friend": "amigo", "school": "escuela", "bread": "pan"}
 
 
-def _turn(rng: random.Random) -> tuple[str, str]:
+def chat_turn(rng: random.Random) -> tuple[str, str]:
     kind = rng.randrange(4)
     if kind == 0:
         country, capital = rng.choice(sorted(CAPITALS.items()))
@@ -44,7 +44,7 @@ def conversations(n: int = 200, seed: int = 0) -> list[dict]:
         if rng.random() < 0.7:
             messages.append({"role": "system", "content": rng.choice(SYSTEMS)})
         for _ in range(rng.randint(1, 3)):
-            q, a = _turn(rng)
+            q, a = chat_turn(rng)
             messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
         rows.append({"messages": messages})
     return rows

@@ -5,14 +5,14 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from job.demo_data import _turn, write_rows
+from job.demo_data import chat_turn, write_rows
 
 
 def pairs(n: int = 60, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
     out = []
     while len(out) < n:
-        q, a = _turn(rng)
+        q, a = chat_turn(rng)
         bad = " ".join(reversed(a.split()))
         if bad != a:
             out.append({"prompt": [{"role": "user", "content": q}],

@@ -290,7 +290,7 @@ def cache_root(explicit: str | None = None) -> Path:
 def _check_scheme(name: str, value: str | None) -> None:
     """s3:// and local paths (file:// too) are read; any other scheme was taken for a local path that does
     not exist ("data not found: gs://..."): say so at load time, naming the knob (job.storage owns the rule)."""
-    from job.storage import scheme_problem
+    from job.storage.paths import scheme_problem
 
     if not value:
         return
@@ -384,7 +384,7 @@ def _set(tree: dict, path: str, value: Any) -> None:
     tree[parts[-1]] = value
 
 
-def _parse_env_value(raw: str) -> Any:
+def parse_env_value(raw: str) -> Any:
     try:
         return yaml.safe_load(raw)
     except yaml.YAMLError:
@@ -404,7 +404,7 @@ def env_layer(environ: dict[str, str] | None = None) -> dict[str, tuple[str, Any
     for flag, path in ALL_FLAGS.items():
         key = "SFTJOB_" + flag.replace("-", "_").upper()
         if key in environ and key != "SFTJOB_CACHE_DIR":
-            out[path] = (key, _parse_env_value(environ[key]))
+            out[path] = (key, parse_env_value(environ[key]))
     if "SFTJOB_CACHE_DIR" in environ:
         out["cache_dir"] = ("SFTJOB_CACHE_DIR", environ["SFTJOB_CACHE_DIR"])
     return out

@@ -12,15 +12,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from job.storage import local, paths
-
-_settings = None  # job.spec.StorageSpec, set once by configure()
+from job.storage import config, local, paths
 
 
 def configure(settings) -> None:
     """Apply the run's storage section (endpoint, addressing style, retries, ...)."""
-    global _settings
-    _settings = settings
+    config.current = settings
     if _s3_loaded():
         from job.storage import s3
 
@@ -28,7 +25,7 @@ def configure(settings) -> None:
 
 
 def settings():
-    return _settings
+    return config.current
 
 
 def _s3_loaded() -> bool:

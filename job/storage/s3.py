@@ -37,7 +37,7 @@ from botocore.exceptions import (
 )
 
 from job.errors import ConfigError, PermissionDeniedError, SftjobError, VerificationError
-from job.storage import s3errors
+from job.storage import config, s3errors
 
 if os.environ.get("SFTJOB_BOTO_DEBUG") != "1":
     for _name in ("botocore", "boto3", "s3transfer", "urllib3"):
@@ -65,9 +65,7 @@ class Obj:
 # ---- configuration -----------------------------------------------------------------------------
 
 def options():
-    from job import storage
-
-    s = storage.settings()
+    s = config.current
     if s is None:
         from job.spec import StorageSpec
 
