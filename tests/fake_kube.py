@@ -5,7 +5,9 @@ It speaks the real wire protocol over plain HTTP, so the real clients talk to it
 official `kubernetes` Python client that `sftjob` uses (Jobs, Pods, pod logs, Events, Kueue
 Workloads). There are no controllers: a test plays the Job controller, kubelet and Kueue through
 the helpers at the bottom (``on_create``, ``run_pod``, ``finish_pod``, ``set_condition``).
-RBAC is reduced to a deny list, which answers 403 with the apiserver's own message format.
+RBAC is reduced to a deny list, which answers 403 with the apiserver's own message format;
+:func:`attributes` gives any request the (verb, group, resource) that real RBAC would check, so a
+test can compare what was sent with a Role (tests/test_rbac.py).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import uuid
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import NamedTuple
 from urllib.parse import parse_qs, urlparse
 
 # plural → (group, version, kind, namespaced)
@@ -39,6 +42,7 @@ RESOURCES = {
     "rolebindings": ("rbac.authorization.k8s.io", "v1", "RoleBinding", True),
     "workloads": ("kueue.x-k8s.io", "v1beta1", "Workload", True),
     "localqueues": ("kueue.x-k8s.io", "v1beta1", "LocalQueue", True),
+    "podgroups": ("scheduling.volcano.sh", "v1beta1", "PodGroup", True),
 }
 VERBS = ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"]
 
@@ -64,6 +68,39 @@ def _merge(target, patch):
         else:
             out[k] = _merge(out.get(k), v)
     return out
+
+
+class Attributes(NamedTuple):
+    """What the apiserver's RBAC authorizer is asked about one request (its RequestInfo)."""
+    verb: str
+    group: str
+    resource: str  # with the subresource: "pods/log"
+    namespace: str  # "" at the cluster scope
+    name: str | None
+
+
+def attributes(method: str, path: str) -> Attributes | None:
+    """The RBAC attributes of a request, derived from its method and URL the way kube-apiserver does;
+    None for discovery, /version and /openapi (non-resource URLs every user may read)."""
+    url = urlparse(path)
+    parts = [p for p in url.path.split("/") if p]
+    if parts[:2] == ["api", "v1"]:
+        group, rest = "", parts[2:]
+    elif parts[:1] == ["apis"] and len(parts) >= 3:
+        group, rest = parts[1], parts[3:]
+    else:
+        return None
+    ns = ""
+    if len(rest) >= 3 and rest[0] == "namespaces":
+        ns, rest = rest[1], rest[2:]
+    if not rest:
+        return None
+    resource, name, sub = (rest + [None, None])[:3]
+    verb = {"GET": "get" if name else "list", "POST": "create", "PUT": "update", "PATCH": "patch",
+            "DELETE": "delete" if name else "deletecollection"}[method]
+    if method == "GET" and parse_qs(url.query).get("watch", [""])[-1] in ("1", "true"):
+        verb = "watch"
+    return Attributes(verb, group, f"{resource}/{sub}" if sub else resource, ns, name)
 
 
 def _dig(obj, dotted: str):
@@ -135,12 +172,17 @@ def _fields(buf: bytes):
             raise ValueError(f"unsupported protobuf wire type {wire}")
 
 
-def _secret_from_protobuf(raw: bytes) -> dict:
-    """Helm's release storage writes Secrets as protobuf (as client-go does for built-in types);
-    decode the fields helm sets: metadata name/namespace/labels, data, type, immutable."""
+def _from_protobuf(raw: bytes) -> dict:
+    """Helm's release storage writes Secrets (or, with HELM_DRIVER=configmap, ConfigMaps) as protobuf,
+    as client-go does for built-in types; decode the fields helm sets: metadata name/namespace/labels,
+    data, type, immutable."""
     assert raw[:4] == b"k8s\x00", "not a Kubernetes protobuf envelope"
-    inner = next(v for n, v in _fields(raw[4:]) if n == 2)
-    secret: dict = {"apiVersion": "v1", "kind": "Secret", "metadata": {}, "data": {}}
+    envelope = dict(_fields(raw[4:]))  # runtime.Unknown: 1 typeMeta (1 apiVersion, 2 kind), 2 raw
+    kind = dict(_fields(envelope.get(1, b""))).get(2, b"Secret").decode()
+    assert kind in ("Secret", "ConfigMap"), f"unsupported protobuf kind {kind}"
+    inner = envelope[2]
+    secret: dict = {"apiVersion": "v1", "kind": kind, "metadata": {}, "data": {}}
+    immutable = 5 if kind == "Secret" else 4  # ConfigMap: 2 data (strings), 3 binaryData, 4 immutable
 
     def entry(b):
         kv = dict(_fields(b))
@@ -157,10 +199,10 @@ def _secret_from_protobuf(raw: bytes) -> dict:
                     meta.setdefault("labels" if mnum == 11 else "annotations", {})[k] = v.decode()
         elif num == 2:
             k, v = entry(val)
-            secret["data"][k] = base64.b64encode(v).decode()
-        elif num == 3:
+            secret["data"][k] = base64.b64encode(v).decode() if kind == "Secret" else v.decode()
+        elif num == 3 and kind == "Secret":
             secret["type"] = val.decode()
-        elif num == 5:
+        elif num == immutable:
             secret["immutable"] = bool(val)
     return secret
 
@@ -204,6 +246,10 @@ class FakeKube:
             "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "ci", "namespace": namespace}}],
         }))
         return path
+
+    def rbac_requests(self) -> list[Attributes]:
+        """Every resource request received so far, as RBAC sees it (discovery left out)."""
+        return [a for m, p in list(self.requests) if (a := attributes(m, p))]
 
     # ---- state ----------------------------------------------------------------------------
     def get(self, resource: str, ns: str, name: str) -> dict | None:
@@ -339,7 +385,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _body(self):
         raw = self._raw
         if "protobuf" in self.headers.get("Content-Type", ""):
-            return _secret_from_protobuf(raw)
+            return _from_protobuf(raw)
         return json.loads(raw) if raw else None
 
     def do_GET(self):
@@ -367,24 +413,13 @@ class _Handler(BaseHTTPRequestHandler):
         self._raw = self.rfile.read(n) if n else b""  # always drained: DELETE carries options
         if method == "GET" and (disc := self._discovery(parts)) is not None:
             return self._send(200, disc)
-        if parts[:2] == ["api", "v1"]:
-            rest = parts[2:]
-        elif parts[:1] == ["apis"] and len(parts) >= 3:
-            rest = parts[3:]
-        else:
-            return self._send(404, _status(404, "NotFound", f"the server could not find the requested resource ({self.path})"))
-        ns = ""
-        if len(rest) >= 3 and rest[0] == "namespaces":
-            ns, rest = rest[1], rest[2:]
-        resource, name, sub = (rest + [None, None])[:3] if rest else (None, None, None)
+        a = attributes(method, self.path)
+        resource = a.resource.split("/")[0] if a else None
         if resource not in RESOURCES:
             return self._send(404, _status(404, "NotFound", f"the server could not find the requested resource ({self.path})"))
-        verb = {"GET": "get" if name else "list", "POST": "create", "PUT": "update",
-                "PATCH": "patch", "DELETE": "delete"}[method]
-        if q.get("watch") in ("1", "true"):
-            verb = "watch"
+        verb, ns, name, res_name = a.verb, a.namespace, a.name, a.resource
+        sub = res_name.partition("/")[2] or None
         group = RESOURCES[resource][0]
-        res_name = f"{resource}/{sub}" if sub else resource
         if (verb, res_name) in self.fake.deny or (verb, "*") in self.fake.deny:
             what = f'{resource}{"." + group if group else ""}' + (f' "{name}"' if name else "")
             where = f' in the namespace "{ns}"' if ns else " at the cluster scope"

@@ -10,6 +10,7 @@ test's scenario and listed in docs/ops.md under "Tested against a fake API serve
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from pathlib import Path
@@ -316,7 +317,7 @@ def test_status_of_an_unknown_run_is_66(kube, capsys):
     assert 'jobs.batch "nope" not found in namespace "ml"' in capsys.readouterr().err
 
 
-# ---- errors: forbidden (77), no cluster (69) -------------------------------------------------------
+# ---- errors: forbidden (77), unreachable (69), no cluster configured (64) -----------------------
 def test_status_forbidden_is_77_naming_the_verb_and_resource(kube, out, tmp_path, capsys):
     sftjob("submit", "-f", values(tmp_path, out), "--name", "run-rbac")
     kube.deny.add(("get", "jobs"))
@@ -337,22 +338,61 @@ def test_submit_forbidden_by_helm_is_77_naming_the_verb_and_resource(kube, out, 
     assert 'forbidden: cannot create jobs.batch in namespace "ml"' in capsys.readouterr().err
 
 
-def test_an_unreachable_cluster_is_69(kube, tmp_path, monkeypatch, capsys):
+def closed_port() -> int:
+    """A local port nothing listens on (bound, then closed): connections to it are refused."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("argv", [["status", "run"], ["logs", "run"], ["cancel", "run", "--checkpoint"],
+                                  ["resume", "run"], ["list"], ["cancel", "run"], ["submit", "--name", "run"]])
+def test_a_configured_but_unreachable_cluster_is_69(kube, out, tmp_path, monkeypatch, capsys, argv):
     cfg = json.loads(Path(kube.kubeconfig(tmp_path / "dead", NS)).read_text())
-    cfg["clusters"][0]["cluster"]["server"] = "http://127.0.0.1:9"  # nothing listens there
+    url = f"http://127.0.0.1:{closed_port()}"
+    cfg["clusters"][0]["cluster"]["server"] = url
     (tmp_path / "dead").write_text(json.dumps(cfg))
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "dead"))
+    argv = argv + (["-f", values(tmp_path, out)] if argv[0] == "submit" else [])
 
-    assert sftjob("status", "run") == 69
-    assert "cannot reach the Kubernetes API at http://127.0.0.1:9" in capsys.readouterr().err
+    assert sftjob(*argv) == 69
+
+    err = capsys.readouterr().err
+    assert "cannot reach" in err and (url in err or "connection refused" in err)
+    assert "Traceback" not in err
 
 
-def test_no_kubeconfig_and_not_in_a_pod_is_69(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "absent"))
+@pytest.mark.parametrize("argv", [["status", "run"], ["status", "run", "--json"], ["logs", "run"],
+                                  ["cancel", "run"], ["cancel", "run", "--checkpoint"], ["resume", "run"],
+                                  ["list"], ["submit", "--name", "run"]])
+def test_no_kubeconfig_and_no_service_account_is_64_saying_what_was_looked_for(out, tmp_path, monkeypatch,
+                                                                              capsys, argv):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("KUBECONFIG", "")
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setenv("SFTJOB_HELM", "/nonexistent/helm")  # submit and cancel must stop before helm
+    argv = argv + (["-f", values(tmp_path, out)] if argv[0] == "submit" else [])
 
-    assert sftjob("list") == 69
-    assert "no Kubernetes cluster configured" in capsys.readouterr().err
+    assert sftjob(*argv) == 64
+
+    err = capsys.readouterr().err
+    assert "no Kubernetes cluster configured" in err
+    assert "KUBECONFIG: not set" in err
+    assert f"~/.kube/config: {tmp_path / 'home' / '.kube' / 'config'} does not exist" in err
+    assert "in-cluster service account" in err and "/var/run/secrets/kubernetes.io/serviceaccount/token" in err
+    assert "fix: point KUBECONFIG" in err
+    assert "Traceback" not in err
+
+
+def test_a_kubeconfig_that_cannot_be_used_is_64(tmp_path, monkeypatch, capsys):
+    (tmp_path / "kubeconfig").write_text("clusters: [oops")
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "kubeconfig"))
+
+    assert sftjob("status", "run") == 64
+
+    err = capsys.readouterr().err
+    assert "cannot load the Kubernetes configuration" in err and "fix: check KUBECONFIG" in err
+    assert "Traceback" not in err
 
 
 # ---- logs, cancel, list ----------------------------------------------------------------------------
@@ -467,6 +507,22 @@ def test_status_finds_the_job_of_a_release_whose_chart_renamed_it(kube, out, tmp
     assert json.loads(capsys.readouterr().out)["name"] == "renamed-job"
     assert sftjob("cancel", "rel", "--checkpoint") == 0
     assert kube.get("jobs", NS, "renamed-job")["spec"]["suspend"] is True
+
+
+@pytest.mark.parametrize("driver", ["", "configmap"])  # helm's default (Secrets), the manifests/rbac setup
+def test_status_takes_the_output_from_the_helm_release_when_the_run_spec_configmap_is_gone(
+        kube, out, tmp_path, monkeypatch, capsys, driver):
+    monkeypatch.setenv("HELM_DRIVER", driver)
+    assert sftjob("submit", "-f", values(tmp_path, out), "--name", "run-rel") == 0
+    kube.delete("configmaps", NS, "run-rel")
+    capsys.readouterr()
+    start = len(kube.requests)
+
+    assert sftjob("status", "run-rel", "--json") == 0
+
+    assert json.loads(capsys.readouterr().out)["output"] == str(out)
+    listed = {p.split("?")[0] for m, p in kube.requests[start:] if "owner%3Dhelm" in p}
+    assert listed == {f"/api/v1/namespaces/{NS}/{'configmaps' if driver else 'secrets'}"}
 
 
 @pytest.mark.parametrize("text,seconds", [("6h", 21600), ("1h30m", 5400), ("90", 90), ("2d", 172800), ("0", None)])

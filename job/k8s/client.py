@@ -4,7 +4,8 @@ Configuration is resolved the way kubectl and helm resolve it (``$KUBECONFIG`` o
 ``~/.kube/config``, else the pod's service account), so `sftjob` and the `helm` it runs act on the
 same cluster and namespace. Every API call goes through :func:`Kube.call`, which turns the
 client's exceptions into the project's errors: a refusal names the verb and resource that RBAC
-refused (exit 77), an unreachable cluster is exit 69, a missing object exit 66.
+refused (exit 77), an unreachable cluster is exit 69, a missing object exit 66, and no cluster
+configured at all (no kubeconfig, not in a pod) exit 64.
 """
 from __future__ import annotations
 
@@ -14,10 +15,13 @@ import os
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from job.errors import ConfigError, NotFoundError, PermissionDeniedError, SftjobError, UnavailableError
 
 log = logging.getLogger(__name__)
 SA_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+SA_TOKEN = SA_NAMESPACE.with_name("token")  # what load_incluster_config reads
 TIMEOUT = (10, 60)  # connect, read (seconds) for every non-streaming call
 
 
@@ -26,6 +30,19 @@ def _server_reason(body: str | None) -> str:
         return json.loads(body or "")["message"]
     except (ValueError, KeyError, TypeError):
         return (body or "").strip()[:300]
+
+
+def _no_cluster() -> ConfigError:
+    """Nothing to connect to is a setup problem (64), not an outage (69): retrying cannot fix it."""
+    env = os.environ.get("KUBECONFIG")
+    home = os.path.expanduser("~/.kube/config")
+    return ConfigError(
+        "no Kubernetes cluster configured; looked for:\n"
+        + (f"  KUBECONFIG={env}: no such file\n  ~/.kube/config: not read when KUBECONFIG is set\n" if env else
+           f"  KUBECONFIG: not set\n  ~/.kube/config: {home} does not exist\n")
+        + f"  in-cluster service account: not in a pod (KUBERNETES_SERVICE_HOST not set; token {SA_TOKEN})",
+        hint="point KUBECONFIG (or ~/.kube/config) at your cluster's kubeconfig (`kubectl config view` "
+             "should show it), or run sftjob in a pod with a service account")
 
 
 class Kube:
@@ -49,12 +66,10 @@ class Kube:
                 api_client = client.ApiClient(cfg)
                 ctx_namespace = SA_NAMESPACE.read_text().strip() if SA_NAMESPACE.exists() else None
             else:
-                raise UnavailableError(
-                    f"no Kubernetes cluster configured: no kubeconfig at {kubeconfig} and not running in a pod",
-                    hint="set KUBECONFIG (or ~/.kube/config) to a cluster you can reach")
-        except config.ConfigException as e:
-            raise UnavailableError(f"cannot load the Kubernetes configuration: {e}",
-                                   hint="check KUBECONFIG / the current context (`kubectl config view`)") from None
+                raise _no_cluster()
+        except (config.ConfigException, yaml.YAMLError, OSError) as e:  # a kubeconfig or token we cannot use
+            raise ConfigError(f"cannot load the Kubernetes configuration: {e}",
+                              hint="check KUBECONFIG / the current context (`kubectl config view`)") from None
         self.api = api_client
         self.host = api_client.configuration.host
         self.namespace = namespace or ctx_namespace or "default"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import gzip
 import json
+import os
 import re
 from datetime import UTC, datetime
 
@@ -113,14 +114,19 @@ def run_spec(kube, job: dict) -> dict:
 
 
 def helm_release_values(kube, release: str) -> dict:
-    """Decode Helm 3's release Secret (base64 → gzip → JSON): chart defaults merged with user values."""
-    got = kube.call("list", "secrets", kube.core.list_namespaced_secret, kube.namespace, optional=True,
-                    label_selector=f"owner=helm,name={release}")
+    """Decode Helm 3's release record (base64 → gzip → JSON): chart defaults merged with user values.
+    It is where the helm that submitted keeps it ($HELM_DRIVER): a Secret by default, a ConfigMap with
+    HELM_DRIVER=configmap, the least-privilege setup (manifests/rbac: no Secrets readable)."""
+    in_configmap = os.environ.get("HELM_DRIVER", "").lower() in ("configmap", "configmaps")
+    resource, fn = (("configmaps", kube.core.list_namespaced_config_map) if in_configmap
+                    else ("secrets", kube.core.list_namespaced_secret))
+    got = kube.call("list", resource, fn, kube.namespace, optional=True, label_selector=f"owner=helm,name={release}")
     items = sorted((got or {}).get("items", []), key=lambda s: int(s["metadata"]["labels"].get("version", 0)))
     if not items:
         return {}
     try:
-        raw = base64.b64decode(base64.b64decode(items[-1]["data"]["release"]))
+        raw = base64.b64decode(items[-1]["data"]["release"])
+        raw = raw if in_configmap else base64.b64decode(raw)  # a Secret's data is base64 once more
         rel = json.loads(gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw)
     except (KeyError, ValueError, OSError):
         return {}
