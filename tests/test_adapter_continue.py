@@ -7,11 +7,13 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from trainkit import chat_data, run, tiny_model
 
 from job import publish
+from job.errors import ConfigError
 
 COMMON = ["--learning-rate", "2e-3", "--per-device-train-batch-size", "8", "--warmup-ratio", "0",
           "--max-length", "256", "--logging-steps", "1", "--lr-scheduler-type", "constant"]
@@ -78,3 +80,76 @@ def test_an_unsealed_published_run_is_refused(parent, tmp_path):
     (copy / "_SUCCESS").unlink()
     err = _refused(tmp_path, copy)
     assert "not a sound published run" in err and "_SUCCESS" in err
+    assert err.count("fix:") == 1 and "--adapter" in err.split("fix:")[1]  # one fix, about the input
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    """An adapter for the tiny base as PEFT saves one (lora_B moved, as if trained), without a run."""
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from job.spec import build
+    from job.train import lora
+
+    d = tmp_path_factory.mktemp("made") / "adapter"
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(tiny_model())),
+                           lora.peft_config(build(overrides={"model.path": str(tiny_model())}, environ={})))
+    for name, p in model.named_parameters():
+        if ".lora_B." in name:
+            torch.nn.init.normal_(p)
+    model.save_pretrained(str(d))
+    return d
+
+
+def _variant(made, tmp_path, change) -> Path:
+    """A copy of `made` whose tensors `change` rewrites."""
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path / "variant"
+    shutil.copytree(made, d)
+    tensors = load_file(str(made / "adapter_model.safetensors"))
+    save_file(change(tensors), str(d / "adapter_model.safetensors"))
+    return d
+
+
+def _fetch(adapter):
+    from job.spec import build
+    from job.train import parent
+
+    return parent.fetch(build(overrides={"model.path": str(tiny_model()), "model.adapter": str(adapter)},
+                              environ={}), str(tiny_model()))
+
+
+def test_the_made_adapter_fits(made):
+    assert _fetch(made).path == made
+
+
+def test_an_input_adapter_of_another_shape_gets_one_fix_about_the_input(made, tmp_path):
+    def narrow(t):
+        key = next(k for k in t if ".lora_A." in k)
+        return {**t, key: t[key][:, :-8].contiguous()}  # as if trained on a base with a narrower hidden size
+
+    bad = _variant(made, tmp_path, narrow)
+    err = _refused(tmp_path, bad)
+    assert "does not fit the base" in err and "expected" in err
+    assert err.count("fix:") == 1, err  # not also the output verifier's "nothing was published" fix
+    assert "--adapter" in err.split("fix:")[1] and "nothing was published" not in err
+
+
+def test_an_adapter_for_modules_the_base_lacks_is_refused(made, tmp_path):
+    bad = _variant(made, tmp_path, lambda t: {k.replace(".q_proj.", ".query."): v for k, v in t.items()})
+    with pytest.raises(ConfigError, match=r"no module model\.layers\.0\.self_attn\.query") as e:
+        _fetch(bad)
+    assert str(e.value).count("fix:") == 1
+
+
+@pytest.mark.parametrize("broken", ["adapter_model.safetensors", "adapter_config.json"])
+def test_an_unreadable_input_adapter_is_a_config_error(made, tmp_path, broken):
+    bad = tmp_path / "bad"
+    shutil.copytree(made, bad)
+    (bad / broken).write_bytes(b"{not an adapter")
+    with pytest.raises(ConfigError, match="does not read") as e:
+        _fetch(bad)
+    assert str(e.value).count("fix:") == 1

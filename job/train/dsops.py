@@ -64,12 +64,10 @@ def check(spec, environ: dict[str, str] | None = None) -> None:
     """Raise ConfigError (64) when a DeepSpeed run asks for an op that cannot load here."""
     if not spec.distributed.offload_optimizer:
         return
-    from job.train.launch import topology
+    from job.train.launch import resolved
 
-    env = dict(os.environ if environ is None else environ)
-    env.setdefault("MASTER_ADDR", "127.0.0.1")  # validate runs off-cluster; only the strategy matters here
     try:
-        if topology(spec, environ=env).strategy != "deepspeed":
+        if resolved(spec, environ).strategy != "deepspeed":
             return  # offload is a DeepSpeed setting; the other strategies ignore it
     except ConfigError:
         return  # the run reports a bad topology itself

@@ -28,6 +28,8 @@ def _module_shapes(base_dir: str, trust_remote_code: bool, vocab: int = 0) -> di
         if isinstance(mod, (torch.nn.Linear, torch.nn.Embedding)):
             w = mod.weight
             out[name] = (w.shape[1], w.shape[0]) if isinstance(mod, torch.nn.Linear) else (w.shape[0], w.shape[1])
+        else:  # known, shape unchecked (GPT-2's Conv1D): an adapter's module the base lacks is a mismatch
+            out[name] = (None, None)
     return out
 
 
@@ -41,9 +43,13 @@ def verify_adapter(adapter_dir: Path, base_dir: str, *, forward: bool = True,
     for p in (cfg_path, weights):
         if not p.is_file() or p.stat().st_size == 0:
             raise VerificationError(f"adapter file missing or empty: {p}", hint="training did not save an adapter")
-    cfg = json.loads(cfg_path.read_text())
-    r = int(cfg.get("r", 0))
-    tensors = load_file(str(weights))
+    try:
+        cfg = json.loads(cfg_path.read_text())
+        r = int(cfg.get("r", 0))
+        tensors = load_file(str(weights))
+    except Exception as e:  # noqa: BLE001 - files that do not parse are no adapter (a continued one is user input)
+        raise VerificationError(f"adapter in {adapter_dir} does not read: {type(e).__name__}: {e}",
+                                hint="nothing was published; check the training log") from None
     if not tensors:
         raise VerificationError(f"{weights} holds no tensors")
     shapes = _module_shapes(base_dir, trust_remote_code, _vocab(adapter_dir, trust_remote_code))
@@ -57,7 +63,10 @@ def verify_adapter(adapter_dir: Path, base_dir: str, *, forward: bool = True,
             continue
         n_lora += 1
         module = m.group("module")
-        in_f, out_f = shapes.get(module, (None, None))
+        if module not in shapes:
+            problems.append(f"{key}: the base model has no module {module}")
+            continue
+        in_f, out_f = shapes[module]
         want = (r, in_f) if m.group("ab") == "A" else (out_f, r)
         if in_f is not None and tuple(t.shape) != want:
             problems.append(f"{key}: shape {tuple(t.shape)}, expected {want}")

@@ -116,6 +116,20 @@ def topology(spec, environ: dict[str, str] | None = None, cuda_devices: int | No
     return Topology(strategy, total, per_node, machines, rank, ip, port, mp, cuda_devices > 0)
 
 
+def resolved(spec, environ: dict[str, str] | None = None) -> Topology:
+    """The topology a check before fetch must read: the default strategy `auto` is DeepSpeed with more than
+    one process, so a rule on distributed.strategy itself misses it. validate/plan run off-cluster, where no
+    rank-0 address exists yet: a stand-in, as only the strategy, counts and precision matter here."""
+    env = dict(os.environ if environ is None else environ)
+    env.setdefault("MASTER_ADDR", "rank-0.planned")
+    return topology(spec, environ=env)
+
+
+def zero3(spec, environ: dict[str, str] | None = None) -> bool:
+    """ZeRO-3 as the run resolves it: zero_stage 3 means something only where the strategy is DeepSpeed."""
+    return spec.distributed.zero_stage == 3 and resolved(spec, environ).strategy == "deepspeed"
+
+
 def deepspeed_config(spec, topo: Topology, hidden_size: int | None = None) -> dict:
     d = spec.distributed
     zero: dict = {"stage": d.zero_stage, "overlap_comm": topo.cuda, "contiguous_gradients": True,
@@ -190,8 +204,9 @@ def nccl_env() -> dict[str, str | None]:
 def command(topo: Topology, configs: dict, plan_path: Path) -> list[str]:
     if topo.strategy == "single":
         return [sys.executable, "-m", "job.train.sft", str(plan_path)]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(configs["accelerate"]),
-            "--module", "job.train.sft", str(plan_path)]
+    # under job.logsetup: the launcher's own library notices follow --debug like the ranks' (README "Logs")
+    return [sys.executable, "-m", "job.logsetup", "accelerate.commands.launch",
+            "--config_file", str(configs["accelerate"]), "--module", "job.train.sft", str(plan_path)]
 
 
 def spawn(cmd: list[str], *, grace_seconds: int, env: dict | None = None, watch=None) -> tuple[int, bool]:

@@ -31,7 +31,9 @@ def check(spec) -> None:
         if t.method == "qlora":
             raise ConfigError(f"init_lora_weights: {t.init_lora_weights} with method: qlora: the 4-bit base "
                               "cannot hold the residual weights", hint="use method: lora, or init_lora_weights: default")
-        if spec.distributed.strategy == "deepspeed" and spec.distributed.zero_stage == 3:
+        from job.train.launch import zero3
+
+        if zero3(spec):
             raise ConfigError(f"init_lora_weights: {t.init_lora_weights} under ZeRO-3: the SVD/QR init needs "
                               "whole weight matrices, which ZeRO-3 partitions at load",
                               hint="use zero_stage: 2, ddp or fsdp, or init_lora_weights: default")

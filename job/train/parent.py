@@ -33,7 +33,9 @@ def check(spec) -> None:
     if spec.train.method == "full":
         raise ConfigError("model.adapter with train.method: full: a full fine-tune has no adapter to continue",
                           hint="use method: lora (or qlora) to continue an adapter, or drop --adapter")
-    if spec.distributed.strategy == "deepspeed" and spec.distributed.zero_stage == 3:
+    from job.train.launch import zero3
+
+    if zero3(spec):
         raise ConfigError("model.adapter under ZeRO-3: the adapter's weights cannot be loaded into partitioned "
                           "parameters here", hint="use zero_stage: 2 or ddp to continue an adapter")
 
@@ -48,7 +50,7 @@ def fetch(spec, model_dir: str) -> Parent | None:
         try:
             manifest = publish.verify_published(uri)
         except VerificationError as e:
-            raise ConfigError(f"model.adapter {redact.text(uri)} is not a sound published run: {e}",
+            raise ConfigError(f"model.adapter {redact.text(uri)} is not a sound published run: {e.message}",
                               hint="point --adapter at a finished run's output prefix (with _SUCCESS)") from None
         if manifest.get("partial"):
             raise ConfigError(f"model.adapter {redact.text(uri)} is a partial publish (max_runtime cut it short)",
@@ -75,9 +77,10 @@ def fetch(spec, model_dir: str) -> Parent | None:
 
     try:
         verify_adapter(dest, model_dir, forward=False, trust_remote_code=spec.model.trust_remote_code)
-    except VerificationError as e:
-        raise ConfigError(f"model.adapter {redact.text(uri)} does not fit the base model {spec.model.path}: {e}",
-                          hint="continue an adapter trained on this same base (same architecture and sizes)") from None
+    except VerificationError as e:  # its own fix is about an output (the training log): this one is the input's
+        raise ConfigError(f"model.adapter {redact.text(uri)} does not fit the base model {spec.model.path}: {e.message}",
+                          hint="point --adapter at an adapter trained on this same base (same architecture, sizes "
+                               "and module names): a finished LoRA run's output or a save_pretrained directory") from None
     cfg = json.loads((dest / FILES[0]).read_text())
     t = spec.train
     if (cfg.get("r"), cfg.get("lora_alpha")) != (t.lora_r, t.lora_alpha):

@@ -117,7 +117,7 @@ def make_plan(spec, *, model_config: str | None = None, tokens_per_second: float
         weights = n * 2.0 / shard
     opt_shard = gpus if topo.strategy in ("deepspeed", "fsdp") else 1
     state = trainable * (4 + 4 + 8) / opt_shard  # fp32 master/trainable + grads + Adam moments
-    if d.offload_optimizer:
+    if d.offload_optimizer and topo.strategy == "deepspeed":  # a DeepSpeed setting: the others ignore it
         state = trainable * 4 / opt_shard
     h, layers, vocab = shape.get("hidden_size", cfg.get("hidden_size", 0)), cfg.get("num_hidden_layers", 0), shape.get("vocab_size", cfg.get("vocab_size", 0))
     per_layer = 34 * h * micro_tokens
