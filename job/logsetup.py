@@ -25,6 +25,10 @@ HARMLESS = (  # (category, message regex): emitted inside transformers/peft/trl,
     (FutureWarning, r".*is_gradient_checkpointing.* is deprecated"),
     (FutureWarning, r".*use_liger_kernel=True.* is deprecated"),  # TRL 1.16; the option still works (H200-tested)
 )
+# deprecations raised inside the ML libraries, about their own calls to each other (torch's
+# `all_gather_into_tensor is deprecated`, from DeepSpeed's ZeRO gathers at every checkpoint): nothing a run's
+# owner can change. Matched by the module the warning is attributed to; a warning at a line of ours stays.
+LIBRARY_MODULES = r"(torch|deepspeed|accelerate|transformers|peft|trl|datasets|huggingface_hub)(\.|$)"
 ENV = "SFTJOB_LOG_FORMAT"
 _format = "text"
 
@@ -84,7 +88,21 @@ def setup(debug: bool = False, fmt: str | None = None) -> str:
         logging.getLogger("liger_kernel").setLevel(logging.ERROR)
         for category, message in HARMLESS:
             warnings.filterwarnings("ignore", message=message, category=category)
+        for category in (FutureWarning, DeprecationWarning):
+            warnings.filterwarnings("ignore", category=category, module=LIBRARY_MODULES)
     return _format
+
+
+def run_module(argv: list[str]) -> None:
+    """`python -m job.logsetup MODULE ARGS...`: MODULE as `python -m MODULE ARGS...` runs it, under this setup.
+
+    job.train.launch starts the accelerate launcher so: it imports DeepSpeed, and with no setup of its own its
+    `Setting accelerator to CPU` reached every normal log (the ranks call setup() themselves)."""
+    import runpy
+
+    setup(os.environ.get("SFTJOB_DEBUG") == "1")
+    sys.argv = list(argv)
+    runpy.run_module(argv[0], run_name="__main__", alter_sys=True)
 
 
 def event(kind: str, text: str, **fields) -> None:
@@ -126,3 +144,7 @@ def as_text(line: str) -> str:
     if "message" in doc and "level" in doc:
         return f"{doc.get('time', '')} {doc['level']} {doc.get('logger', '')}: {doc['message']}".strip()
     return line
+
+
+if __name__ == "__main__":
+    run_module(sys.argv[1:])

@@ -152,6 +152,18 @@ def test_undetectable_format_asks_for_data_format(tmp_path):
         rows_of(f)
 
 
+@pytest.mark.parametrize("row", [
+    {"prompt": "q", "chosen": "a", "rejected": "b"},
+    {"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+     "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}]},
+], ids=["explicit", "implicit"])
+def test_preference_rows_on_an_sft_run_say_they_look_like_pairs(tmp_path, row):
+    f = write_jsonl(tmp_path / "p.jsonl", [row, row])
+    with pytest.raises(DataError, match="these look like preference pairs: use --objective dpo") as e:
+        rows_of(f)
+    assert str(f) in str(e.value) and "fix:" in str(e.value)
+
+
 def test_compact_json_array_rows_are_told_apart_and_a_mixed_format_row_says_so(tmp_path):
     ok = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
     f = tmp_path / "compact.json"

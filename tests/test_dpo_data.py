@@ -48,6 +48,10 @@ def test_an_earlier_assistant_turn_of_the_prompt_is_context_not_trained():
 
 @pytest.mark.parametrize("row,where", [
     ({"prompt": "q", "chosen": "yes"}, "rejected: missing"),
+    # a null field was reported as missing while the row listed it ("missing (row has: prompt, chosen, rejected)")
+    ({"prompt": "q", "chosen": "yes", "rejected": None}, "rejected: null"),
+    ({"prompt": "q", "chosen": None, "rejected": "no"}, "chosen: null"),
+    ({"prompt": None, "chosen": "yes", "rejected": "no"}, "prompt: null"),
     ({"prompt": [U("q")], "chosen": [U("yes")], "rejected": [A("no")]}, "chosen[0]: must be an assistant turn"),
     ({"prompt": "q", "chosen": "same", "rejected": "same"}, "rejected: identical to chosen"),
     ({"chosen": [U("q"), A("yes")], "rejected": [U("other"), A("no")]}, "rejected: its prompt differs from chosen's at message 0"),
@@ -72,6 +76,21 @@ def test_validate_objective_dpo_exits_65_naming_the_row_without_rejected(tmp_pat
     assert f"{f}:3: rejected: missing" in out
     assert f"{f}:5: rejected: identical to chosen" in out
     assert "2 of 5 rows are bad" in out
+
+
+def test_a_null_prompt_with_whole_conversations_is_an_implicit_prompt():
+    """A parquet prompt column is null on rows that carry their prompt inside chosen and rejected."""
+    p = norm({"prompt": None, "chosen": [U("q"), A("yes")], "rejected": [U("q"), A("no")]})
+    assert isinstance(p, preference.Pair) and [m["content"] for m in p.prompt] == ["q"]
+
+
+def test_validate_objective_dpo_names_a_null_answer_as_null_by_file_row_and_field(tmp_path, capsys):
+    rows = pairs(3)
+    rows[1]["rejected"] = None
+    f = write(tmp_path / "prefs.jsonl", rows)
+    assert main(["validate", "--objective", "dpo", "--data", str(f), "--tokenizer", str(tiny_model())]) == 65
+    out = capsys.readouterr().out
+    assert f"{f}:2: rejected: null" in out and "missing" not in out
 
 
 def test_validate_objective_dpo_accepts_clean_pairs_and_refuses_sft_rows(tmp_path, capsys):
@@ -177,3 +196,49 @@ def test_a_preference_file_whose_first_rows_are_unreadable_names_the_first_probl
     assert main(["validate", "--objective", "dpo", "--data", str(f), "--tokenizer", str(tiny_model())]) == 65
     err = capsys.readouterr().err
     assert f"{f}:1: (row): invalid JSON" in err and "not preference data" not in err
+
+
+SFT_DATA = [{"messages": [U("q"), A("a")]}] * 4
+
+
+@pytest.mark.parametrize("flags,knob", [
+    (["--beta", "0.3"], "train.beta"),
+    (["--loss-type", "ipo"], "train.loss_type"),
+    (["--label-smoothing", "0.1"], "train.label_smoothing"),
+    (["--precompute-ref-log-probs"], "train.precompute_ref_log_probs"),
+])
+def test_dpo_knobs_on_an_sft_run_exit_64_naming_the_knob_before_any_work(tmp_path, capsys, flags, knob):
+    """They were ignored silently: a run asked for --beta 0.3 and trained SFT."""
+    f = write(tmp_path / "chat.jsonl", SFT_DATA)
+    common = ["--data", str(f), "--cache-dir", str(tmp_path / "c"), *flags]
+    code = main(["run", "--model", str(tiny_model()), "--output", str(tmp_path / "out"), *common])
+    err = capsys.readouterr().err
+    assert code == 64 and knob in err and f"fix: set --objective dpo, or drop {flags[0]}" in err, err
+    assert not (tmp_path / "c" / "prepared").exists() and not (tmp_path / "out").exists()
+    assert main(["validate", "--tokenizer", str(tiny_model()), *common]) == 64  # validate refuses it too
+    assert knob in capsys.readouterr().err
+
+
+def test_the_dpo_gate_on_an_sft_run_exits_64_and_validate_says_so_too(tmp_path, capsys):
+    f = write(tmp_path / "chat.jsonl", SFT_DATA)
+    common = ["--data", str(f), "--cache-dir", str(tmp_path / "c"), "--min-reward-accuracy", "0.7", "--eval-split", "0.5"]
+    assert main(["run", "--model", str(tiny_model()), "--output", str(tmp_path / "out"), *common]) == 64
+    assert "min_reward_accuracy" in capsys.readouterr().err
+    assert main(["validate", "--tokenizer", str(tiny_model()), *common]) == 64
+    err = capsys.readouterr().err
+    assert "eval.min_reward_accuracy" in err and "fix: set --objective dpo, or drop --min-reward-accuracy" in err
+
+
+def test_dpo_knobs_set_to_their_defaults_on_an_sft_run_are_accepted(tmp_path, capsys):
+    f = write(tmp_path / "chat.jsonl", SFT_DATA)
+    assert main(["validate", "--data", str(f), "--tokenizer", str(tiny_model()), "--cache-dir", str(tmp_path / "c"),
+                 "--beta", "0.1", "--loss-type", "sigmoid", "--label-smoothing", "0",
+                 "--no-precompute-ref-log-probs"]) == 0
+
+
+def test_preference_pairs_given_to_an_sft_run_say_to_use_objective_dpo(tmp_path, capsys):
+    """It said only 'cannot detect the row format' and asked for data.format."""
+    f = write(tmp_path / "prefs.jsonl", pairs(4))
+    assert main(["validate", "--data", str(f), "--tokenizer", str(tiny_model()), "--cache-dir", str(tmp_path / "c")]) == 65
+    err = capsys.readouterr().err
+    assert "these look like preference pairs: use --objective dpo" in err and "Traceback" not in err

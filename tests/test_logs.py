@@ -112,3 +112,50 @@ def test_events_of_processes_sharing_one_unbuffered_log_never_split_a_line(tmp_p
     assert len(lines) == 9000
     records = [json.loads(line) for line in lines]  # a glued or split line fails here
     assert sorted((r["writer"], r["step"]) for r in records) == [(k, i) for k in range(3) for i in range(3000)]
+
+
+_NOISY = """
+import logging, warnings
+import torch, torch.distributed as dist
+import deepspeed  # noqa: F401 - 'Setting accelerator to CPU' where it finds no GPU (the accelerate launcher imports it)
+dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+dist.all_gather_into_tensor(torch.zeros(1), torch.ones(1))  # deprecated in torch; ZeRO's gathers call it
+dist.destroy_process_group()
+logging.getLogger("sftjob.test").warning("our own warning")
+warnings.warn("a warning of ours")
+print("ran", flush=True)
+"""
+
+
+_RANK = "import os; from job import logsetup; logsetup.setup(os.environ.get('SFTJOB_DEBUG') == '1'); import noisy"
+
+
+@pytest.mark.parametrize("debug", [False, True], ids=["normal", "debug"])
+@pytest.mark.parametrize("process", [["-m", "job.logsetup", "noisy"], ["-c", _RANK]], ids=["launcher", "rank"])
+def test_library_warnings_show_only_with_debug_in_the_launcher_and_the_ranks(tmp_path, process, debug):
+    """A normal 2-process log had DeepSpeed's `Setting accelerator to CPU` (from the accelerate launcher, which
+    had no log setup) and torch's `all_gather_into_tensor is deprecated` with its source line (from the ranks,
+    once per checkpoint gather). The launcher now runs under `python -m job.logsetup`; a rank runs setup()."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    (tmp_path / "noisy.py").write_text(_NOISY)
+    root = str(Path(__file__).parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), root]), "SFTJOB_LOG_FORMAT": "text"}
+    env.pop("SFTJOB_DEBUG", None)
+    if debug:
+        env["SFTJOB_DEBUG"] = "1"
+    p = subprocess.run([sys.executable, *process], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    log = p.stdout + p.stderr
+    assert p.returncode == 0 and "ran" in p.stdout, log[-3000:]
+    assert "our own warning" in log and "a warning of ours" in log  # ours stay
+    if debug:
+        assert "all_gather_into_tensor" in log
+        assert torch.cuda.is_available() or "Setting accelerator to CPU" in log
+    else:
+        assert "all_gather_into_tensor" not in log and "c10d_logger.py" not in log, log
+        assert "Setting accelerator to CPU" not in log, log

@@ -556,6 +556,13 @@ def iter_records(files: list[tuple[str, Path]], data_spec, limit: int | None = N
             if fmt is None:
                 refuse_unreadable(head)
                 keys = sorted({k for o in objs if isinstance(o, dict) for k in o})[:10]
+                from job.data.preference import looks_like_pairs  # (it imports this module)
+
+                if looks_like_pairs(objs, data_spec.columns):  # iter_records reads SFT rows only
+                    raise DataError(f"{display}: these look like preference pairs: use --objective dpo "
+                                    f"(fields: {', '.join(keys)}; this run's objective is sft)",
+                                    hint="set --objective dpo (train.objective: dpo) to train on preference pairs, "
+                                         "or give SFT rows (messages, conversations, ...)")
                 raise DataError(f"{display}: cannot detect the row format from the first rows (fields: {', '.join(keys) or 'none'})",
                                 hint="set data.format (messages, sharegpt, alpaca, prompt_completion) and data.columns")
         for where, obj in _chain(head, it):

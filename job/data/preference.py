@@ -59,6 +59,9 @@ def _normalize(where, obj, columns, roles, model_spec) -> Pair:
     col = {k: columns.get(k, k) for k in KEYS}
     rk, ck = columns.get("role", "role"), columns.get("content", "content")
     for k in ("chosen", "rejected"):
+        if col[k] in obj and obj[col[k]] is None:  # not "missing (row has: ..., rejected)": it is there, null
+            raise RowIssue(col[k], "null: a preference pair needs a chosen and a rejected answer "
+                                   "(a string or a list of messages)")
         if obj.get(col[k]) is None:
             raise RowIssue(col[k], f"missing (row has: {', '.join(map(str, list(obj)[:8])) or 'no fields'}); "
                                    "a preference pair needs chosen and rejected (set data.columns for other names)")
@@ -80,6 +83,9 @@ def _normalize(where, obj, columns, roles, model_spec) -> Pair:
                 raise RowIssue(f"{col[k]}[{len(msgs) - 1}]", f"must be an assistant turn (got role '{msgs[-1]['role']}'): "
                                "without a prompt column the last turn is the completion")
             if len(msgs) < 2:
+                if col["prompt"] in obj:  # null: an implicit prompt where the answers are whole conversations
+                    raise RowIssue(col["prompt"], "null, and chosen and rejected are not whole conversations to take "
+                                   "the prompt from: give the prompt (a string or a list of messages)")
                 raise RowIssue(col[k], "no prompt: without a prompt column chosen and rejected must be whole "
                                "conversations (the turns before the last one are the prompt)")
         if _plain(chosen[:-1]) != _plain(rejected[:-1]):

@@ -322,10 +322,11 @@ def train(spec, prepared, model_dir: str, workdir: Path, status, *, started: flo
             shutil.rmtree(old, ignore_errors=True)
     adapter_dir = workdir / "adapter"
     shutil.rmtree(adapter_dir, ignore_errors=True)
-    for stale in ("stopped.json", "metrics.jsonl"):
-        if stale == "metrics.jsonl" and found:
-            continue
-        (workdir / stale).unlink(missing_ok=True)
+    (workdir / "stopped.json").unlink(missing_ok=True)
+    if found:  # the history up to the checkpoint comes with it: a retry's new pod has no earlier metrics.jsonl
+        checkpoints.restore_history(found, workdir / "metrics.jsonl")
+    else:
+        (workdir / "metrics.jsonl").unlink(missing_ok=True)
     if not found:  # a fresh start publishes only its own TensorBoard events
         shutil.rmtree(workdir / "tensorboard", ignore_errors=True)
     if found:
