@@ -29,6 +29,9 @@ def run(spec: RunSpec) -> int:
     spec.require("model.path", "output.uri")
     if not spec.data_sources():
         raise ConfigError("missing required setting 'data.path'", hint="pass --data URI or set data: in the run spec")
+    from job.train import dpo
+
+    dpo.check(spec)  # DPO settings that could never train, or DPO settings on an SFT run
     evaluate.check(spec)  # an impossible eval section fails now, not after training
     launch.check_bitsandbytes(spec)  # QLoRA / 8-bit optimizers on a machine that cannot run them
     from job.train import lora
@@ -38,9 +41,6 @@ def run(spec: RunSpec) -> int:
 
     parent.check(spec)
     dsops.check(spec)  # offload_optimizer where DeepSpeed's cpu_adam op cannot load
-    from job.train import dpo
-
-    dpo.check(spec)  # DPO settings that could never train
     started = time.time()
     output = spec.output.uri.rstrip("/")
     workdir = spec.cache_root() / "runs" / hashlib.sha256(output.encode()).hexdigest()[:16]
@@ -83,7 +83,7 @@ def run(spec: RunSpec) -> int:
         log.info("prepared data %s (%s)", prepared.dir, "cache hit" if prepared.cache_hit else "new")
 
         kept = None
-        if not fresh and spec.distributed.num_machines == 1:  # other nodes would wait for a rendezvous
+        if not fresh and shared.num_machines(spec) == 1:  # other nodes would wait for a rendezvous (PET_NNODES too)
             kept = outage.trained(workdir, spec.spec_hash(), launch.Outcome)
         if kept:
             log.warning("publishing the adapter the previous attempt trained (step %d) without training again",
