@@ -100,13 +100,13 @@ def test_operator_style_env_is_honoured_too():
 def test_trainer_arguments_carry_the_spec_without_deprecated_names(tmp_path, on):
     import warnings
 
-    from job.train import sft
+    from job.train import recipe
 
     spec = build(overrides={"train.gradient_checkpointing": on, "train.max_steps": 7, "train.learning_rate": 3e-4})
     plan = {"checkpoint_dir": str(tmp_path / "ckpt"), "mixed_precision": "no"}
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)  # transformers 5 renamed gradient_checkpointing
-        args = sft._training_args(spec, plan)
+        args = recipe.training_args(spec, plan)
     assert args.activation_checkpointing is on and args.gradient_checkpointing is on
     assert (args.activation_checkpointing_kwargs == {"use_reentrant": False}) is on
     assert args.max_steps == 7 and args.learning_rate == 3e-4 and args.report_to == []

@@ -157,10 +157,10 @@ def test_a_child_started_with_child_of_dies_with_its_parent(tmp_path):
 
 def test_ddp_timeout_reaches_the_trainer_and_nccl_error_handling_is_on_unless_set(tmp_path, monkeypatch):
     from job.spec import build
-    from job.train import launch, sft
+    from job.train import launch, recipe
 
     spec = build(overrides={"distributed.ddp_timeout": 90, "distributed.strategy": "ddp"})
-    args = sft._training_args(spec, {"checkpoint_dir": str(tmp_path / "ckpt"), "mixed_precision": "no"})
+    args = recipe.training_args(spec, {"checkpoint_dir": str(tmp_path / "ckpt"), "mixed_precision": "no"})
     assert args.ddp_timeout == 90 and build().distributed.ddp_timeout == 1800
     monkeypatch.setenv("TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC", "60")
     env = launch.nccl_env()

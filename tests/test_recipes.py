@@ -145,7 +145,7 @@ def test_dpo_recipe_plans_two_sequences_per_pair_and_a_reference_without_extra_w
                                                        (-1, 0.03, 0.03), (50, 0.0, 0.0)])
 def test_warm_up_never_takes_every_step_when_the_steps_are_known(max_steps, ratio, expected):
     from job.spec import build
-    from job.train import sft
+    from job.train import recipe
 
     spec = build(overrides={"train.max_steps": max_steps, "train.warmup_ratio": ratio}, environ={})
-    assert sft._warmup(spec.train) == expected
+    assert recipe.warmup(spec.train) == expected

@@ -114,10 +114,10 @@ def _events(path):
 
 def test_mlflow_is_ours_not_transformers_and_tensorboard_stays_with_transformers(tmp_path):
     from job.spec import build
-    from job.train import sft, trackers
+    from job.train import recipe, trackers
 
     spec = build(overrides={"train.report_to": ["mlflow", "tensorboard"]})
-    args = sft._training_args(spec, {"checkpoint_dir": str(tmp_path / "ckpt"), "mixed_precision": "no"})
+    args = recipe.training_args(spec, {"checkpoint_dir": str(tmp_path / "ckpt"), "mixed_precision": "no"})
     assert args.report_to == ["tensorboard"]
     assert trackers.for_transformers(["mlflow"]) == "none" and trackers.trackers(["mlflow"], {}, None, rank=1) == []
 

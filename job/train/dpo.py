@@ -8,7 +8,7 @@ model); for full fine-tunes TRL loads a frozen copy (prepared for DeepSpeed/FSDP
 from __future__ import annotations
 
 from job.errors import ConfigError
-from job.train.sft import _training_args
+from job.train.recipe import Recipe, training_args
 
 SMOOTHED = ("robust", "exo_pair", "aot", "aot_unpaired")  # the TRL 1.16 losses that read label_smoothing
 KNOBS = ("train.beta", "train.loss_type", "train.label_smoothing", "train.precompute_ref_log_probs",
@@ -102,15 +102,13 @@ def dpo_args(spec, plan: dict):
     from trl import DPOConfig
 
     t = spec.train
-    return _training_args(spec, plan, DPOConfig, extra=dict(
+    return training_args(spec, plan, DPOConfig, extra=dict(
         beta=t.beta, loss_type=[t.loss_type], label_smoothing=t.label_smoothing,
         precompute_ref_log_probs=t.precompute_ref_log_probs, max_length=None))
 
 
 def recipe(spec, plan: dict, tok):
     """DPO's part of the shared rank (job.train.sft.train): pairs collator, TRL's DPOTrainer on prepared pairs."""
-    from job.train.sft import Recipe
-
     def init_distributed():  # the frozen reference is a DeepSpeed engine built before the policy's:
         import deepspeed  # without this it sees a world of 1 and refuses the batch sizes
 
