@@ -14,14 +14,13 @@ from job.data import formats
 from job.data.formats import BadRow, Row
 from job.data.masks import IGNORE, Encoder, check_encoder
 from job.data.prepare import (
-    MAX_LISTED,
-    _where_key,
-    bad_rows_message,
     encode_stream,
     no_examples_hint,
     no_examples_message,
     prepare,
 )
+from job.data.prepared import MAX_LISTED, bad_rows_message, where_key
+from job.data.preview import input_files, segments
 from job.data.templates import (
     describe,
     load_tokenizer,
@@ -68,22 +67,12 @@ def warn_truncation(read: int, over: int, max_length: int, mode: str) -> None:
               f"and are {done}; raise --max-length if the model allows it", file=sys.stderr)
 
 
-def _sources(spec):
-    inputs = spec.cache_root() / "inputs"
-    if not spec.data_sources():
-        spec.require("data.path")
-    files = [f for s in spec.data_sources() for f in formats.expand(s.path, inputs)]
-    if spec.data.eval_data:
-        files += formats.expand(spec.data.eval_data, inputs)
-    return files
-
-
 def validate_command(spec) -> int:
     if spec.train.objective == "dpo":
         from job.data.pairs_cli import validate_pairs
 
         return validate_pairs(spec)
-    files = _sources(spec)
+    files = input_files(spec)
     tok, _ = load_tokenizer(spec)
     notes = []
     if tok is not None:
@@ -133,7 +122,7 @@ def validate_command(spec) -> int:
             enc._render_each(chunk, [enc.messages_for(r) for r in chunk], bad)
     for n in notes + (chat.notes if chat else []):
         print(f"note: {n}")
-    bad.sort(key=_where_key)
+    bad.sort(key=where_key)
     d = spec.data
     if tok is not None:
         warn_truncation(n_read, n_over, d.max_length, d.truncation)
@@ -162,7 +151,7 @@ def preview_command(spec, limit: int, as_json: bool) -> int:
         from job.data.pairs_cli import preview_pairs
 
         return preview_pairs(spec, limit, as_json)
-    files = _sources(spec)
+    files = input_files(spec)
     tok, _ = load_tokenizer(spec)
     if tok is None:
         raise ConfigError("preview needs a tokenizer", hint="pass --tokenizer DIR (or --model DIR)")
@@ -199,7 +188,7 @@ def _show(ex, console, as_json: bool) -> None:
                 continue
             text, offsets, _ = e.rendered[k]
             header = f"── {where}: {n} tokens, {int((labels != IGNORE).sum())} trained ──"
-            segs = _segments(text, offsets, labels != IGNORE)
+            segs = segments(text, offsets, labels != IGNORE)
             if console is not None:
                 from rich.text import Text
 
@@ -211,23 +200,3 @@ def _show(ex, console, as_json: bool) -> None:
             else:
                 print(header)
                 print("".join(f"[[{s}]]" if trained else s for s, trained in segs))
-
-
-def _segments(text: str, offsets, trained) -> list[tuple[str, bool]]:
-    """Rendered text cut into (piece, trained) runs, using the tokens' character offsets."""
-    if not offsets:
-        return [(text, False)]
-    out: list[tuple[str, bool]] = []
-    pos = offsets[0][0]
-    for (a, b), t in zip(offsets, trained.tolist(), strict=False):
-        a = max(a, pos)
-        if b <= a:
-            continue
-        piece = text[pos:b]
-        pos = b
-        if out and out[-1][1] == t:
-            out[-1] = (out[-1][0] + piece, t)
-        else:
-            out.append((piece, t))
-    return out
-

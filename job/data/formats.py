@@ -80,14 +80,14 @@ def expand(uri: str, cache_dir: Path) -> list[tuple[str, Path]]:
     """(display name, local path) for every data file a source names (file, directory or S3 prefix)."""
     uri = str(uri)
     if storage.is_remote(uri):
-        files = [u for u in storage.list_files(uri) if supported(u) and not _hidden(u)]
+        files = [u for u in storage.list_files(uri) if supported(u) and not hidden(u)]
         if not files:
             raise NotFoundError(f"no data files ({', '.join(EXTENSIONS)}) under {uri}",
                                 hint="check the S3 prefix and the file extensions")
         return [(u, storage.fetch(u, cache_dir)) for u in files]
     p = Path(uri[len("file://"):] if uri.startswith("file://") else uri)
     if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.is_file() and supported(f.name) and not _hidden(str(f.relative_to(p))))
+        files = sorted(f for f in p.rglob("*") if f.is_file() and supported(f.name) and not hidden(str(f.relative_to(p))))
         if not files:
             raise DataError(f"{uri}: no data files ({', '.join(EXTENSIONS)}) in this directory",
                             hint="put .jsonl/.jsonl.gz/.json/.parquet files there or point data at a file")
@@ -100,7 +100,7 @@ def expand(uri: str, cache_dir: Path) -> list[tuple[str, Path]]:
     return [(uri, p)]
 
 
-def _hidden(rel: str) -> bool:
+def hidden(rel: str) -> bool:
     return any(part.startswith((".", "_")) for part in Path(rel).parts)
 
 
@@ -313,7 +313,7 @@ def check_unique_keys(raw: bytes, obj: Any) -> None:
         raise _duplicate_issue(_MARKING.decode(raw.decode("utf-8-sig"))) from None
 
 
-def _parsed(obj: Any) -> Any:
+def parsed(obj: Any) -> Any:
     try:
         return parse_line(obj) if isinstance(obj, bytes) else obj
     except RowIssue:
@@ -350,7 +350,7 @@ def normalize(obj: Any, fmt: str, columns: dict[str, str], roles: dict[str, str]
     if fmt in ("messages", "sharegpt"):
         key = col["messages"] if fmt == "messages" else col["conversations"]
         rk, ck = (col["role"], col["content"]) if fmt == "messages" else (columns.get("role", "from"), columns.get("content", "value"))
-        msgs = _messages(obj, key, rk, ck, roles)
+        msgs = message_list(obj, key, rk, ck, roles)
     elif fmt == "alpaca":
         instr, inp, out = (_text(obj, col[k], required=k != "input") for k in ("instruction", "input", "output"))
         msgs = [{"role": "user", "content": instr + (f"\n\n{inp}" if inp.strip() else "")},
@@ -360,15 +360,15 @@ def normalize(obj: Any, fmt: str, columns: dict[str, str], roles: dict[str, str]
     elif fmt == "prompt_completion":
         p, c = obj.get(col["prompt"]), obj.get(col["completion"])
         if isinstance(p, list) or isinstance(c, list):
-            pm = _messages(obj, col["prompt"], col["role"], col["content"], roles, need_assistant=False)
-            cm = _messages(obj, col["completion"], col["role"], col["content"], roles)
+            pm = message_list(obj, col["prompt"], col["role"], col["content"], roles, need_assistant=False)
+            cm = message_list(obj, col["completion"], col["role"], col["content"], roles)
             msgs = [{**m, "train": m.get("train", False)} if m["role"] == "assistant" else m for m in pm] + cm
         else:
             msgs = [{"role": "user", "content": _text(obj, col["prompt"])},
                     {"role": "assistant", "content": _text(obj, col["completion"])}]
     else:
         raise RowIssue("(row)", f"unknown format '{fmt}'")
-    return msgs, _weight(obj, col["weight"]), _tools(obj.get(col["tools"]), col["tools"])
+    return msgs, row_weight(obj, col["weight"]), _tools(obj.get(col["tools"]), col["tools"])
 
 
 def _tools(tools: Any, key: str) -> list[dict] | None:
@@ -385,7 +385,7 @@ def _tools(tools: Any, key: str) -> list[dict] | None:
     return tools or None
 
 
-def _messages(obj: dict, key: str, rk: str, ck: str, roles: dict[str, str], need_assistant: bool = True) -> list[dict]:
+def message_list(obj: dict, key: str, rk: str, ck: str, roles: dict[str, str], need_assistant: bool = True) -> list[dict]:
     if key not in obj:
         other = detect([obj], {})
         hint = (f"; this row looks like {other} — one file holds one format: split the file" if other else "")
@@ -513,7 +513,7 @@ def _text(obj: dict, key: str, required: bool = True) -> str:
     return v
 
 
-def _weight(obj: dict, key: str) -> float:
+def row_weight(obj: dict, key: str) -> float:
     w = obj.get(key, 1.0)
     if w is None:
         return 1.0
@@ -551,13 +551,11 @@ def iter_records(files: list[tuple[str, Path]], data_spec, limit: int | None = N
                 head.append(item)
                 if len(head) >= DETECT_ROWS:
                     break
-            objs = [_parsed(o) for _, o in head]
+            objs = [parsed(o) for _, o in head]
             fmt = detect(objs, data_spec.columns)
             if fmt is None:
                 refuse_unreadable(head)
                 keys = sorted({k for o in objs if isinstance(o, dict) for k in o})[:10]
-                from job.data.preference import looks_like_pairs  # (it imports this module)
-
                 if looks_like_pairs(objs, data_spec.columns):  # iter_records reads SFT rows only
                     raise DataError(f"{display}: these look like preference pairs: use --objective dpo "
                                     f"(fields: {', '.join(keys)}; this run's objective is sft)",
@@ -565,7 +563,7 @@ def iter_records(files: list[tuple[str, Path]], data_spec, limit: int | None = N
                                          "or give SFT rows (messages, conversations, ...)")
                 raise DataError(f"{display}: cannot detect the row format from the first rows (fields: {', '.join(keys) or 'none'})",
                                 hint="set data.format (messages, sharegpt, alpaca, prompt_completion) and data.columns")
-        for where, obj in _chain(head, it):
+        for where, obj in chain_rows(head, it):
             yield where, obj, fmt
             n += 1
             if limit is not None and n >= limit:
@@ -606,6 +604,16 @@ def read_rows(files: list[tuple[str, Path]], data_spec, model_spec, limit: int |
         yield to_row(where, raw, fmt, data_spec, model_spec)
 
 
-def _chain(head, it):
+def chain_rows(head, it):
     yield from head
     yield from it
+
+
+PAIR_KEYS = ("prompt", "chosen", "rejected")  # a preference pair's fields (job/data/preference.py)
+
+
+def looks_like_pairs(objs: list[Any], columns: dict[str, str]) -> bool:
+    """True when most parsed rows carry chosen (and rejected) columns: preference data."""
+    col = {k: columns.get(k, k) for k in PAIR_KEYS}
+    dicts = [o for o in objs if isinstance(o, dict)]
+    return bool(dicts) and sum(col["chosen"] in o for o in dicts) * 2 > len(dicts)

@@ -4,10 +4,10 @@ from __future__ import annotations
 import json
 import sys
 
-from job.data.commands import _segments, _sources
 from job.data.masks import IGNORE, check_encoder
 from job.data.preference import encode_pairs, iter_pair_records, pair_encoder, read_pairs
-from job.data.prepare import _where_key, bad_rows_message
+from job.data.prepared import bad_rows_message, where_key
+from job.data.preview import input_files, segments
 from job.data.templates import load_tokenizer, resolve_template
 from job.errors import ConfigError, ExitCode
 
@@ -16,7 +16,7 @@ CHUNK = 512
 
 def validate_pairs(spec) -> int:
     """Structure of every pair; with a tokenizer also render, mask and measure both completions."""
-    files = _sources(spec)
+    files = input_files(spec)
     pairs, bad, n_read = read_pairs(iter_pair_records(files, spec.data), spec.data, spec.model)
     tok, _ = load_tokenizer(spec)
     n_tokens = n_trunc = 0
@@ -31,7 +31,7 @@ def validate_pairs(spec) -> int:
     else:
         print("note: no tokenizer given: structural checks only")
     if bad:
-        bad.sort(key=_where_key)
+        bad.sort(key=where_key)
         print(bad_rows_message(bad).split("\n", 1)[1])
         print(f"validate: {len(bad)} of {n_read} rows are bad ({len(files)} file(s))")
         return int(ExitCode.DATA)
@@ -44,7 +44,7 @@ def validate_pairs(spec) -> int:
 
 def preview_pairs(spec, limit: int, as_json: bool) -> int:
     """The prompt once, then each completion with its trained tokens marked [[like this]]."""
-    files = _sources(spec)
+    files = input_files(spec)
     tok, _ = load_tokenizer(spec)
     if tok is None:
         raise ConfigError("preview needs a tokenizer", hint="pass --tokenizer DIR (or --model DIR)")
@@ -69,7 +69,7 @@ def preview_pairs(spec, limit: int, as_json: bool) -> int:
         shown_prompt = False
         for name, (_ids, labels) in halves.items():
             text, offsets, _ = e.rendered[k][0 if name == "chosen" else 1]
-            segs = _segments(text, offsets, labels != IGNORE)
+            segs = segments(text, offsets, labels != IGNORE)
             cut = next((i for i, (_, t) in enumerate(segs) if t), len(segs))
             if not shown_prompt:
                 print("prompt: " + "".join(s for s, _ in segs[:cut]))

@@ -17,11 +17,20 @@ from typing import Any
 
 import numpy as np
 
-from job.data.formats import BadRow, Row, RowIssue, _messages, _weight, apply_system_prompt, parse_line
+from job.data.formats import (
+    PAIR_KEYS,
+    BadRow,
+    Row,
+    RowIssue,
+    apply_system_prompt,
+    looks_like_pairs,
+    message_list,
+    parse_line,
+    row_weight,
+)
 from job.data.masks import IGNORE, Encoder
 
 log = logging.getLogger(__name__)
-KEYS = ("prompt", "chosen", "rejected")
 UNLIMITED = 1 << 30  # the Encoder never truncates a pair half; truncate() does it for both
 
 
@@ -32,13 +41,6 @@ class Pair:
     chosen: list[dict]
     rejected: list[dict]
     weight: float = 1.0
-
-
-def looks_like_pairs(objs: list[Any], columns: dict[str, str]) -> bool:
-    """True when most parsed rows carry chosen (and rejected) columns: preference data."""
-    col = {k: columns.get(k, k) for k in KEYS}
-    dicts = [o for o in objs if isinstance(o, dict)]
-    return bool(dicts) and sum(col["chosen"] in o for o in dicts) * 2 > len(dicts)
 
 
 def normalize(where: str, obj: Any, columns: dict[str, str], roles: dict[str, str], model_spec) -> Pair | BadRow:
@@ -56,7 +58,7 @@ def _normalize(where, obj, columns, roles, model_spec) -> Pair:
         obj = parse_line(obj)
     if not isinstance(obj, dict):
         raise RowIssue("(row)", f"expected a JSON object, got {type(obj).__name__}")
-    col = {k: columns.get(k, k) for k in KEYS}
+    col = {k: columns.get(k, k) for k in PAIR_KEYS}
     rk, ck = columns.get("role", "role"), columns.get("content", "content")
     for k in ("chosen", "rejected"):
         if col[k] in obj and obj[col[k]] is None:  # not "missing (row has: ..., rejected)": it is there, null
@@ -101,7 +103,7 @@ def _normalize(where, obj, columns, roles, model_spec) -> Pair:
     prompt = [{**m, "train": False} if m["role"] == "assistant" else m for m in prompt]
     chosen, rejected = ([{**m, "train": True} if m["role"] == "assistant" else m for m in c] for c in (chosen, rejected))
     prompt = apply_system_prompt(prompt, model_spec.system_prompt, model_spec.system_prompt_mode)
-    return Pair(where, prompt, chosen, rejected, _weight(obj, columns.get("weight", "weight")))
+    return Pair(where, prompt, chosen, rejected, row_weight(obj, columns.get("weight", "weight")))
 
 
 def _turns(obj: dict, key: str, rk: str, ck: str, roles: dict, string_role: str) -> list[dict]:
@@ -110,7 +112,7 @@ def _turns(obj: dict, key: str, rk: str, ck: str, roles: dict, string_role: str)
         if not v.strip():
             raise RowIssue(key, "empty text")
         return [{"role": string_role, "content": v}]
-    return _messages(obj, key, rk, ck, roles, need_assistant=False)
+    return message_list(obj, key, rk, ck, roles, need_assistant=False)
 
 
 def _plain(msgs: list[dict]) -> list:
@@ -210,7 +212,7 @@ def iter_pair_records(files, data_spec):
             head.append(item)
             if len(head) >= formats.DETECT_ROWS:
                 break
-        objs = [formats._parsed(o) for _, o in head]
+        objs = [formats.parsed(o) for _, o in head]
         if not looks_like_pairs(objs, data_spec.columns):
             formats.refuse_unreadable(head)
             keys = sorted({k for o in objs if isinstance(o, dict) for k in o})[:10]
@@ -218,7 +220,7 @@ def iter_pair_records(files, data_spec):
                             f"in the first rows (fields: {', '.join(keys) or 'none'})",
                             hint="objective dpo needs prompt/chosen/rejected rows (or chosen/rejected conversations); "
                                  "map other names with data.columns, e.g. {chosen: good, rejected: bad}")
-        for where, obj in formats._chain(head, it):
+        for where, obj in formats.chain_rows(head, it):
             yield where, obj, "preference"
 
 
@@ -238,7 +240,7 @@ def prepare_pairs(spec, tdir, template_src):
 
     from job.data import formats
     from job.data.masks import check_encoder
-    from job.data.prepare import Prepared, _mkdir, bad_rows_message, cache_key, fingerprints, repeat, split
+    from job.data.prepared import Prepared, bad_rows_message, cache_key, fingerprints, mkdir, repeat, split
     from job.data.templates import describe, resolve_template
     from job.errors import DataError
     from job.loader import load_tokenizer
@@ -282,16 +284,16 @@ def prepare_pairs(spec, tdir, template_src):
         per_source.append({"path": src.path, "files": len(files), "weight": src.weight, "rows_read": n,
                            "examples": m, "train": len(tr), "eval": len(ev)})
     if bad:
-        from job.data.prepare import _where_key
+        from job.data.prepared import where_key
 
-        raise DataError(bad_rows_message(sorted(bad, key=_where_key)),
+        raise DataError(bad_rows_message(sorted(bad, key=where_key)),
                         hint="fix or remove these rows (`sftjob validate --objective dpo --data ...` lists them all)")
     train = [(e.chosen[i], e.rejected[i]) for e, idx in train_parts for i in idx.tolist()]
     evald = [(e.chosen[i], e.rejected[i]) for e, idx in eval_parts for i in idx.tolist()]
     if not train:
         raise DataError("no training pairs left after preparation", hint=f"dropped: {dropped or 'none'}")
     rep = _report(spec, chat, tok, key, read, dropped, truncated, per_source, train, evald)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=_mkdir(root)))
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=mkdir(root)))
     try:
         write_pairs(tmp / "train.parquet", train)
         if evald:

@@ -8,63 +8,45 @@ half cache that looks complete.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from job import storage
 from job.data import formats, progress, report, stream
 from job.data.formats import BadRow
 from job.data.masks import Encoded, Encoder, check_encoder
+from job.data.prepared import (
+    PREP_VERSION,
+    Prepared,
+    bad_rows_message,
+    cache_key,
+    fingerprints,
+    mkdir,
+    repeat,
+    split,
+    where_key,
+)
 from job.data.templates import (
     describe,
     locate_tokenizer,
     read_template_source,
     resolve_template,
-    tokenizer_files_sha256,
 )
 from job.data.workers import Workers
-from job.errors import ConfigError, DataError, NotFoundError
+from job.errors import ConfigError, DataError
 from job.loader import load_tokenizer
 
 log = logging.getLogger(__name__)
-PREP_VERSION = "3"  # bump when the same inputs would now be prepared differently (3: tool-only turns keep their calls)
 CHUNK_ROWS = 512
-MAX_LISTED = 20
-
-
-@dataclass
-class Prepared:
-    dir: Path
-    train_path: Path
-    eval_path: Path | None
-    report: dict
-    cache_hit: bool
-    chat_template: str
-    template_sha256: str
-    eos_tokens: list[str]
-
-    @classmethod
-    def load(cls, d: str | Path, cache_hit: bool = True) -> Prepared:
-        """What a training rank calls: read a finished cache dir (meta.json is its completeness mark)."""
-        d = Path(d)
-        meta = json.loads((d / "meta.json").read_text())
-        return cls(dir=d, train_path=d / "train.parquet", eval_path=(d / "eval.parquet") if meta["eval"] else None,
-                   report=json.loads((d / "data_report.json").read_text()), cache_hit=cache_hit,
-                   chat_template=(d / "chat_template.jinja").read_text(), template_sha256=meta["template_sha256"],
-                   eos_tokens=meta["eos_tokens"])
 
 
 def prepare(spec, tokenizer_dir: Path | None = None, sharing=None) -> Prepared:
@@ -103,20 +85,6 @@ def prepare(spec, tokenizer_dir: Path | None = None, sharing=None) -> Prepared:
     return prepared
 
 
-def fingerprints(uri: str, inputs: Path) -> list:
-    """What identifies a source's files in the cache key: ETag and size for S3 objects (read from the
-    listing, nothing downloaded, so a store hit never fetches the data), sha256 for local files."""
-    if storage.is_remote(uri):
-        from job.storage import s3
-
-        objs = [o for o in s3.list_objects(uri) if formats.supported(o.uri) and not formats._hidden(o.key)]
-        if not objs:
-            raise NotFoundError(f"no data files ({', '.join(formats.EXTENSIONS)}) under {uri}",
-                                hint="check the S3 prefix and the file extensions")
-        return [[o.uri, o.etag, o.size] for o in objs]
-    return [file_sha256(p) for _, p in formats.expand(uri, inputs)]
-
-
 def _prepare(spec, tdir: Path, template_src, inputs: Path, key: str, root: Path, dest: Path, t0: float) -> Prepared:
     sources = [(s, formats.expand(s.path, inputs)) for s in spec.data_sources()]
     eval_files = formats.expand(spec.data.eval_data, inputs) if spec.data.eval_data else []
@@ -134,7 +102,7 @@ def _prepare(spec, tdir: Path, template_src, inputs: Path, key: str, root: Path,
     offset = over_length = 0
     every_file = [p for _, files in sources for _, p in files] + [p for _, p in eval_files]
     ticker = progress.Progress(lambda: progress.estimate_rows(every_file))
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=_mkdir(root)))
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=mkdir(root)))
     spill = stream.Spill(tmp / ".spill")  # tokens on disk as they are encoded: memory stays bounded
     try:
         with worker_pool(encoder, spec.data, spec.model, nproc) as pool:
@@ -149,7 +117,7 @@ def _prepare(spec, tdir: Path, template_src, inputs: Path, key: str, root: Path,
                     over_length += e.over_length
                     _merge(dropped, [e])
                     chunks.append(spill.add(e))
-                bad_all += sorted(bad, key=_where_key)
+                bad_all += sorted(bad, key=where_key)
                 read_total += tally["read"]
                 part = stream.Examples.concat(chunks)
                 n = len(part)
@@ -294,7 +262,7 @@ def encode_stream(encoder: Encoder, records: Iterable[tuple], data_spec, model_s
     """Every chunk of encode_iter in a list, the bad rows sorted by file and line, and the rows read."""
     tally: dict = {}
     out = list(encode_iter(encoder, records, data_spec, model_spec, num_proc, keep_text, pool, progress, tally))
-    bad = sorted((b for e in out for b in e.bad), key=_where_key)
+    bad = sorted((b for e in out for b in e.bad), key=where_key)
     return out, bad, tally["read"]
 
 
@@ -351,13 +319,6 @@ def _grouped(it, n: int):
         yield buf
 
 
-def _where_key(b: BadRow):
-    """Sort bad rows by file, then line number (then element, for rows sharing a line of a .json array)."""
-    f, _, line = b.where.rpartition(":")
-    nums = [int(n) for n in re.findall(r"\d+", line)] if line[:1].isdigit() else []
-    return (f, *(nums + [0, 0])[:2]) if nums else (b.where, 0, 0)
-
-
 def no_examples_message(read: int, dropped: dict, over_length: int, data_spec) -> str:
     """Why nothing is left to train on: the same words from validate and prepare."""
     why = ", ".join(f"{k}: {v}" for k, v in sorted(dropped.items()) if v) or "none"
@@ -374,13 +335,6 @@ def no_examples_hint(dropped: dict, over_length: int) -> str:
     return "check the data (`sftjob validate`) and the train flags / weights of the rows"
 
 
-def bad_rows_message(bad: list[BadRow]) -> str:
-    lines = [str(b) for b in bad[:MAX_LISTED]]
-    if len(bad) > MAX_LISTED:
-        lines.append(f"... and {len(bad) - MAX_LISTED} more bad rows")
-    return f"{len(bad)} bad row(s):\n" + "\n".join(lines)
-
-
 def _merge(dropped: dict, ex: list[Encoded]) -> None:
     for e in ex:
         for k, v in e.dropped.items():
@@ -388,55 +342,3 @@ def _merge(dropped: dict, ex: list[Encoded]) -> None:
 
 
 # ---- splits and mixtures, on example indices ---------------------------------------------
-
-def split(n: int, fraction: float, shuffle: bool, rng) -> tuple[np.ndarray, np.ndarray]:
-    """(train, eval) example indices; eval is a random `fraction` of the source (at least one row)."""
-    order = rng.permutation(n) if shuffle else np.arange(n)
-    n_eval = min(n - 1, max(1, round(n * fraction))) if fraction > 0 and n > 1 else 0
-    return np.sort(order[n_eval:]), np.sort(order[:n_eval])
-
-
-def repeat(idx: np.ndarray, row_weights: np.ndarray, source_weight: float, rng) -> np.ndarray:
-    """Mixture weight x row weight → copies per example: integer part, plus one more with the fraction's probability."""
-    w = row_weights[idx].astype(np.float64) * source_weight
-    copies = np.floor(w).astype(np.int64) + (rng.random(len(w)) < (w - np.floor(w)))
-    return np.repeat(idx, copies)
-
-
-# ---- cache key -------------------------------------------------------------------------------
-
-def cache_key(spec, template_src: tuple[str, str] | None, tdir: Path, sources, eval_files) -> str:
-    """Hash of what changes the output; computed without loading the tokenizer (file hashes instead)."""
-    h = hashlib.sha256()
-
-    def add(obj):
-        h.update(json.dumps(obj, sort_keys=True, default=str).encode())
-        h.update(b"\0")
-
-    d, m = spec.data, spec.model
-    add({"v": PREP_VERSION, "format": d.format, "columns": d.columns, "roles": d.roles, "eval_split": d.eval_split,
-         "max_length": d.max_length, "truncation": d.truncation, "train_on_eos": d.train_on_eos,
-         "packing": d.packing, "shuffle": d.shuffle, "seed": spec.train.seed,
-         "system_prompt": m.system_prompt, "system_prompt_mode": m.system_prompt_mode,
-         "add_special_tokens": m.add_special_tokens,
-         "template": template_src[1] if template_src else "(tokenizer's own)",
-         "tokenizer": tokenizer_files_sha256(tdir)})
-    if m.add_special_tokens:  # caches from before the added tokens reached prepare split them into pieces
-        add({"added_tokens_are_special": True})
-    for src, prints in sources:  # fingerprints(): sha256 of local files, [uri, ETag, size] of S3 objects
-        add({"weight": src.weight, "files": prints})
-    add({"eval": eval_files})
-    return h.hexdigest()[:24]
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _mkdir(p: Path) -> Path:
-    p.mkdir(parents=True, exist_ok=True)
-    return p
