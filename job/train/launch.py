@@ -25,7 +25,7 @@ import yaml
 from job import redact
 from job.errors import ConfigError
 from job.loader import mixed_precision
-from job.train import watchdog
+from job.train import jitops, watchdog
 
 log = logging.getLogger("sftjob.launch")
 
@@ -364,7 +364,8 @@ def train(spec, prepared, model_dir: str, workdir: Path, status, *, started: flo
                  fast_path={"attention": fast["attention_summary"], "use_liger_kernel": fast["use_liger_kernel"]})
     # CPU ranks share the cores: one all-core thread pool per rank would oversubscribe them
     threads = None if topo.cuda or "OMP_NUM_THREADS" in os.environ else str(max(1, (os.cpu_count() or 1) // topo.per_node))
-    env = {"OMP_NUM_THREADS": threads, **(nccl_env() if topo.cuda else {})}
+    env = {"OMP_NUM_THREADS": threads, **(nccl_env() if topo.cuda else {}),
+           **jitops.build_ops(spec, topo.strategy, topo.cuda)}  # JIT ops built once, here, logged
     if public["spec"]["storage"] != plan["spec"]["storage"]:  # the ranks need the endpoint plan.json masks
         env["SFTJOB_RANK_STORAGE"] = json.dumps(plan["spec"]["storage"])
     stall = spec.resilience.stall_seconds
