@@ -14,6 +14,8 @@ How assistant spans are found for ANY template, without {% generation %} markers
    tokenizer's offsets, so SentencePiece merges across a boundary never shift anything.
 With generation markers the template's own spans are used and both ways are checked to agree.
 The end-of-turn token(s) right after assistant content are trained too (train_on_eos).
+Over 400 lines for one reason: it is one class, the Encoder, whose steps share its caches (a skeleton per
+role sequence, the tokenizer, the template's probes); the stateless span helpers live in job/data/spans.py.
 """
 from __future__ import annotations
 
@@ -25,6 +27,16 @@ from itertools import chain
 import numpy as np
 
 from job.data.formats import BadRow, Row, to_row
+from job.data.spans import (
+    EMPTY_THINK,
+    Unmaskable,
+    first_line,
+    ranges_mask,
+    reasoning_start,
+    search,
+    token_range,
+    walk,
+)
 from job.data.templates import ChatTemplate, sentinel, syntax_error_at
 from job.errors import ConfigError
 
@@ -138,10 +150,10 @@ class Encoder:
         """Character span of every message's content in the rendered text (None if not locatable)."""
         sk = self._skeleton(tuple(m["role"] for m in msgs))
         if isinstance(sk, list):
-            out = _walk(text, sk, msgs)
+            out = walk(text, sk, msgs)
             if out is not None:
                 return out
-        return _search(text, msgs)
+        return search(text, msgs)
 
     # ---- the batch ---------------------------------------------------------------------
     def encode_records(self, recs: list[tuple], data_spec, model_spec, keep_text: bool = False) -> Encoded:
@@ -169,7 +181,7 @@ class Encoder:
         for i, t in enumerate(texts):
             try:
                 masked = self._mask(rows[i], convs[i], t, gens[i] if gens else None, tools[i])
-            except _Unmaskable as e:
+            except Unmaskable as e:
                 bad.append(BadRow(rows[i].where, "messages", str(e)))
                 continue
             if masked is None:  # the template rejected the row (reported while rendering)
@@ -205,12 +217,12 @@ class Encoder:
             return None
         try:
             return (text, *self._trained(text, msgs, row, gen))
-        except _Unmaskable as first:
+        except Unmaskable as first:
             if gen is not None:
                 raise
             try:  # a template that rewrites contents: delimit the turns by rendering instead
                 return self._by_rendering(row, msgs)
-            except _Unmaskable:
+            except Unmaskable:
                 raise first from None
 
     def tokenize(self, p: _Pending) -> _Pending:
@@ -254,7 +266,7 @@ class Encoder:
         try:
             text = self.tok.apply_chat_template(plain, **kw)
         except Exception as e:  # noqa: BLE001 - raise_exception in templates
-            raise _Unmaskable(f"the chat template rejects this tool-use conversation: {_first_line(e)}") from None
+            raise Unmaskable(f"the chat template rejects this tool-use conversation: {first_line(e)}") from None
         asst = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
         last = asst[-1] if asst else -1
         out, nt = [], 0
@@ -264,9 +276,9 @@ class Encoder:
             s, e = self._turn_by_diff(text, plain, i, kw) or self._turn_by_prompt(text, plain, i, kw)
             names = [c["function"]["name"] for c in msgs[i].get("tool_calls") or []]
             if names and not any(n in text[s:e] for n in names):
-                raise _Unmaskable(f"the chat template does not render the tool_calls of assistant message {i}; "
+                raise Unmaskable(f"the chat template does not render the tool_calls of assistant message {i}; "
                                   "write the call into the content in the model's own tool-call format")
-            think = _EMPTY_THINK.match(text, s)
+            think = EMPTY_THINK.match(text, s)
             if think and think.end() <= e and "<think>" not in (msgs[i]["content"] or ""):
                 s = think.end()  # an empty reasoning block the template adds (Qwen3): scaffolding
             if self._eos is not None and (self.train_on_eos == "turn" or (self.train_on_eos == "last" and i == last)):
@@ -295,33 +307,33 @@ class Encoder:
         try:
             head = self.tok.apply_chat_template(plain[:i], add_generation_prompt=True, **kw) if i else None
         except Exception as e:  # noqa: BLE001
-            raise _Unmaskable(f"cannot delimit assistant message {i}: {_first_line(e)}") from None
+            raise Unmaskable(f"cannot delimit assistant message {i}: {first_line(e)}") from None
         if head is None or not text.startswith(head) or self._eos_any is None:
-            raise _Unmaskable(f"cannot delimit assistant message {i}: the template renders the conversation "
+            raise Unmaskable(f"cannot delimit assistant message {i}: the template renders the conversation "
                               "before it differently from its generation prompt")
         eot = self._eos_any.search(text, len(head))
         if eot is None:
-            raise _Unmaskable(f"no end-of-turn token after assistant message {i}")
+            raise Unmaskable(f"no end-of-turn token after assistant message {i}")
         return len(head), max(len(head), len(text[:eot.start()].rstrip()))
 
     def _trained(self, text: str, msgs: list[dict], row: Row, gen) -> tuple[list[tuple[int, int]], int]:
         spans = self.spans(text, msgs)
         if spans is None:
-            raise _Unmaskable("cannot locate the message contents in the rendered template text")
+            raise Unmaskable("cannot locate the message contents in the rendered template text")
         asst = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
         last = asst[-1] if asst else -1
         out, nt = [], 0
         for k, i in enumerate(asst):
             if i not in spans:
-                raise _Unmaskable(f"the chat template does not render assistant message {i}")
+                raise Unmaskable(f"the chat template does not render assistant message {i}")
             s, e = spans[i]
             if gen is not None:
                 if k >= len(gen) or not (gen[k][0] <= s and e <= gen[k][1]):
-                    raise _Unmaskable("the template's {% generation %} spans and the located assistant contents disagree")
+                    raise Unmaskable("the template's {% generation %} spans and the located assistant contents disagree")
             if msgs[i].get("train") is False:
                 continue
             if "</think>" in msgs[i]["content"]:
-                s = _reasoning_start(text, s, e, msgs[i]["content"], max((v[1] for j, v in spans.items() if j < i), default=0))
+                s = reasoning_start(text, s, e, msgs[i]["content"], max((v[1] for j, v in spans.items() if j < i), default=0))
             nt += 1
             with_eos = self.train_on_eos == "turn" or (self.train_on_eos == "last" and i == last)
             if gen is not None and with_eos:
@@ -351,7 +363,7 @@ class Encoder:
         if not texts:
             return [], [], None
         if encs is not None:
-            ranges = [[r for s, e in iv if (r := _token_range(enc, s, e))] for enc, iv in zip(encs, intervals, strict=True)]
+            ranges = [[r for s, e in iv if (r := token_range(enc, s, e))] for enc, iv in zip(encs, intervals, strict=True)]
             return [e.ids for e in encs], ranges, [e.offsets for e in encs] if keep_offsets else None
         tok = self.tok
         ids_l = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
@@ -363,7 +375,7 @@ class Encoder:
         """Labels, truncation and drops for the whole batch with array ops; only over-long rows loop."""
         lengths = np.fromiter((len(x) for x in ids_l), dtype=np.int64, count=len(ids_l))
         ids = np.fromiter(chain.from_iterable(ids_l), dtype=np.int32, count=int(lengths.sum()))
-        trained = _ranges_mask(lengths, ranges)
+        trained = ranges_mask(lengths, ranges)
         labels = np.where(trained, ids, IGNORE).astype(np.int32)
         starts = np.concatenate([[0], np.cumsum(lengths)])
         lo, hi = starts[:-1].copy(), starts[1:].copy()
@@ -405,118 +417,12 @@ class Encoder:
                        rendered=rendered)
 
 
-class _Unmaskable(Exception):
-    pass
-
-
-def _variants(c: str) -> tuple[str, ...]:
-    """How a template may render a content: as is, trimmed, or only the answer after ``</think>``
-    (Qwen3, DeepSeek-R1/V3 and GLM drop the reasoning of earlier turns, or of every turn)."""
-    out = (c, c.strip(), c.rstrip(), c.lstrip())
-    if "</think>" in c:
-        answer = c.split("</think>")[-1]
-        out += (answer, answer.lstrip("\n"), answer.strip())
-    return out
-
-
-_EMPTY_THINK = re.compile(r"<think>\s*</think>\s*")
-
-
-def _first_line(e: Exception) -> str:
-    return (str(e).splitlines() or [type(e).__name__])[0][:200]
-
-
-def _reasoning_start(text: str, s: int, e: int, content: str, floor: int) -> int:
-    """Where a turn with reasoning starts when the template rewrote it (GLM-4.5 renders
-    '<think>' + reasoning.strip() + '</think>' before the answer): from its <think> on, so the reasoning
-    the model must write is trained. Reasoning a template leaves out (history turns, DeepSeek) stays out."""
-    if "</think>" in text[s:e]:  # rendered as written
-        return s
-    reasoning = content.split("</think>")[0].split("<think>")[-1].strip()
-    j = text.rfind(reasoning, floor, s) if reasoning else -1
-    if j < 0 or text[j + len(reasoning):s].strip() != "</think>":
-        return s
-    k = text.rfind("<think>", floor, j)
-    return k if k >= 0 and not text[k + len("<think>"):j].strip() else s
-
-
-def _walk(text: str, sk: list, msgs: list[dict]) -> dict[int, tuple[int, int]] | None:
-    """Match text against the skeleton [literal, slot, literal, slot, ..., literal]; spans per slot."""
-    first = sk[0]
-    if not text.startswith(first):
-        return None
-    pos, out = len(first), {}
-    for k in range(1, len(sk), 2):
-        part, nxt = sk[k], sk[k + 1]
-        c = msgs[part]["content"]
-        end = pos + len(c)
-        if not (text.startswith(c, pos) and text.startswith(nxt, end)):
-            for cand in _variants(c)[1:]:  # templates that trim, or drop the reasoning
-                end = pos + len(cand)
-                if text.startswith(cand, pos) and text.startswith(nxt, end):
-                    break
-            else:
-                return None
-        if part not in out:
-            out[part] = (pos, end)
-        pos = end + len(nxt)
-    return out if pos == len(text) else None
-
-
-def _search(text: str, msgs: list[dict]) -> dict[int, tuple[int, int]] | None:
-    pos, out = 0, {}
-    for i, m in enumerate(msgs):
-        if m["role"] == "system":
-            continue
-        for cand in _variants(m["content"]):
-            j = text.find(cand, pos)
-            if j >= 0:
-                out[i] = (j, j + len(cand))
-                pos = j + len(cand)
-                break
-        else:
-            return None
-    return out
-
-
-def _token_range(enc, s: int, e: int) -> tuple[int, int] | None:
-    """Tokens overlapping chars [s, e): first token holding a char at/after s, last holding one before e."""
-    a = None
-    for c in range(s, e):
-        a = enc.char_to_token(c)
-        if a is not None:
-            break
-    b = None
-    for c in range(e - 1, s - 1, -1):
-        b = enc.char_to_token(c)
-        if b is not None:
-            break
-    if a is None or b is None:
-        return None
-    n = len(enc)
-    while b + 1 < n and (nxt := enc.token_to_chars(b + 1)) is not None and nxt[0] < e:
-        b += 1  # several tokens for one char (byte fallback): take them all
-    return a, b + 1
-
-
-def _ranges_mask(lengths: np.ndarray, ranges) -> np.ndarray:
-    """Boolean per token of the batch: inside any trained token range (vectorised, no per-token Python)."""
-    n_tok = int(lengths.sum())
-    base = np.concatenate([[0], np.cumsum(lengths)])
-    s = np.fromiter((base[r] + a for r, rr in enumerate(ranges) for a, _ in rr), dtype=np.int64)
-    e = np.fromiter((base[r] + b for r, rr in enumerate(ranges) for _, b in rr), dtype=np.int64)
-    diff = np.zeros(n_tok + 1, np.int64)
-    np.add.at(diff, s, 1)
-    np.add.at(diff, e, -1)
-    return np.cumsum(diff[:-1]) > 0
-
-
 def check_encoder(enc: Encoder) -> None:
     """Fail early (not per row) when the template cannot be rendered at all."""
     sk = enc._skeleton(("user", "assistant"))
     if isinstance(sk, Exception):
         where = syntax_error_at(enc.chat.name, enc.chat.text, sk)
-        why = f"Jinja syntax error at {where}: {sk.message}" if where else _first_line(sk)
+        why = f"Jinja syntax error at {where}: {sk.message}" if where else first_line(sk)
         raise ConfigError(f"chat template '{enc.chat.name}' fails on a plain user/assistant exchange: {why}",
                           hint="fix the Jinja template or pick a built-in chat_template")
     if 1 not in sk:  # nothing to train on: the template never outputs the assistant's text
