@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from job import storage
-from job.data import formats
+from job.data import formats, readers
 from job.errors import ConfigError, DataError, NotFoundError
 from job.evalkit import FORMAT, Evaluation, free_cuda, load_base, tokenizer, with_adapter, written
 from job.evalreport import load_schema, markdown, score, summary
@@ -106,12 +106,12 @@ def prompts_from_eval_split(path: Path, tok, n: int) -> list[Prompt]:
 
 def prompts_from_file(spec, tok) -> list[Prompt]:
     """Rows with `messages` (a trailing assistant turn is the reference) or `prompt` [+ `completion`]."""
-    files = formats.expand(spec.eval.prompts, spec.cache_root() / "inputs")
+    files = readers.expand(spec.eval.prompts, spec.cache_root() / "inputs")
     roles = {**formats.DEFAULT_ROLES, **spec.data.roles}
     out = []
     for display, path in files:
-        for where, raw in formats.iter_file(display, path):
-            obj = formats.parse_line(raw) if isinstance(raw, bytes) else raw
+        for where, raw in readers.iter_file(display, path):
+            obj = readers.parse_line(raw) if isinstance(raw, bytes) else raw
             msgs, ref = _prompt_row(obj, roles, where)
             msgs = formats.apply_system_prompt(msgs, spec.model.system_prompt, spec.model.system_prompt_mode)
             text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)

@@ -9,14 +9,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from job import spec as specmod
-from job.data import formats
+from job.data import formats, readers
 from job.data.formats import BadRow, Row
 from job.errors import DataError, NotFoundError
 
 
 def rows_of(path, **overrides):
     spec = specmod.build(overrides={"data.path": str(path), **overrides})
-    files = formats.expand(str(path), path.parent)
+    files = readers.expand(str(path), path.parent)
     return list(formats.read_rows(files, spec.data, spec.model))
 
 
@@ -232,7 +232,7 @@ def test_a_duplicate_key_in_a_message_is_a_bad_row_naming_the_message(tmp_path):
 def test_a_limit_of_zero_reads_no_rows(tmp_path):
     f = write_jsonl(tmp_path / "d.jsonl", [ROW, ROW])
     spec = specmod.build(overrides={"data.path": str(f)})
-    assert list(formats.iter_records(formats.expand(str(f), tmp_path), spec.data, limit=0)) == []
+    assert list(formats.iter_records(readers.expand(str(f), tmp_path), spec.data, limit=0)) == []
 
 
 def test_a_lone_surrogate_or_a_row_nested_too_deeply_is_a_bad_row_naming_the_field(tmp_path):

@@ -9,7 +9,7 @@ from test_data_real_templates import FAMILIES, template, tokenizer_for
 from test_data_templates import encode, split_examples, trained_runs
 
 from job import spec as specmod
-from job.data import formats
+from job.data import formats, readers
 from job.data.formats import BadRow, Row
 from job.data.masks import fold_system
 
@@ -96,7 +96,7 @@ def test_tool_rows_are_read_from_openai_and_sharegpt_style_files(tmp_path):
         {"type": "function", "function": {"name": "f", "arguments": "{not json"}}]}]}
     p.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in (openai, bad_args)) + "\n")
     spec = specmod.build(overrides={"data.path": str(p)})
-    row, bad = formats.read_rows(formats.expand(str(p), tmp_path), spec.data, spec.model)
+    row, bad = formats.read_rows(readers.expand(str(p), tmp_path), spec.data, spec.model)
     assert isinstance(row, Row), row
     assert row.tools == [WEATHER]
     assert row.messages[1] == {"role": "assistant", "content": "", "tool_calls": [
@@ -110,7 +110,7 @@ def test_tool_rows_are_read_from_openai_and_sharegpt_style_files(tmp_path):
     no_content = {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [CALL]}]}
     not_a_list = {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": "oops"}]}
     p.write_text("\n".join(json.dumps(r) for r in (no_content, not_a_list)) + "\n")
-    row, bad = formats.read_rows(formats.expand(str(p), tmp_path), spec.data, spec.model)
+    row, bad = formats.read_rows(readers.expand(str(p), tmp_path), spec.data, spec.model)
     assert isinstance(row, Row) and row.messages[1] == {"role": "assistant", "content": "", "tool_calls": [CALL]}
     assert isinstance(bad, BadRow) and bad.field == "messages[1].tool_calls" and "list" in bad.problem
 
@@ -120,7 +120,7 @@ def test_tool_rows_are_read_from_openai_and_sharegpt_style_files(tmp_path):
         {"from": "function_call", "value": '{"name": "get_weather", "arguments": {"city": "Madrid"}}'},
         {"from": "observation", "value": '{"temp_c": 21}'},
         {"from": "gpt", "value": "21 °C"}], "tools": json.dumps([WEATHER])}) + "\n")
-    [row] = formats.read_rows(formats.expand(str(g), tmp_path), spec.data, spec.model)
+    [row] = formats.read_rows(readers.expand(str(g), tmp_path), spec.data, spec.model)
     assert [m["role"] for m in row.messages] == ["user", "assistant", "tool", "assistant"]
     assert row.tools == [WEATHER]
 

@@ -106,10 +106,10 @@ def test_the_tool_use_sample_rows_train_the_calls_and_answers_with_qwens_templat
     from test_data_templates import encode, split_examples, trained_runs
 
     from job import tiny
-    from job.data import formats
+    from job.data import formats, readers
 
     s = spec.build(overrides={"data.path": str(EXAMPLES / "tools" / "sample.jsonl")})
-    rows = list(formats.read_rows(formats.expand(s.data.path, ROOT), s.data, s.model))
+    rows = list(formats.read_rows(readers.expand(s.data.path, ROOT), s.data, s.model))
     assert all(isinstance(r, formats.Row) for r in rows), rows
     tok = tokenizer_for(copy.deepcopy(tiny.build_tokenizer()), "qwen2_5")
     _, enc, _ = encode(tok, "qwen2_5", template("qwen2_5"), [rows[2].messages])

@@ -203,16 +203,16 @@ def read_pairs(records, data_spec, model_spec) -> tuple[list[Pair], list[BadRow]
 
 def iter_pair_records(files, data_spec):
     """(FILE:LINE, raw row, "preference") for every row; a file without chosen/rejected columns fails at once."""
-    from job.data import formats
+    from job.data import formats, readers
     from job.errors import DataError
 
     for display, path in files:
-        head, it = [], formats.iter_file(display, path)
+        head, it = [], readers.iter_file(display, path)
         for item in it:
             head.append(item)
             if len(head) >= formats.DETECT_ROWS:
                 break
-        objs = [formats.parsed(o) for _, o in head]
+        objs = [readers.parsed(o) for _, o in head]
         if not looks_like_pairs(objs, data_spec.columns):
             formats.refuse_unreadable(head)
             keys = sorted({k for o in objs if isinstance(o, dict) for k in o})[:10]
@@ -238,7 +238,7 @@ def prepare_pairs(spec, tdir, template_src):
     import time
     from pathlib import Path
 
-    from job.data import formats
+    from job.data import readers
     from job.data.masks import check_encoder
     from job.data.prepared import Prepared, bad_rows_message, cache_key, fingerprints, mkdir, repeat, split
     from job.data.templates import describe, resolve_template
@@ -255,8 +255,8 @@ def prepare_pairs(spec, tdir, template_src):
     if (dest / "meta.json").exists():
         log.info("prepared pairs: cache hit %s", dest)
         return Prepared.load(dest, cache_hit=True)
-    sources = [(s, formats.expand(s.path, inputs)) for s in spec.data_sources()]
-    eval_files = formats.expand(spec.data.eval_data, inputs) if spec.data.eval_data else []
+    sources = [(s, readers.expand(s.path, inputs)) for s in spec.data_sources()]
+    eval_files = readers.expand(spec.data.eval_data, inputs) if spec.data.eval_data else []
     tok = load_tokenizer(tdir, add_special_tokens=spec.model.add_special_tokens,
                          trust_remote_code=spec.model.trust_remote_code)
     chat = describe(*template_src, tok) if template_src else resolve_template(spec, tok)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from job.data import formats, progress, report, stream
+from job.data import formats, progress, readers, report, stream
 from job.data.formats import BadRow
 from job.data.masks import Encoded, Encoder, check_encoder
 from job.data.prepared import (
@@ -86,8 +86,8 @@ def prepare(spec, tokenizer_dir: Path | None = None, sharing=None) -> Prepared:
 
 
 def _prepare(spec, tdir: Path, template_src, inputs: Path, key: str, root: Path, dest: Path, t0: float) -> Prepared:
-    sources = [(s, formats.expand(s.path, inputs)) for s in spec.data_sources()]
-    eval_files = formats.expand(spec.data.eval_data, inputs) if spec.data.eval_data else []
+    sources = [(s, readers.expand(s.path, inputs)) for s in spec.data_sources()]
+    eval_files = readers.expand(spec.data.eval_data, inputs) if spec.data.eval_data else []
 
     marks = {"inputs": time.time()}
     tok = load_tokenizer(tdir, add_special_tokens=spec.model.add_special_tokens,

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from job import storage
-from job.data import formats
+from job.data import readers
 from job.data.formats import BadRow
 from job.data.templates import tokenizer_files_sha256
 from job.errors import NotFoundError
@@ -50,12 +50,12 @@ def fingerprints(uri: str, inputs: Path) -> list:
     if storage.is_remote(uri):
         from job.storage import s3
 
-        objs = [o for o in s3.list_objects(uri) if formats.supported(o.uri) and not formats.hidden(o.key)]
+        objs = [o for o in s3.list_objects(uri) if readers.supported(o.uri) and not readers.hidden(o.key)]
         if not objs:
-            raise NotFoundError(f"no data files ({', '.join(formats.EXTENSIONS)}) under {uri}",
+            raise NotFoundError(f"no data files ({', '.join(readers.EXTENSIONS)}) under {uri}",
                                 hint="check the S3 prefix and the file extensions")
         return [[o.uri, o.etag, o.size] for o in objs]
-    return [file_sha256(p) for _, p in formats.expand(uri, inputs)]
+    return [file_sha256(p) for _, p in readers.expand(uri, inputs)]
 
 
 def cache_key(spec, template_src: tuple[str, str] | None, tdir: Path, sources, eval_files) -> str:

@@ -2,7 +2,7 @@
 DPO): the input files they read and how a rendered example is cut into trained / untrained pieces."""
 from __future__ import annotations
 
-from job.data import formats
+from job.data import readers
 
 
 def input_files(spec):
@@ -10,9 +10,9 @@ def input_files(spec):
     inputs = spec.cache_root() / "inputs"
     if not spec.data_sources():
         spec.require("data.path")
-    files = [f for s in spec.data_sources() for f in formats.expand(s.path, inputs)]
+    files = [f for s in spec.data_sources() for f in readers.expand(s.path, inputs)]
     if spec.data.eval_data:
-        files += formats.expand(spec.data.eval_data, inputs)
+        files += readers.expand(spec.data.eval_data, inputs)
     return files
 
 
