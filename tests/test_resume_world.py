@@ -16,7 +16,7 @@ import pytest
 import trainkit
 
 from job.errors import ExitCode
-from job.train import reshard
+from job.train import portable, reshard
 
 STEPS = 30
 COMMON = ["--logging-steps", "1", "--seed", "5", "--learning-rate", "1e-3", "--max-length", "256",
@@ -294,7 +294,7 @@ def test_a_schedule_resumes_at_its_step_whatever_the_parameter_grouping(saved_gr
         before.optimizer.step()
         before.step()
     now = schedule(now_groups)
-    reshard.load_schedule(now, before.state_dict())
+    portable.load_schedule(now, before.state_dict())
     want = before.get_last_lr()[0]
     assert now.last_epoch == 7 and now.get_last_lr() == pytest.approx([want] * now_groups)
     assert [g["lr"] for g in now.optimizer.param_groups] == pytest.approx([want] * now_groups)  # set now

@@ -197,10 +197,15 @@ def _callbacks(plan: dict, collator: Collator, stop: StopFlag, mirror, status, t
         def on_save(self, args, state, control, **kw):
             import torch.distributed as dist
 
+            from job import checkpoints
+
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if state.is_world_process_zero:  # the one writer of metrics.jsonl (node 0, whose mirror seals)
+                checkpoints.carry_history(metrics_path, ckpt)
             if dist.is_available() and dist.is_initialized():
                 dist.barrier()  # every rank's shard is on disk before the node uploads
             if mirror is not None:
-                mirror.submit(Path(args.output_dir) / f"checkpoint-{state.global_step}", state.global_step)
+                mirror.submit(ckpt, state.global_step)
 
     return [Progress()]
 
@@ -242,7 +247,7 @@ def train(plan: dict, recipe_for: Callable[[Any, dict, Any], Recipe] = sft_recip
     from job import checkpoints, storage
     from job.spec import RunSpec, StorageSpec
     from job.status import Status
-    from job.train import lora, reshard, trackers
+    from job.train import lora, portable, trackers
 
     spec = RunSpec.model_validate(plan["spec"])
     live = os.environ.get("SFTJOB_RANK_STORAGE")  # set by launch when plan.json had to mask the storage section
@@ -284,7 +289,7 @@ def train(plan: dict, recipe_for: Callable[[Any, dict, Any], Recipe] = sft_recip
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # our Progress callback prints the JSON + human lines
-    reshard.attach(trainer, plan)  # world-size-independent checkpoints; resume from one when planned
+    portable.attach(trainer, plan)  # world-size-independent checkpoints; resume from one when planned
     try:
         trainer.train(resume_from_checkpoint=plan.get("resume_from"))
     except BaseException:
