@@ -12,6 +12,9 @@ the launcher runs — a SIGSTOPped or deadlocked rank cannot report anything its
 - no optimizer step for ``stall_seconds`` (3× before the first step, while checkpointing and finishing):
   every rank dumps its Python stacks (faulthandler on SIGUSR1; a stopped rank cannot, so /proc names it),
   the stacks go to the log, the tree is killed, status.json says ``stalled``; exit 72.
+
+Over 400 lines for one reason: both sides of the heartbeat file (the ranks' Beacon and the entrypoint's
+Watch) live here, so its format has one definition.
 """
 from __future__ import annotations
 
