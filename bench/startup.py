@@ -2,8 +2,8 @@
 (offline: the tiny model of job/tiny.py, demo chat rows) against a plain TRL script doing the same 2 steps.
 
 For each run: wall time, time from the command's start to its first optimizer step, the time of the steps
-themselves (from the progress lines' clock), and the overhead (wall - steps). Prints a table and the ratio
-of our overhead to the baseline's. Usage: python bench/startup.py [--repeat N]
+themselves (from the progress lines' clock), and the overhead (wall - steps). Prints a table (stderr) and
+one JSON object (stdout) with the ratio of our overhead to the baseline's. Usage: python bench/startup.py [--repeat N]
 """
 from __future__ import annotations
 
@@ -83,13 +83,16 @@ def main() -> int:
         for name, cmd in cases.items():
             r = timed(cmd(i), env)
             best[name] = {k: min(v, best.get(name, {}).get(k, v)) for k, v in r.items()}
-    print(f"{'':24} {'wall s':>8} {'1st step s':>11} {'steps s':>8} {'overhead s':>11}")
+    say = lambda *x: print(*x, file=sys.stderr)  # noqa: E731 - the table for people; stdout has the JSON
+    say(f"{'':24} {'wall s':>8} {'1st step s':>11} {'steps s':>8} {'overhead s':>11}")
     for name, r in best.items():
         cells = [f"{r[k]:.2f}" if k in r else "-" for k in ("wall", "first_step", "steps", "overhead")]
-        print(f"{name:24} {cells[0]:>8} {cells[1]:>11} {cells[2]:>8} {cells[3]:>11}")
+        say(f"{name:24} {cells[0]:>8} {cells[1]:>11} {cells[2]:>8} {cells[3]:>11}")
     ours, base = best["sftjob run (2 steps)"], best["TRL script (2 steps)"]
-    print(f"overhead ratio ours/TRL: {ours['overhead'] / base['overhead']:.2f}x "
-          f"(ours {ours['overhead']:.2f} s: fetch, prepare, launch, verify, publish; best of {a.repeat})")
+    ratio = ours["overhead"] / base["overhead"]
+    say(f"overhead ratio ours/TRL: {ratio:.2f}x (ours {ours['overhead']:.2f} s: fetch, prepare, launch, verify, "
+        f"publish; best of {a.repeat})")
+    print(json.dumps({"bench": "startup", "repeat": a.repeat, "cases": best, "overhead_ratio": round(ratio, 2)}))
     return 0
 
 
