@@ -91,7 +91,8 @@ DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_
 class TrainSpec(Section):
     method: Literal["lora", "qlora", "full"] = Field("lora", description="LoRA adapter, QLoRA (4-bit base, CUDA only) or full fine-tune.")
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
-    max_steps: int = Field(-1, description="Optimizer steps (-1: use num_train_epochs).")
+    max_steps: int = Field(-1, json_schema_extra={"anyOf": [{"const": -1}, {"minimum": 1}]},  # = _steps below
+                           description="Optimizer steps (-1: use num_train_epochs).")
     num_train_epochs: float = Field(1.0, gt=0, description="Epochs when max_steps is -1.")
     per_device_train_batch_size: int = Field(4, ge=1, description="Micro batch per process.")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro batches per optimizer step.")
@@ -197,11 +198,27 @@ class ResilienceSpec(Section):
     save_total_limit: int = Field(2, ge=1, description="Complete checkpoints kept (locally and in the output).")
     resume: bool = Field(True, description="Resume from the newest complete checkpoint found.")
     portable_max_gb: float = Field(16, ge=0, description="Full fine-tunes: each checkpoint also carries portable/ (fp32 weights + Adam moments, 12 bytes a parameter, gathered in rank 0's memory) so it resumes on another process count or strategy, while that copy is at most this many GB; beyond it the checkpoint resumes only on its own (0 = never). LoRA always carries it (the adapter x3).")
-    grace_seconds: int = Field(120, ge=5, description="Seconds between SIGTERM and SIGKILL (terminationGracePeriodSeconds).")
+    #: On SIGTERM the ranks wait for the checkpoint upload only until the reserve at the end of the grace period
+    #: (job/train/sft.py SIGTERM_RESERVE_SECONDS, 25 s: teardown, the last status.json, interpreter exit); the launcher
+    #: kills them 3 s before its end. 30 s (also Kubernetes' default) leaves the save at least 5 s; less left nothing.
+    MIN_GRACE_SECONDS: ClassVar[int] = 30
+    grace_seconds: int = Field(120, json_schema_extra={"minimum": MIN_GRACE_SECONDS},
+                               description="Seconds between SIGTERM and SIGKILL (terminationGracePeriodSeconds); at least "
+                               f"{MIN_GRACE_SECONDS}, the time the trainer needs to save a checkpoint and exit.")
     max_runtime: float = Field(0, ge=0, description="Stop before this many seconds with a final checkpoint (0 = off).")
     train_to_deadline: bool = Field(False, description="At max_runtime publish the adapter as final instead of partial.")
     stall_seconds: float | None = Field(None, ge=0, description="End the job (exit 72, stacks logged) when no optimizer step completes for this long; 3x before the first step and while checkpointing (default: 600 on GPUs, 1800 on CPU; 0 = off).")
     store_wait_seconds: float = Field(300, ge=1, description="How long the end of a run keeps retrying an unavailable store (last checkpoint, publish) before exit 69; the adapter stays in the local cache and a rerun publishes it without retraining. Training itself never waits for the store.")
+
+    @field_validator("grace_seconds")
+    @classmethod
+    def _grace(cls, v: int) -> int:
+        if v < cls.MIN_GRACE_SECONDS:
+            raise ValueError(
+                f"must be at least {cls.MIN_GRACE_SECONDS} seconds, or SIGKILL comes before the SIGTERM checkpoint is "
+                "saved (the trainer uploads it only until the reserve it keeps at the end for its exit); raise it, and "
+                f"the pod's terminationGracePeriodSeconds, to {cls.MIN_GRACE_SECONDS} or more")
+        return v
 
 
 class EvalSpec(Section):

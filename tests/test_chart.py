@@ -11,6 +11,7 @@ import yaml
 from test_chart_helpers import (
     CHART,
     CI_VALUES,
+    INPUTS,
     K8S_VERSIONS,
     ROOT,
     by_kind,
@@ -23,7 +24,7 @@ from test_chart_helpers import (
 )
 
 from job import schema, spec
-from job.errors import NON_RETRYABLE
+from job.errors import NON_RETRYABLE, ConfigError
 
 #: checkov findings we accept, with the reason (docs/kubernetes.md repeats them)
 CHECKOV_SKIPS = {
@@ -41,7 +42,7 @@ def matrix(tmp_path_factory) -> dict[str, tuple[Path, list[dict]]]:
     res = {}
     for f in CI_VALUES:
         name = release_for(f)
-        text = helm_template(name, "-f", str(f)).stdout
+        text = helm_template(name, "-f", str(f), inputs=False).stdout
         path = out / f"{name}.yaml"
         path.write_text(text)
         res[name] = (path, [d for d in yaml.safe_load_all(text) if d])
@@ -65,10 +66,12 @@ def trainer_of(docs):
 
 # ---- lint, schema ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("values", [None, *CI_VALUES], ids=lambda v: v.name if v else "defaults")
+@pytest.mark.parametrize("values", [None, *CI_VALUES], ids=lambda v: v.name if v else "defaults+inputs")
 def test_helm_lint_strict_passes(values):
-    args = ["-f", str(values)] if values else []
-    run(tool("helm"), "lint", "--strict", str(CHART), *args)
+    """The chart's defaults have no model, data or output (there is no sensible default): with them given, and
+    with every ci/ values file, `helm lint --strict` passes."""
+    args = ["-f", str(values)] if values else ["-f", "-"]
+    run(tool("helm"), "lint", "--strict", str(CHART), *args, input=None if values else yaml.safe_dump(INPUTS))
 
 
 def test_values_schema_is_what_make_schema_generates():
@@ -110,12 +113,174 @@ def test_helm_rejects_values_the_schema_does_not_allow(bad):
 
 def test_helm_set_of_a_float_and_shorthands_render_a_spec_the_loader_accepts(tmp_path):
     docs = render("r", "--set", "run.train.learning_rate=1e-4", "--set", "run.output=s3://b/runs/r/",
-                  "--set", "run.distributed=ddp", "--set-json", 'run.data={"sources": ["s3://b/a.jsonl"]}')
+                  "--set", "run.distributed=ddp", "--set-json", 'run.data={"sources": ["s3://b/a.jsonl"]}',
+                  "--set", "run.model=s3://b/models/m/", inputs=False)
     f = tmp_path / "run.yaml"
     f.write_text(by_kind(docs, "ConfigMap")[0]["data"]["run.yaml"])
     s = spec.build(f, environ={})
     assert (s.train.learning_rate, s.output.uri, s.distributed.strategy) == (1e-4, "s3://b/runs/r/", "ddp")
     assert s.data_sources()[0].path == "s3://b/a.jsonl"
+
+
+# ---- what the run spec (or the run) refuses, the chart refuses --------------------------------------------
+
+SCHEMA_ERROR = "values don't meet the specifications of the schema"
+
+
+def _template_with(tmp_path, run_values: dict, *args: str):
+    f = tmp_path / "values.yaml"
+    f.write_text(yaml.safe_dump({"run": run_values}))
+    return helm_template("r", "-f", str(f), *args, check=False, inputs=False)
+
+
+@pytest.mark.parametrize("steps", [0, -2])
+def test_helm_refuses_max_steps_the_run_spec_refuses(steps):
+    """The spec's validator takes -1 (epochs) or a positive count; the schema says the same, from the field."""
+    with pytest.raises(ConfigError, match="train.max_steps"):
+        spec.build(overrides={"train.max_steps": steps}, environ={})
+    p = helm_template("r", "--set", f"run.train.max_steps={steps}", check=False)
+    assert p.returncode != 0 and SCHEMA_ERROR in p.stderr and "max_steps" in p.stderr, p.stderr
+    lint = run(tool("helm"), "lint", str(CHART), "-f", "-", "--set", f"run.train.max_steps={steps}",
+               input=yaml.safe_dump(INPUTS), check=False)
+    assert lint.returncode != 0 and "max_steps" in lint.stdout + lint.stderr
+
+
+@pytest.mark.parametrize("steps", [-1, 1, 500])
+def test_helm_takes_max_steps_the_run_spec_takes(steps):
+    cm = by_kind(render("r", "--set", f"run.train.max_steps={steps}"), "ConfigMap")[0]
+    assert json.loads(cm["data"]["run.yaml"])["train"]["max_steps"] == steps
+
+
+MISSING_INPUTS = {  # id → (run values, the key helm names)
+    "no-model": ({"data": "s3://d/train.jsonl", "output": "s3://o/r/"}, "model"),
+    "no-output": ({"model": "s3://m/", "data": "s3://d/train.jsonl"}, "output"),
+    "no-data": ({"model": "s3://m/", "output": "s3://o/r/"}, "data"),
+    "model-without-path": ({"model": {"chat_template": "chatml"}, "data": "s3://d/x.jsonl", "output": "s3://o/r/"},
+                           "path"),
+    "output-without-uri": ({"model": "s3://m/", "data": "s3://d/x.jsonl", "output": {"overwrite": True}}, "uri"),
+    "empty-output": ({"model": "s3://m/", "data": "s3://d/x.jsonl", "output": ""}, "output"),
+    "data-without-path-or-sources": ({"model": "s3://m/", "data": {"format": "messages"}, "output": "s3://o/r/"},
+                                     "sources"),
+    "data-with-no-sources": ({"model": "s3://m/", "data": {"sources": []}, "output": "s3://o/r/"}, "sources"),
+    "data-path-and-sources": ({"model": "s3://m/", "data": {"path": "s3://d/x.jsonl", "sources": ["s3://d/y.jsonl"]},
+                               "output": "s3://o/r/"}, "data"),
+}
+
+
+@pytest.mark.parametrize("case", MISSING_INPUTS)
+def test_helm_refuses_a_run_without_model_output_or_data(case, tmp_path):
+    """`sftjob run` needs model.path, output.uri and data (path or sources): without them the pod would exit 64 after
+    scheduling; the chart refuses them at `helm template`/`install`, naming the key."""
+    values, key = MISSING_INPUTS[case]
+    p = _template_with(tmp_path, values)
+    assert p.returncode != 0 and SCHEMA_ERROR in p.stderr, p.stderr
+    assert re.search(rf"\b{key}\b", p.stderr), p.stderr
+
+
+@pytest.mark.parametrize("values", [
+    {"model": "s3://m/", "data": "s3://d/x.jsonl", "output": "s3://o/r/"},
+    {"model": {"path": "s3://m/"}, "data": {"path": "s3://d/x.jsonl"}, "output": {"uri": "s3://o/r/"}},
+    {"model": {"path": "s3://m/"}, "data": {"sources": ["s3://d/x.jsonl", {"path": "s3://d/y.jsonl", "weight": 2}]},
+     "output": {"uri": "s3://o/r/", "overwrite": True}},
+    {"model": "s3://m/", "data": {"path": "s3://d/x.jsonl", "sources": []}, "output": "s3://o/r/"},
+], ids=["shorthands", "mappings", "sources", "path-and-no-sources"])
+def test_helm_takes_model_output_and_data_in_every_form_the_loader_takes(values, tmp_path):
+    p = _template_with(tmp_path, values)
+    assert p.returncode == 0, p.stderr
+    f = tmp_path / "run.yaml"
+    f.write_text(by_kind([d for d in yaml.safe_load_all(p.stdout) if d], "ConfigMap")[0]["data"]["run.yaml"])
+    s = spec.build(f, environ={})
+    assert s.model.path == "s3://m/" and s.output.uri == "s3://o/r/" and s.data_sources()
+
+
+def test_chart_defaults_alone_are_refused_naming_the_run_inputs():
+    """The chart ships no model/data/output (a placeholder would only fail later, in the pod)."""
+    for p in (helm_template("r", check=False, inputs=False),
+              run(tool("helm"), "lint", str(CHART), check=False)):
+        out = p.stdout + p.stderr
+        assert p.returncode != 0 and SCHEMA_ERROR in out, out
+        assert all(re.search(rf"\b{k}\b", out) for k in ("model", "data", "output")), out
+
+
+def test_run_inputs_the_schema_requires_are_those_the_run_requires(tmp_path, monkeypatch):
+    """job/schema.py RUN_INPUTS against the pipeline's own check: each one missing stops `run` with exit 64."""
+    from job import pipeline, storage
+
+    monkeypatch.setattr(storage.config, "current", storage.config.current)  # run() configures the store: undone after
+
+    full = {"model": {"path": str(tmp_path / "m")}, "data": {"path": str(tmp_path / "d.jsonl")},
+            "output": {"uri": str(tmp_path / "out")}}
+    assert {k.split(".")[0] for k in schema.RUN_INPUTS} == set(full)
+    for key in schema.RUN_INPUTS:
+        section, leaf = key.split(".")
+        tree = {**full, section: {}}
+        with pytest.raises(ConfigError, match=f"missing required setting '{section}.{leaf}'"):
+            pipeline.run(spec.build(tree=tree, environ={}))
+
+
+@pytest.mark.parametrize("bad", ["run.train.learning_rate=-1.0", "run.train.learning_rate=0.0",
+                                 "run.train.weight_decay=-0.5", "run.data.prepare_timeout=0.0"])
+def test_helm_set_of_a_float_string_keeps_the_lower_bound(bad):
+    """`--set` passes 1e-4 as a string (numbers only as ints): the numeric-string form keeps a bound at 0."""
+    p = helm_template("r", "--set", bad, check=False)
+    assert p.returncode != 0 and SCHEMA_ERROR in p.stderr, p.stderr
+    assert bad.split("=")[0].split(".")[-1] in p.stderr
+
+
+def test_helm_set_of_float_strings_within_bounds_is_taken():
+    cm = by_kind(render("r", "--set", "run.train.learning_rate=2.5e-5", "--set", "run.train.weight_decay=0.0",
+                        "--set", "run.train.warmup_ratio=.1"), "ConfigMap")[0]
+    train = json.loads(cm["data"]["run.yaml"])["train"]
+    assert (train["learning_rate"], train["weight_decay"], train["warmup_ratio"]) == ("2.5e-5", "0.0", ".1")
+
+
+# ---- the grace period: room for the trainer to save before SIGKILL --------------------------------------------
+
+def test_run_spec_refuses_a_grace_period_that_leaves_no_time_to_save():
+    """5 s passed; the trainer keeps the last SIGTERM_RESERVE_SECONDS for teardown and waits for the checkpoint upload
+    only in what is left before it, so a shorter grace period saved nothing before SIGKILL."""
+    from job.train import sft
+
+    with pytest.raises(ConfigError, match=r"resilience.grace_seconds.*at least \d+") as e:
+        spec.build(overrides={"resilience.grace_seconds": 5}, environ={})
+    low = spec.ResilienceSpec.MIN_GRACE_SECONDS
+    assert low > sft.SIGTERM_RESERVE_SECONDS, "the minimum must leave the ranks time to save after the reserve"
+    assert f"at least {low}" in str(e.value) and "SIGKILL" in str(e.value) and f"to {low} or more" in str(e.value)
+    with pytest.raises(ConfigError, match=f"at least {low}"):
+        spec.build(overrides={"resilience.grace_seconds": low - 1}, environ={"SFTJOB_MAX_STEPS": "3"})
+    with pytest.raises(ConfigError, match="from SFTJOB_GRACE_SECONDS"):
+        spec.build(environ={"SFTJOB_GRACE_SECONDS": str(low - 1)})
+    assert spec.build(overrides={"resilience.grace_seconds": low}, environ={}).resilience.grace_seconds == low
+
+
+@pytest.mark.parametrize("grace", [5, 29])
+def test_helm_refuses_a_grace_period_under_the_run_spec_minimum(grace):
+    for p in (helm_template("r", "--set", f"run.resilience.grace_seconds={grace}", check=False),
+              run(tool("helm"), "lint", str(CHART), "-f", "-", "--set", f"run.resilience.grace_seconds={grace}",
+                  input=yaml.safe_dump(INPUTS), check=False)):
+        out = p.stdout + p.stderr
+        assert p.returncode != 0 and SCHEMA_ERROR in out and "grace_seconds" in out, out
+    assert grace < spec.ResilienceSpec.MIN_GRACE_SECONDS
+
+
+def test_helm_refuses_a_grace_period_whose_margin_leaves_the_trainer_under_the_minimum(tmp_path):
+    """The pod gets grace_seconds, the trainer grace_seconds - job.graceMarginSeconds (SFTJOB_GRACE_SECONDS): that
+    too must meet the spec's minimum, or the pod would start and exit 64 at load."""
+    low = spec.ResilienceSpec.MIN_GRACE_SECONDS
+    p = helm_template("r", "--set", f"run.resilience.grace_seconds={low + 9}", check=False)
+    assert p.returncode != 0, p.stdout
+    assert f"run.resilience.grace_seconds ({low + 9}) - job.graceMarginSeconds (10)" in p.stderr, p.stderr
+    assert f"at least {low}" in p.stderr and f"fix: set run.resilience.grace_seconds to at least {low + 10}" in p.stderr
+    for grace, margin in ((low + 10, 10), (low, 0)):
+        docs = render("r", "--set", f"run.resilience.grace_seconds={grace}", "--set", f"job.graceMarginSeconds={margin}")
+        (job,) = by_kind(docs, "Job")
+        (c,) = job["spec"]["template"]["spec"]["containers"]
+        assert job["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == grace
+        env = {k: v["value"] for k, v in env_of(c).items() if "value" in v}
+        f = tmp_path / "run.yaml"
+        f.write_text(by_kind(docs, "ConfigMap")[0]["data"]["run.yaml"])
+        assert spec.build(f, environ={k: v for k, v in env.items() if k.startswith("SFTJOB_")}).resilience.grace_seconds \
+            == grace - margin == low
 
 
 # ---- the run spec the pods read --------------------------------------------------------------------

@@ -38,12 +38,21 @@ def run(*cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
     return p
 
 
-def helm_template(release: str, *args: str, namespace: str = "ml", check: bool = True):
-    return run(tool("helm"), "template", release, str(CHART), "--namespace", namespace, *args, check=check)
+#: The run inputs the chart requires (model, data, output: job/schema.py RUN_INPUTS), for renders about something
+#: else. Given as the first values file (stdin), so the test's own -f and --set override them.
+INPUTS = {"run": {"model": {"path": "s3://models/tiny/"}, "data": {"path": "s3://datasets/train.jsonl"},
+                  "output": {"uri": "s3://runs/r/"}}}
 
 
-def render(release: str, *args: str) -> list[dict]:
-    return [d for d in yaml.safe_load_all(helm_template(release, *args).stdout) if d]
+def helm_template(release: str, *args: str, namespace: str = "ml", check: bool = True, inputs: bool = True):
+    """`helm template`; inputs=False when the test gives model/data/output itself (or checks they are required)."""
+    first = ["-f", "-"] if inputs else []
+    return run(tool("helm"), "template", release, str(CHART), "--namespace", namespace, *first, *args, check=check,
+               input=yaml.safe_dump(INPUTS) if inputs else None)
+
+
+def render(release: str, *args: str, inputs: bool = True) -> list[dict]:
+    return [d for d in yaml.safe_load_all(helm_template(release, *args, inputs=inputs).stdout) if d]
 
 
 def by_kind(docs: list[dict], kind: str) -> list[dict]:

@@ -220,7 +220,8 @@ def test_submit_rejects_a_bad_spec_with_64_before_touching_the_cluster(kube, out
 
 def test_submit_accepts_a_bare_run_spec_and_names_the_release_after_the_file(kube, out, tmp_path, capsys):
     path = tmp_path / "My_Run.yaml"
-    path.write_text(yaml.safe_dump({"output": str(out), "learning_rate": 1e-4}))
+    path.write_text(yaml.safe_dump({"output": str(out), "learning_rate": 1e-4, "model": "s3://models/tiny/",
+                                  "data": "s3://data/train.jsonl"}))  # the chart requires the run's inputs
 
     assert sftjob("submit", "-f", str(path)) == 0
 
@@ -465,7 +466,8 @@ def test_status_reads_progress_from_an_s3_output(kube, s3, tmp_path, capsys):
     bucket = s3.bucket("ops-runs")
     uri = f"s3://{bucket}/runs/run-s3/"
     path = tmp_path / "s3-run.yaml"
-    path.write_text(yaml.safe_dump({"run": {"output": uri, "storage": {"endpoint_url": s3.endpoint}}}))
+    path.write_text(yaml.safe_dump({"run": {"output": uri, "storage": {"endpoint_url": s3.endpoint},
+                                          "model": "s3://models/tiny/", "data": "s3://data/train.jsonl"}}))
     assert sftjob("submit", "-f", str(path), "--name", "run-s3") == 0
     capsys.readouterr()
     assert sftjob("status", "run-s3", "--json") == 0

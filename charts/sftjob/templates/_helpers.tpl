@@ -51,6 +51,11 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- $res.grace_seconds | default 120 | int -}}
 {{- end -}}
 
+{{/* RunSpec's ResilienceSpec.MIN_GRACE_SECONDS: the trainer's SFTJOB_GRACE_SECONDS must meet it (a test renders both sides). */}}
+{{- define "sftjob.minGraceSeconds" -}}
+30
+{{- end -}}
+
 {{/* Non-retryable exit codes: job/errors.py NON_RETRYABLE, sorted (the API requires it); a test compares. */}}
 {{- define "sftjob.nonRetryableExitCodes" -}}
 [64, 65, 66, 73, 77, 78]
