@@ -175,7 +175,14 @@ def test_an_unusable_checkpoint_on_another_count_is_exit_70_not_a_crash(tmp_path
     out = tmp_path / "out"
     env = {"SFTJOB_CACHE_DIR": str(tmp_path / "c")}
     stopped, _ = _interrupt(tmp_path, out, env, *MODES["zero2"], *_procs(2))
-    # the LoRA changed between attempts: the ranks find out when they load the portable state
+    # the LoRA changed between attempts: refused before any fetch by the run identity (job/identity.py) ...
+    r = trainkit.run(*_args(out, *MODES["zero2"], *_procs(1), "--lora-r", "8"),
+                     env={"SFTJOB_CACHE_DIR": str(tmp_path / "c1")})
+    assert r.returncode == ExitCode.CONFIG and "train.lora_r (--lora-r): 16 → 8" in r.stderr, r.stderr[-3000:]
+    # ... and a checkpoint with no identity record (an older job's): the ranks find out when they load the
+    # portable state
+    marker = out / "checkpoints" / f"step-{stopped}" / "COMPLETE"
+    marker.write_text(json.dumps({k: v for k, v in json.loads(marker.read_text()).items() if k != "identity"}))
     r = trainkit.run(*_args(out, *MODES["zero2"], *_procs(1), "--lora-r", "8"),
                      env={"SFTJOB_CACHE_DIR": str(tmp_path / "c1")})
     assert r.returncode == ExitCode.VERIFY, r.stderr[-3000:]
