@@ -106,7 +106,7 @@ def test_under_trained_adapter_misses_the_gate_exits_78_and_is_kept_under_reject
 def test_the_evaluators_loss_is_the_trainers_so_base_and_adapter_compare_like_for_like(trained):
     import yaml
 
-    from job import evaluate
+    from job import evalkit, evaluate
     from job.data.prepare import Prepared
     from job.spec import RunSpec
 
@@ -115,9 +115,9 @@ def test_the_evaluators_loss_is_the_trainers_so_base_and_adapter_compare_like_fo
     spec = RunSpec.model_validate(yaml.safe_load((out / "run.yaml").read_text()))
     [prepared_dir] = [d for d in (cache / "prepared").iterdir() if (d / "meta.json").exists()]
     prepared = Prepared.load(prepared_dir)
-    base = evaluate._load_base(spec, str(trainkit.tiny_model()), 0)
+    base = evalkit.load_base(spec, str(trainkit.tiny_model()), 0)
     assert evaluate.eval_loss(base, prepared.eval_path, spec) == pytest.approx(ev["loss"]["base_eval_loss"], rel=1e-5)
-    adapter = evaluate._with_adapter(spec, base, str(out))
+    adapter = evalkit.with_adapter(spec, base, str(out))
     assert evaluate.eval_loss(adapter, prepared.eval_path, spec) == pytest.approx(ev["loss"]["eval_loss"], rel=1e-4)
     md = (out / "eval.md").read_text()
     assert f"| eval loss | {ev['loss']['base_eval_loss']:.4f} | {ev['loss']['eval_loss']:.4f} |" in md

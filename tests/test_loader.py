@@ -14,7 +14,7 @@ import torch
 import trainkit
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from job import evaluate
+from job import evalkit
 from job import spec as specmod
 from job.data.prepare import prepare
 from job.demo_data import conversations
@@ -117,8 +117,8 @@ def test_prepare_train_eval_export_and_plan_see_the_same_tokenizer(tmp_path, tem
     adapter = _adapter_dir(tmp_path, spec)
     prepared = Prepared.__new__(Prepared)
     prepared.chat_template = TEMPLATE
-    eval_base_tok = evaluate._tokenizer(spec, prepared, str(trainkit.tiny_model()), str(tmp_path / "no-adapter"))
-    eval_tok = evaluate._tokenizer(spec, prepared, str(trainkit.tiny_model()), str(adapter))
+    eval_base_tok = evalkit.tokenizer(spec, prepared, str(trainkit.tiny_model()), str(tmp_path / "no-adapter"))
+    eval_tok = evalkit.tokenizer(spec, prepared, str(trainkit.tiny_model()), str(adapter))
     for tok in (prepare_tok, train_tok, eval_base_tok, eval_tok):
         assert tok.get_vocab() == want
     assert export._vocab(adapter, False) == planmod._vocab(spec) == len(want) == 514
@@ -128,7 +128,7 @@ def test_train_eval_export_and_merge_load_the_same_base_with_the_same_new_rows(t
     spec = make_spec(tmp_path, template)
     adapter = _adapter_dir(tmp_path, spec)
     trained = sft._load_model(spec, _train_plan(spec, tmp_path), 514)
-    evaluated = evaluate._load_base(spec, str(trainkit.tiny_model()), 514)
+    evaluated = evalkit.load_base(spec, str(trainkit.tiny_model()), 514)
     verified = export.load_base_for(adapter, str(trainkit.tiny_model()), "float32")
     merged = export.load_base_for(adapter, str(trainkit.tiny_model()), "bfloat16")
     base = AutoModelForCausalLM.from_pretrained(trainkit.tiny_model())
@@ -162,7 +162,7 @@ def test_qlora_trains_and_evaluates_on_the_same_quantized_base(tmp_path, templat
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(spy))
     spec = make_spec(tmp_path, template, **{"train.method": "qlora", "distributed.mixed_precision": "bf16"})
     sft._load_model(spec, _train_plan(spec, tmp_path), 514)
-    evaluate._load_base(spec, str(trainkit.tiny_model()), 514)
+    evalkit.load_base(spec, str(trainkit.tiny_model()), 514)
     train_kw, eval_kw = calls
     tq, eq = train_kw.pop("quantization_config"), eval_kw.pop("quantization_config")
     assert tq.to_dict() == eq.to_dict()
