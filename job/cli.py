@@ -18,7 +18,7 @@ from job.errors import ExitCode, SftjobError
 SPEC_COMMANDS = ("run", "prepare", "preview", "validate", "plan")
 #: SFTJOB_* variables that are not RunSpec knobs but are read by the code (tools, tests, the chart)
 OTHER_ENV = ("SFTJOB_DEBUG", "SFTJOB_PROGRESS", "SFTJOB_TERMINATION_LOG", "SFTJOB_BOTO_DEBUG", "SFTJOB_HELM",
-             "SFTJOB_CHART", "SFTJOB_POLL_SECONDS", "SFTJOB_WEED", "SFTJOB_RANK_STORAGE",
+             "SFTJOB_CHART", "SFTJOB_POLL_SECONDS", "SFTJOB_WEED", "SFTJOB_RANK_STORAGE", "SFTJOB_OBJECTIVE_MODULES",
              "SFTJOB_ENTRYPOINT_PID")
 log = logging.getLogger("sftjob.cli")
 
@@ -216,17 +216,19 @@ def _dispatch(args: argparse.Namespace) -> int:
 
             return commands.prepare_command(spec)
         if cmd == "validate":
-            from job.data import commands
-            from job.train import dpo, dsops
+            from job import objectives
+            from job.train import dsops
 
             dsops.check(spec)  # a knob whose DeepSpeed op cannot load is a config error, before any fetch
-            dpo.check(spec)  # a knob of the other objective, as `run` refuses it
-
-            return commands.validate_command(spec)
+            return objectives.check(spec).validate(spec)  # a knob of another objective, as `run` refuses it
         if cmd == "preview":
-            from job.data import commands
+            from job import objectives
+            from job.errors import ConfigError
 
-            return commands.preview_command(spec, limit=args.limit, as_json=args.json)
+            if args.limit < 1:
+                raise ConfigError(f"--limit {args.limit}: preview shows at least one example",
+                                  hint="pass --limit 1 or more")
+            return objectives.get(spec).preview(spec, limit=args.limit, as_json=args.json)
         if cmd == "plan":
             from job.train import plan
 

@@ -59,13 +59,6 @@ def check(spec) -> None:
     """Fail before training on an eval section that could never be satisfied."""
     e = spec.eval
     gen = bool(e.prompts or e.num_prompts)
-    if spec.train.objective == "dpo" and (gen or e.min_json_valid is not None or e.json_schema):
-        raise ConfigError("objective dpo: the generation eval (eval.prompts, num_prompts, json_schema, min_json_valid) "
-                          "is not available; DPO is evaluated by reward accuracy on the eval pairs",
-                          hint="drop those eval settings; use data.eval_split and eval.min_reward_accuracy")
-    if e.min_reward_accuracy is not None and (spec.train.objective != "dpo" or not has_eval_split(spec)):
-        raise ConfigError("eval.min_reward_accuracy gates on reward accuracy over eval pairs: it needs "
-                          "objective dpo and an eval split", hint="set train.objective: dpo and data.eval_split (or data.eval_data)")
     if e.num_prompts and not e.prompts and not has_eval_split(spec):
         raise ConfigError("eval.num_prompts takes prompts from the eval split, but there is none",
                           hint="set data.eval_split (e.g. 0.05) or data.eval_data, or give eval.prompts FILE")
@@ -174,10 +167,6 @@ def generate(model, tok, prompts: list[Prompt], max_new_tokens: int, stop_ids: l
 
 def evaluate(spec, prepared, model_dir: str, adapter_dir: str, workdir: Path) -> Evaluation:
     """Loss from the trainer, generation eval of base vs adapter, eval.json + eval.md, gate failures."""
-    if spec.train.objective == "dpo":
-        from job import evaluate_dpo
-
-        return evaluate_dpo.evaluate(spec, prepared, model_dir, adapter_dir, workdir)
     t0 = time.time()
     workdir = Path(workdir)
     e = spec.eval

@@ -15,7 +15,7 @@ import signal
 import time
 from pathlib import Path
 
-from job import evaluate, outage, publish, storage
+from job import evaluate, objectives, outage, publish, storage
 from job.errors import ConfigError, EvalGateError, Interrupted, NotFoundError, SftjobError, VerificationError
 from job.spec import RunSpec, to_yaml
 from job.status import Status, write_termination_log
@@ -29,9 +29,7 @@ def run(spec: RunSpec) -> int:
     spec.require("model.path", "output.uri")
     if not spec.data_sources():
         raise ConfigError("missing required setting 'data.path'", hint="pass --data URI or set data: in the run spec")
-    from job.train import dpo
-
-    dpo.check(spec)  # DPO settings that could never train, or DPO settings on an SFT run
+    objective = objectives.check(spec)  # settings of another objective, or ones this objective could never train
     evaluate.check(spec)  # an impossible eval section fails now, not after training
     launch.check_bitsandbytes(spec)  # QLoRA / 8-bit optimizers on a machine that cannot run them
     from job.train import lora
@@ -70,12 +68,10 @@ def run(spec: RunSpec) -> int:
 
         status.phase("preparing", "normalise, render, tokenize, mask, pack")
         from job.data import progress, shared
-        from job.data.prepare import prepare
-
         sharing = shared.for_spec(spec, node_rank, shared.num_machines(spec), output)  # node 0 prepares once
         progress.set_sink(progress.to_status(status))
         try:
-            prepared = prepare(spec, Path(model_dir) if Path(model_dir).exists() else None, sharing)
+            prepared = objective.prepare(spec, Path(model_dir) if Path(model_dir).exists() else None, sharing)
         finally:
             progress.set_sink(None)
         if status.read().get("percent") is not None:  # the preparing percentage is not training's
@@ -110,7 +106,7 @@ def run(spec: RunSpec) -> int:
         evaluation = None
         if evaluate.wanted(spec, prepared) and not partial:
             status.update(event=("evaluating", "eval loss; base vs adapter on the same prompts"))
-            evaluation = evaluate.evaluate(spec, prepared, model_dir, outcome.adapter_dir, workdir)
+            evaluation = objective.evaluate(spec, prepared, model_dir, outcome.adapter_dir, workdir)
             for name in ("eval.json", "eval.md"):
                 shutil.copy(workdir / name, stage / name)
             status.update(eval=evaluation.summary)

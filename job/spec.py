@@ -118,8 +118,8 @@ class TrainSpec(Section):
     loraplus_lr_ratio: float | None = Field(None, gt=0, description="LoRA+: B matrices learn this many times faster than A (e.g. 16).")
     neftune_noise_alpha: float | None = Field(None, gt=0, description="NEFTune: noise on input embeddings while training (e.g. 5).")
     seed: int = Field(42, description="Seed for data order, init and dropout.")
-    objective: Literal["sft", "dpo"] = Field(
-        "sft", description="sft: supervised fine-tuning on chats; dpo: preference tuning (DPO) on prompt/chosen/rejected pairs.")
+    objective: str = Field(  # a name job/objectives knows (built in, or registered in SFTJOB_OBJECTIVE_MODULES)
+        "sft", json_schema_extra={"enum": ["sft", "dpo"]}, description="sft: supervised fine-tuning on chats; dpo: preference tuning (DPO) on prompt/chosen/rejected pairs.")
     beta: float = Field(0.1, gt=0, description="DPO: how far the policy may move from the reference (higher = closer).")
     loss_type: Literal[DPO_LOSSES] = Field("sigmoid", description="DPO loss, as TRL's DPOConfig names it (sigmoid = the DPO paper, ipo, hinge, robust, ...).")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="DPO: assumed share of flipped preference labels (loss_type robust, exo_pair, aot, aot_unpaired).")

@@ -133,7 +133,7 @@ def test_truncation_keeps_the_prompts_end_and_the_completions_start():
 def test_prepare_caches_pairs_and_a_second_prepare_is_a_hit(tmp_path):
     from datasets import Dataset
 
-    from job.data.prepare import prepare
+    from job.data.preference import prepare  # DPO's preparation (job/objectives/dpo.py)
 
     f = write(tmp_path / "prefs.jsonl", pairs(20))
     s = specmod.build(overrides={"train.objective": "dpo", "data.path": str(f), "model.path": str(tiny_model()),
@@ -176,7 +176,7 @@ def test_dpo_training_arguments_carry_the_dpo_knobs_and_the_sft_settings():
 
 
 def test_pairs_longer_than_max_length_are_truncated_or_dropped_and_counted(tmp_path):
-    from job.data.prepare import prepare
+    from job.data.preference import prepare
 
     rows = pairs(6)
     rows[0]["prompt"][0]["content"] = "palabra " * 200

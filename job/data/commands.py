@@ -17,7 +17,6 @@ from job.data.prepare import (
     encode_stream,
     no_examples_hint,
     no_examples_message,
-    prepare,
 )
 from job.data.prepared import MAX_LISTED, bad_rows_message, where_key
 from job.data.preview import input_files, segments
@@ -32,7 +31,10 @@ from job.errors import ConfigError, ExitCode
 
 
 def prepare_command(spec) -> int:
-    p = prepare(spec)
+    """`sftjob prepare`, for every objective: its preparation, then the same summary from its data report."""
+    from job import objectives
+
+    p = objectives.get(spec).prepare(spec)
     r = p.report
     state = "cache hit (inputs unchanged, nothing re-tokenized)" if p.cache_hit else "prepared"
     print(f"{state}: {p.dir}")
@@ -68,10 +70,6 @@ def warn_truncation(read: int, over: int, max_length: int, mode: str) -> None:
 
 
 def validate_command(spec) -> int:
-    if spec.train.objective == "dpo":
-        from job.data.pairs_cli import validate_pairs
-
-        return validate_pairs(spec)
     files = input_files(spec)
     tok, _ = load_tokenizer(spec)
     notes = []
@@ -145,12 +143,6 @@ def validate_command(spec) -> int:
 
 
 def preview_command(spec, limit: int, as_json: bool) -> int:
-    if limit < 1:
-        raise ConfigError(f"--limit {limit}: preview shows at least one example", hint="pass --limit 1 or more")
-    if spec.train.objective == "dpo":
-        from job.data.pairs_cli import preview_pairs
-
-        return preview_pairs(spec, limit, as_json)
     files = input_files(spec)
     tok, _ = load_tokenizer(spec)
     if tok is None:

@@ -229,6 +229,14 @@ def iter_pair_records(files, data_spec):
 PREF_VERSION = "1"
 
 
+def prepare(spec, tokenizer_dir=None, sharing=None):
+    """DPO's preparation (job/objectives/dpo.py): the pairs of spec, cached by content like SFT's rows. Every
+    node prepares its own (``sharing`` is SFT's node-0 publication, not used for pairs yet)."""
+    from job.data.templates import prepare_inputs
+
+    return prepare_pairs(spec, *prepare_inputs(spec, tokenizer_dir))
+
+
 def prepare_pairs(spec, tdir, template_src):
     """Like prepare.prepare for SFT: a content-keyed cache dir of train/eval parquet (pairs), loaded by ranks."""
     import hashlib

@@ -37,12 +37,11 @@ from job.data.prepared import (
 )
 from job.data.templates import (
     describe,
-    locate_tokenizer,
-    read_template_source,
+    prepare_inputs,
     resolve_template,
 )
 from job.data.workers import Workers
-from job.errors import ConfigError, DataError
+from job.errors import DataError
 from job.loader import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -55,16 +54,7 @@ def prepare(spec, tokenizer_dir: Path | None = None, sharing=None) -> Prepared:
     from job.data import shared
 
     t0 = time.time()
-    if not spec.data_sources():
-        spec.require("data.path")
-    tdir = locate_tokenizer(spec, tokenizer_dir)
-    if tdir is None:
-        raise ConfigError("prepare needs a tokenizer", hint="pass --model DIR or --tokenizer DIR")
-    template_src = read_template_source(spec.model.chat_template) if spec.model.chat_template else None
-    if spec.train.objective == "dpo":  # preference pairs: same template, masks and cache, two sequences per row
-        from job.data.preference import prepare_pairs
-
-        return prepare_pairs(spec, tdir, template_src)
+    tdir, template_src = prepare_inputs(spec, tokenizer_dir)
     inputs = spec.cache_root() / "inputs"
     key = cache_key(spec, template_src, tdir, [(s, fingerprints(s.path, inputs)) for s in spec.data_sources()],
                     fingerprints(spec.data.eval_data, inputs) if spec.data.eval_data else [])

@@ -167,6 +167,18 @@ def tokenizer_files_sha256(local: Path) -> str:
     return h.hexdigest()
 
 
+def prepare_inputs(spec, tokenizer_dir: Path | str | None = None) -> tuple[Path, tuple[str, str] | None]:
+    """What every objective's preparation starts from: data sources, the tokenizer directory, the template source."""
+    from job.errors import ConfigError
+
+    if not spec.data_sources():
+        spec.require("data.path")
+    tdir = locate_tokenizer(spec, tokenizer_dir)
+    if tdir is None:
+        raise ConfigError("prepare needs a tokenizer", hint="pass --model DIR or --tokenizer DIR")
+    return tdir, (read_template_source(spec.model.chat_template) if spec.model.chat_template else None)
+
+
 def read_template_source(value: str) -> tuple[str, str]:
     """(name, jinja text) for a built-in name or a local/S3 Jinja file."""
     if value in BUILTINS:

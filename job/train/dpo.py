@@ -11,15 +11,11 @@ from job.errors import ConfigError
 from job.train.recipe import Recipe, training_args
 
 SMOOTHED = ("robust", "exo_pair", "aot", "aot_unpaired")  # the TRL 1.16 losses that read label_smoothing
-KNOBS = ("train.beta", "train.loss_type", "train.label_smoothing", "train.precompute_ref_log_probs",
-         "eval.min_reward_accuracy")  # read only by a DPO run
 
 
 def check(spec) -> None:
-    """DPO settings that could never train: refused before fetch/prepare (exit 64), not as a rank's traceback."""
-    if spec.train.objective != "dpo":
-        _check_sft(spec)
-        return
+    """DPO settings that could never train: refused before fetch/prepare (exit 64), not as a rank's traceback
+    (through job/objectives/dpo.py, which also refuses the SFT eval DPO has no counterpart for)."""
     t = spec.train
     if spec.data.packing:
         raise ConfigError("data.packing with objective dpo: a pair is two separate sequences, never packed",
@@ -30,25 +26,6 @@ def check(spec) -> None:
     if t.label_smoothing and t.loss_type not in SMOOTHED:
         raise ConfigError(f"label_smoothing has no effect with loss_type {t.loss_type} (TRL 1.16 reads it only for "
                           f"{', '.join(SMOOTHED)})", hint="use loss_type robust for noisy labels, or drop label_smoothing")
-
-
-def _check_sft(spec) -> None:
-    """DPO knobs on an SFT run would be ignored silently (a run asked for --beta 0.3 trained SFT): exit 64.
-    Only a value other than the default counts: a knob set to its default changes nothing, so it passes."""
-    from job.spec import FLAGS_BY_PATH
-
-    def changed(path: str) -> bool:
-        section, name = path.split(".")
-        sec = getattr(spec, section)
-        return getattr(sec, name) != type(sec).model_fields[name].default
-
-    knobs = [p for p in KNOBS if changed(p)]
-    if knobs:
-        flags = ", ".join(f"--{FLAGS_BY_PATH[p]}" for p in knobs)
-        one = len(knobs) == 1
-        raise ConfigError(f"{', '.join(knobs)} {'is a DPO setting' if one else 'are DPO settings'}, but "
-                          f"train.objective is sft: {'it' if one else 'they'} would be ignored",
-                          hint=f"set --objective dpo, or drop {flags}")
 
 
 class PairCollator:

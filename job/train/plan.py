@@ -13,7 +13,7 @@ import math
 import os
 from pathlib import Path
 
-from job import storage
+from job import objectives, storage
 from job.errors import ConfigError, NotFoundError, PermissionDeniedError, SftjobError, UnavailableError
 
 log = logging.getLogger("sftjob.plan")
@@ -105,8 +105,8 @@ def make_plan(spec, *, model_config: str | None = None, tokens_per_second: float
     gpus = topo.num_processes
     t, d = spec.train, spec.distributed
     seq = spec.data.max_length
-    dpo = t.objective == "dpo"  # each row is two sequences (chosen, rejected), plus a reference forward
-    micro_tokens = t.per_device_train_batch_size * seq * (2 if dpo else 1)
+    objective = objectives.get(spec)  # DPO: each row is two sequences (chosen, rejected), plus a reference
+    micro_tokens = t.per_device_train_batch_size * seq * objective.sequences_per_row
     global_batch = t.per_device_train_batch_size * t.gradient_accumulation_steps * gpus
 
     shard = gpus if topo.strategy in ("deepspeed", "fsdp") and (d.zero_stage == 3 or topo.strategy == "fsdp") else 1
@@ -123,8 +123,8 @@ def make_plan(spec, *, model_config: str | None = None, tokens_per_second: float
     per_layer = 34 * h * micro_tokens
     acts = (2 * h * micro_tokens * layers + per_layer) if t.gradient_checkpointing else per_layer * layers
     logits = micro_tokens * vocab * 4
-    ref = weights if dpo and t.method == "full" and not t.precompute_ref_log_probs else 0.0  # a frozen copy
-    total = weights + state + acts + logits + ref
+    part = objective.plan(spec, weights)
+    total = weights + state + acts + logits + sum(part.memory.values())
 
     rows = examples = tokens_epoch = None
     if data_report:
@@ -161,18 +161,15 @@ def make_plan(spec, *, model_config: str | None = None, tokens_per_second: float
     off_cluster = topo.cuda and not torch.cuda.is_available()
     fast = fastpath.resolve(spec, topo.cuda, fastpath.IMAGE_KERNELS if off_cluster else None)
     plan["attention"], plan["use_liger_kernel"] = fast["attention_summary"], fast["use_liger_kernel"]
-    if dpo:
-        plan["objective"] = "dpo"
-        plan["sequences_per_row"] = 2
-        plan["reference"] = ("precomputed log-probs (one pass before training)" if t.precompute_ref_log_probs
-                             else "base with the adapter disabled (no extra weights)" if t.method != "full"
-                             else "frozen copy of the base")
-        plan["memory_gb_per_gpu"]["reference"] = round(ref / GiB, 2)
+    plan["objective"] = objective.name
+    plan["sequences_per_row"] = objective.sequences_per_row
+    plan["row_name"] = objective.row_name
+    plan.update(part.notes)
+    plan["memory_gb_per_gpu"].update({k: round(v / GiB, 2) for k, v in part.memory.items()})
+    plan["extra_memory"] = list(part.memory)
     if tokens_per_second and trained_tokens:
         plan["tokens_per_second_per_gpu"] = tokens_per_second
-        # DPO: a no-grad reference forward per step costs about a third of a forward + backward
-        ref_cost = 4 / 3 if dpo and not t.precompute_ref_log_probs else 1.0
-        plan["hours"] = round(trained_tokens * ref_cost / (tokens_per_second * gpus) / 3600, 2)
+        plan["hours"] = round(trained_tokens * part.step_cost / (tokens_per_second * gpus) / 3600, 2)
     return plan
 
 
@@ -195,11 +192,9 @@ def plan_command(spec, *, tokens_per_second: float | None = None, as_json: bool 
         # bad data or a missing tokenizer fail here as `validate` would (65/66): a dry run that says OK must be
         # one the run can follow; the tokenizer alone is fetched (no weights), into the cache the run reuses.
         # Only an explicitly offline plan (--model-config: shapes without the model) may go on without inputs.
-        from job.data.prepare import prepare
-
         storage.configure(spec.storage)
         try:
-            report = prepare(spec).report
+            report = objectives.get(spec).prepare(spec).report
         except (NotFoundError, UnavailableError, PermissionDeniedError) as e:
             if not model_config:
                 raise
@@ -223,10 +218,11 @@ def plan_command(spec, *, tokens_per_second: float | None = None, as_json: bool 
         f"activations {mem['activations']}, logits {mem['logits']}) — estimate",
     ]
     lines.append(f"attention        {plan['attention']}; Liger kernels {'on' if plan['use_liger_kernel'] else 'off'}")
-    if plan.get("objective") == "dpo":
-        lines[2] = (f"global batch     {plan['global_batch']} pairs (chosen + rejected: "
-                    f"{2 * plan['global_batch']} sequences) x {plan['max_length']} tokens")
-        lines.append(f"reference        {plan['reference']} (+{mem['reference']} GiB)")
+    if plan["sequences_per_row"] > 1:  # DPO: "8 pairs (16 sequences)"
+        lines[2] = (f"global batch     {plan['global_batch']} {plan['row_name']} "
+                    f"({plan['sequences_per_row'] * plan['global_batch']} sequences) x {plan['max_length']} tokens")
+    for name in plan["extra_memory"]:  # DPO: the reference model
+        lines.append(f"{name:<16} {plan.get(name, '')} (+{mem[name]} GiB)")
     if "hours" in plan:
         lines.append(f"time             ~{plan['hours']} h at {plan['tokens_per_second_per_gpu']:.0f} tokens/s per GPU")
     print("\n".join(lines))

@@ -375,14 +375,10 @@ def main(argv: list[str] | None = None) -> int:
     logsetup.setup(os.environ.get("SFTJOB_DEBUG") == "1")
     plan = json.loads(Path(argv[0]).read_text())
     beacon = watchdog.rank_start(plan["workdir"], int(plan.get("node_rank", 0)))  # dies with its launcher
-    objective = plan["spec"].get("train", {}).get("objective")
-    try:
-        if objective == "dpo":
-            from job.train import dpo
+    from job import objectives
 
-            code = train(plan, dpo.recipe)
-        else:
-            code = train(plan)
+    try:
+        code = train(plan, objectives.get(plan["spec"].get("train", {}).get("objective", "sft")).recipe)
     except SystemExit as e:
         beacon.exit(e.code if isinstance(e.code, int) else 1)
         raise
