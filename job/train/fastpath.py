@@ -83,7 +83,9 @@ def choose_liger(requested: bool | None, *, cuda: bool, installed: bool) -> tupl
 
 def resolve(spec, cuda: bool, available: dict | None = None) -> dict:
     """The fast-path decisions a run records in its launch plan and status.json."""
-    k = kernels() if available is None else available
+    if available is None:  # off CUDA no kernel is used (sdpa, no Liger): torch is not imported to find out
+        available = kernels() if cuda else {"flash_attn": False, "flex": False, "liger_kernel": False}
+    k = available
     attn = choose_attention(spec.model.attn_implementation, cuda=cuda, packed=spec.data.packing,
                             flash_attn=k["flash_attn"], flex=k["flex"])
     liger, liger_note = choose_liger(spec.train.use_liger_kernel, cuda=cuda, installed=k["liger_kernel"])
