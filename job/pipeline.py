@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import re
 import shutil
 import signal
@@ -24,8 +25,24 @@ from job.train import dsops, launch
 log = logging.getLogger("sftjob")
 
 
+#: library caches that default to $HOME: the ranks' Arrow copy of the prepared data (datasets), matplotlib's
+#: font cache, Triton's compiled kernels (Liger on GPUs). Found by bench/soak.py: a run wrote them outside
+#: the job's directories, a full second copy of the training data among them.
+LIBRARY_CACHES = {"HF_DATASETS_CACHE": "hf-datasets", "MPLCONFIGDIR": "matplotlib", "TRITON_CACHE_DIR": "triton"}
+
+
+def own_library_caches(spec) -> None:
+    """Point the libraries' caches into the job's cache dir (unless the environment chose one): the ranks
+    inherit them. A pod's disk is the job's cache volume; $HOME may be read-only or small."""
+    for var, sub in LIBRARY_CACHES.items():
+        if var == "HF_DATASETS_CACHE" and "HF_HOME" in os.environ:  # the chart's: on the cache volume already
+            continue
+        os.environ.setdefault(var, str(spec.cache_root() / sub))
+
+
 def run(spec: RunSpec) -> int:
     storage.configure(spec.storage)
+    own_library_caches(spec)
     spec.require("model.path", "output.uri")
     if not spec.data_sources():
         raise ConfigError("missing required setting 'data.path'", hint="pass --data URI or set data: in the run spec")
