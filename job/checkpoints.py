@@ -82,10 +82,12 @@ def discard_all(output_uri: str) -> None:
     storage.delete_prefix(storage.join(output_uri, "checkpoints") + "/")
 
 
-def find_and_fetch(output_uri: str, local_root: Path) -> Found | None:
+def find_and_fetch(output_uri: str, local_root: Path, check=None) -> Found | None:
     """Newest complete checkpoint, downloaded to local_root/checkpoint-N and verified; None if none.
 
     A marker that cannot be read or names a path outside its checkpoint is skipped like a corrupt one.
+    ``check(path, step)`` names why a sealed checkpoint would not load (the launcher passes
+    job.ckptcontent.problem): such a one is skipped and removed too, and the next older one tried.
     """
     steps = _remote_steps(output_uri)
     for step in sorted(steps, reverse=True):
@@ -114,88 +116,17 @@ def find_and_fetch(output_uri: str, local_root: Path) -> Found | None:
             log.error("skipping checkpoint step-%d: %s", step, e.message)
             shutil.rmtree(tmp, ignore_errors=True)
             continue
+        why = check(dest, step) if check else None
+        if why:  # sealed, but it would not load: the ranks would crash on it at every retry
+            log.error("skipping checkpoint step-%d: %s; removing it; trying an older one", step, why)
+            shutil.rmtree(dest, ignore_errors=True)
+            storage.delete_prefix(prefix)
+            continue
         log.info("resuming from complete checkpoint step-%d (%d files)", step, len(marker["files"]))
         return Found(step, dest, marker.get("identity"))
+    if steps:
+        log.warning("no usable checkpoint among %d: starting from step 0", len(steps))
     return None
-
-
-#: the run's metrics.jsonl up to the checkpoint's step, inside the checkpoint (covered by COMPLETE)
-HISTORY_FILE = "sftjob_metrics.jsonl"
-
-
-def carry_history(metrics: Path, ckpt: Path) -> None:
-    """Rank 0 at every save, before the mirror lists the files: a retry is a new pod whose disk has none
-    of the history, so it travels with the checkpoint. Every line so far is at most this step (logged
-    before the save; a resume trims what it restores), so a plain copy is the history up to the step."""
-    if not Path(ckpt).is_dir():
-        return
-    dest = Path(ckpt) / HISTORY_FILE
-    if Path(metrics).is_file():
-        shutil.copyfile(metrics, dest)
-    else:  # nothing logged yet: an empty history, not a missing one
-        dest.write_bytes(b"")
-
-
-def _history_key(rec) -> tuple[int, int] | None:
-    """(step, 0 train | 1 eval) of a line this job writes; None for anything else."""
-    number = lambda v: type(v) in (int, float)  # noqa: E731 - bool is no loss
-    if not isinstance(rec, dict) or type(rec.get("step")) is not int or rec["step"] < 0:
-        return None
-    if number(rec.get("loss")):
-        return rec["step"], 0
-    if "loss" not in rec and number(rec.get("eval_loss")):
-        return rec["step"], 1
-    return None
-
-
-def _read_history(path: Path, upto: int) -> tuple[dict, int, int]:
-    """(key → record, lines not what this job writes, lines after `upto`); a later line for a key wins."""
-    records, bad, later = {}, 0, 0
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            try:
-                key = _history_key(rec := json.loads(line))
-            except (ValueError, RecursionError):
-                key = None
-            if key is None:
-                bad += 1
-            elif key[0] > upto:
-                later += 1
-            else:
-                records[key] = rec
-    return records, bad, later
-
-
-def restore_history(found: Found, metrics: Path) -> None:
-    """On resume: metrics.jsonl becomes the checkpoint's history, each line checked (it was read back from
-    the store: a torn or hostile line is skipped, never fatal), plus what this disk has for steps it lacks
-    (a checkpoint from an older job); nothing after the checkpoint's step, which is trained and logged again."""
-    metrics = Path(metrics)
-    carried: dict = {}
-    try:
-        carried, bad, later = _read_history(found.path / HISTORY_FILE, found.step)
-    except FileNotFoundError:
-        log.warning("checkpoint step-%d carries no metrics history (made by an older sftjob); metrics.jsonl "
-                    "and loss.png keep only what this node logged", found.step)
-    except OSError as e:
-        log.warning("checkpoint step-%d: its metrics history cannot be read (%s); skipped", found.step, e)
-    else:
-        if bad or later:
-            log.warning("checkpoint step-%d: %d line(s) of its metrics history are not what this job writes; "
-                        "skipped (metrics.jsonl and loss.png miss them)", found.step, bad + later)
-    local: dict = {}
-    if metrics.is_file():
-        local, _, dropped = _read_history(metrics, found.step)
-        if dropped:
-            log.info("metrics.jsonl: %d line(s) after step %d dropped (those steps are trained again)",
-                     dropped, found.step)
-    merged = {**local, **carried}
-    tmp = metrics.with_name(metrics.name + ".tmp")
-    tmp.write_text("".join(json.dumps(merged[k]) + "\n" for k in sorted(merged)))
-    tmp.replace(metrics)
-    log.info("metrics history restored from checkpoint step-%d: %d line(s)", found.step, len(merged))
 
 
 def _read_marker(prefix: str) -> dict:

@@ -12,7 +12,7 @@ import shutil
 import pytest
 import trainkit
 
-from job import checkpoints
+from job import checkpoints, history
 from job.errors import ExitCode
 
 pytestmark = pytest.mark.slow
@@ -69,15 +69,15 @@ def test_a_garbage_history_in_a_checkpoint_shortens_the_history_and_the_resume_g
     out, stopped = tmp_path / "out", interrupted["step"]
     shutil.copytree(interrupted["pristine"], out)
     ckpt = out / "checkpoints" / f"step-{stopped}"
-    good = [x for x in (ckpt / checkpoints.HISTORY_FILE).read_text().splitlines() if '"loss"' in x]
+    good = [x for x in (ckpt / history.HISTORY_FILE).read_text().splitlines() if '"loss"' in x]
     assert len(good) == stopped
     garbage = [good[0], "not json", "[1, 2]", '{"step": "2", "loss": 1.0}', '{"step": 2, "loss": "x"}',
                "[" * 100_000 + "]" * 100_000, '{"step": 999, "loss": 0.5}', '{"step": true, "loss": 0.5}',
                '{"loss": 0.5}', "\udcff\x00", good[1], good[1], good[2][:17]]
-    (ckpt / checkpoints.HISTORY_FILE).write_text("\n".join(garbage), errors="surrogateescape")
+    (ckpt / history.HISTORY_FILE).write_text("\n".join(garbage), errors="surrogateescape")
     marker = json.loads((ckpt / "COMPLETE").read_text())
     for f in marker["files"]:
-        if f["path"] == checkpoints.HISTORY_FILE:
+        if f["path"] == history.HISTORY_FILE:
             f["size"], f["sha256"] = (ckpt / f["path"]).stat().st_size, checkpoints.sha256_file(ckpt / f["path"])
     (ckpt / "COMPLETE").write_text(json.dumps(marker))
 
@@ -87,7 +87,7 @@ def test_a_garbage_history_in_a_checkpoint_shortens_the_history_and_the_resume_g
     with caplog.at_level(logging.INFO, "sftjob.checkpoints"):
         found = checkpoints.find_and_fetch(str(out), workdir / "checkpoints")
         assert found is not None and found.step == stopped
-        checkpoints.restore_history(found, workdir / "metrics.jsonl")
+        history.restore_history(found, workdir / "metrics.jsonl")
     restored = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in restored] == [1, 2]  # what was usable, each step once
     assert restored == [json.loads(good[0]), json.loads(good[1])]

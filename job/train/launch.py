@@ -318,7 +318,7 @@ def train(spec, prepared, model_dir: str, workdir: Path, status, *, started: flo
           adapter_path: str | None = None, run_identity: dict | None = None) -> Outcome:
     """Resume from the newest complete checkpoint (when it was made by this run: job/identity.py), spawn
     the ranks, read back what they did."""
-    from job import checkpoints, identity
+    from job import checkpoints, ckptcontent, history, identity
 
     check_bitsandbytes(spec)  # also for callers that skip the pipeline's early check
     topo = topology(spec)
@@ -329,7 +329,7 @@ def train(spec, prepared, model_dir: str, workdir: Path, status, *, started: flo
     configs = write_configs(spec, topo, workdir, hidden)
     ckpt_dir = workdir / "checkpoints"
     ckpt_dir.mkdir(exist_ok=True)
-    found = checkpoints.find_and_fetch(spec.output.uri, ckpt_dir) if spec.resilience.resume and not fresh else None
+    found = checkpoints.find_and_fetch(spec.output.uri, ckpt_dir, check=ckptcontent.problem) if spec.resilience.resume and not fresh else None
     if found and run_identity is not None:
         where = f"checkpoint {checkpoints.remote_prefix(spec.output.uri, found.step)}"
         lines = identity.check(found.identity, run_identity, found.step, where)
@@ -342,7 +342,7 @@ def train(spec, prepared, model_dir: str, workdir: Path, status, *, started: flo
     shutil.rmtree(adapter_dir, ignore_errors=True)
     (workdir / "stopped.json").unlink(missing_ok=True)
     if found:  # the history up to the checkpoint comes with it: a retry's new pod has no earlier metrics.jsonl
-        checkpoints.restore_history(found, workdir / "metrics.jsonl")
+        history.restore_history(found, workdir / "metrics.jsonl")
     else:
         (workdir / "metrics.jsonl").unlink(missing_ok=True)
     if not found:  # a fresh start publishes only its own TensorBoard events

@@ -197,11 +197,11 @@ def _callbacks(plan: dict, collator: Collator, stop: StopFlag, mirror, status, t
         def on_save(self, args, state, control, **kw):
             import torch.distributed as dist
 
-            from job import checkpoints
+            from job import history
 
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if state.is_world_process_zero:  # the one writer of metrics.jsonl (node 0, whose mirror seals)
-                checkpoints.carry_history(metrics_path, ckpt)
+                history.carry_history(metrics_path, ckpt)
             if dist.is_available() and dist.is_initialized():
                 dist.barrier()  # every rank's shard is on disk before the node uploads
             if mirror is not None:
