@@ -7,7 +7,7 @@ when ``flash_attn`` is importable, else FlexAttention document masking on CUDA, 
 AdamW on the adapter, bf16 autocast (what Trainer's ``bf16=True`` does), grad clipping at 1.0.
 Batches are padding-free packed rows of --seq-len random token ids, several examples per row with
 position_ids restarting per example and the first label of each example masked (the layout
-job/data/packing.py writes), collated by the job's own ``job.train.sft.Collator``.
+job/data/packing.py writes), collated by the job's own ``job.train.collate.Collator``.
 
     python bench/gpu.py                      # CUDA: Llama-3-8B shape, seq 4096, 5 warm-up + 20 timed steps
     python bench/gpu.py --micro-batch 2      # 2 packed rows per step (one 8192-token row, as the Collator does)
@@ -172,7 +172,7 @@ def packing_isolation(model, vocab: int, device, autocast, lengths=(24, 40)) -> 
 def run(args) -> dict:
     import torch
 
-    from job.train.sft import Collator
+    from job.train.collate import Collator
 
     tiny = args.tiny
     cuda = torch.cuda.is_available() and not tiny

@@ -158,7 +158,7 @@ def run(args) -> dict:
         trainer.data_collator = counting(trainer.data_collator)
         layout = f"TRL packing ({cfg.packing_strategy}), padding_free={cfg.padding_free}"
     else:
-        from job.train.sft import Collator
+        from job.train.collate import Collator
 
         rows = bench.make_rows(n_rows, seq_len, vocab, seed=args.seed)
         for r in rows:

@@ -216,7 +216,7 @@ def eval_loss(model, eval_path: Path, spec) -> float | None:
     from datasets import Dataset
 
     from job.loader import USE_CACHE_IN_TRAINING  # as the trainer computes it: no KV cache across packed rows
-    from job.train.sft import Collator
+    from job.train.collate import Collator
 
     ds = Dataset.from_parquet(str(eval_path))
     collate, bs = Collator(0, packed=spec.data.packing), spec.train.per_device_train_batch_size

@@ -12,8 +12,8 @@ import pytest
 
 from job import spec as specmod
 from job.train import fastpath
+from job.train.collate import Collator
 from job.train.fastpath import choose_attention, choose_liger
-from job.train.sft import Collator
 
 
 @pytest.mark.parametrize("flash,flex,want", [

@@ -34,9 +34,9 @@ def test_validate_imports_the_tokenizer_library_only():
 
 
 def test_the_launcher_resolves_its_topology_and_kernels_without_torch_on_a_host_without_a_gpu_driver():
-    from job.train import launch
+    from job.train import host
 
-    if not launch.no_gpu_driver():
+    if not host.no_gpu_driver():
         pytest.skip("this host has a GPU driver: torch is how the launcher counts the GPUs")
     loaded = _loaded("from job.spec import build\nfrom job.train import fastpath, launch\n"
                      "s = build(overrides={'train.method': 'lora'}, environ={})\n"

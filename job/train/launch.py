@@ -16,7 +16,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ import yaml
 from job import redact
 from job.errors import ConfigError
 from job.loader import mixed_precision
-from job.train import jitops, watchdog
+from job.train import host, jitops, watchdog
 
 log = logging.getLogger("sftjob.launch")
 
@@ -76,33 +75,13 @@ def _env_count(env: dict, name: str, cuda_devices: int) -> int | None:
                       hint="elastic ranges are not supported: set a fixed numNodes / numProcPerNode in the TrainJob")
 
 
-def no_gpu_driver() -> bool:
-    """No NVIDIA (or ROCm) kernel driver on this host, so torch could find no GPU: answered without importing
-    torch, which costs every CPU run 1.3 s before its ranks start. A GPU pod always has the driver's files
-    (the device plugin mounts /dev/nvidia*; /proc/driver/nvidia comes with the driver)."""
-    import glob
-
-    return not (os.path.exists("/proc/driver/nvidia/version") or glob.glob("/dev/nvidia[0-9]*")
-                or os.path.exists("/dev/kfd"))
-
-
-def visible_gpus() -> tuple[int, bool]:
-    """(CUDA devices torch sees, whether they do bf16)."""
-    if no_gpu_driver():
-        return 0, False
-    import torch
-
-    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    return n, n > 0 and torch.cuda.is_bf16_supported()
-
-
 def topology(spec, environ: dict[str, str] | None = None, cuda_devices: int | None = None,
              bf16_ok: bool | None = None) -> Topology:
     """Processes and rendezvous from the spec, then the env an Indexed Job / operator sets."""
     env = os.environ if environ is None else environ
     d = spec.distributed
     if cuda_devices is None:
-        cuda_devices, bf16_ok = visible_gpus()
+        cuda_devices, bf16_ok = host.visible_gpus()
     # the spec wins where it was set; else what Kubeflow Trainer's torch runtime injects; else defaults
     machines = (d.num_machines if "num_machines" in d.model_fields_set else None) \
         or _env_count(env, "PET_NNODES", cuda_devices) or d.num_machines
@@ -389,7 +368,7 @@ def train(spec, prepared, model_dir: str, workdir: Path, status, *, started: flo
     stall = spec.resilience.stall_seconds
     watch = watchdog.Watch(workdir, node=topo.machine_rank,
                            stall_seconds=watchdog.default_stall_seconds(topo.cuda) if stall is None else stall)
-    warm_imports()
+    host.warm_imports()
     rc, signalled = spawn(cmd, grace_seconds=spec.resilience.grace_seconds, env=env, watch=watch)
     stopped_file = workdir / "stopped.json"
     stopped = json.loads(stopped_file.read_text()) if stopped_file.exists() else {}
@@ -405,35 +384,6 @@ def train(spec, prepared, model_dir: str, workdir: Path, status, *, started: flo
         raise err
     return Outcome(str(adapter_dir), metrics.get("step", 0), stopped.get("reason"), bool(stopped.get("mirrored", True)),
                    found.step if found else None, topo.machine_rank, metrics)
-
-
-#: what the entrypoint imports after training (verify: torch, the model classes, peft; plots: matplotlib)
-WARM = ("torch", "safetensors.torch", "transformers", "transformers.models.auto.modeling_auto", "peft")
-
-
-def warm_imports() -> threading.Thread:
-    """Import what the entrypoint needs after training while the ranks train: 3.5 s of imports (measured with
-    -X importtime on a 2-step CPU run) that every run paid serially between its last step and its publish.
-    A daemon thread: an import that fails here fails again, with its message, where it is used."""
-    def run() -> None:
-        import importlib
-
-        for name in WARM:
-            try:
-                importlib.import_module(name)
-            except Exception:  # noqa: BLE001 - reported where the module is really used
-                return
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")  # as job/train/plots.py does, before pyplot
-            importlib.import_module("matplotlib.pyplot")
-        except Exception:  # noqa: BLE001
-            pass
-
-    t = threading.Thread(target=run, name="sftjob-warm-imports", daemon=True)
-    t.start()
-    return t
 
 
 def _last_metrics(path: Path) -> dict:
