@@ -11,7 +11,7 @@ import sys
 import typing
 from typing import Any
 
-from job import logsetup, redact
+from job import logsetup, redact, specload
 from job import spec as specmod
 from job.errors import ExitCode, SftjobError
 
@@ -42,7 +42,7 @@ def _add_spec_flags(p: argparse.ArgumentParser) -> None:
     for path, flag in specmod.FLAGS_BY_PATH.items():
         if flag == "cache-dir" and p.prog.endswith("demo"):
             continue
-        f = specmod.leaf_field(path)
+        f = specload.leaf_field(path)
         kind = _field_kind(f.annotation)
         help_ = (f.description or "").replace("%", "%%")
         if kind == "bool":
@@ -53,12 +53,12 @@ def _add_spec_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _parse_value(path: str, raw: str) -> Any:
-    kind = _field_kind(specmod.leaf_field(path).annotation)
+    kind = _field_kind(specload.leaf_field(path).annotation)
     if kind == "str":
         return raw
     if kind == "list":
         if raw.strip().startswith("["):
-            return specmod.parse_env_value(raw)
+            return specload.parse_env_value(raw)
         if path == "train.target_modules" and raw == "all-linear":
             return raw
         return [x.strip() for x in raw.split(",") if x.strip()]
@@ -69,16 +69,16 @@ def _parse_value(path: str, raw: str) -> Any:
         if v in ("0", "false", "no", "off"):
             return False
         return raw
-    return specmod.parse_env_value(raw)
+    return specload.parse_env_value(raw)
 
 
 def spec_from_args(args: argparse.Namespace):
     overrides = {path: _parse_value(path, getattr(args, path)) for path in specmod.FLAGS_BY_PATH
                  if getattr(args, path, None) is not None}
-    env = specmod.env_overrides()
+    env = specload.env_overrides()
     log.debug("settings: config file %s; from env %s; from flags %s", getattr(args, "config", None) or "none",
               ", ".join(sorted(env)) or "none", ", ".join(sorted(overrides)) or "none")
-    spec = specmod.build(getattr(args, "config", None), overrides)
+    spec = specload.build(getattr(args, "config", None), overrides)
     if spec.log_format != "auto" and "log_format" not in overrides:  # set in the YAML or SFTJOB_LOG_FORMAT
         logsetup.setup(os.environ.get("SFTJOB_DEBUG") == "1", spec.log_format)
     return spec
@@ -184,7 +184,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         elif args.chart_readme:
             print(schema.chart_readme(), end="")
         else:
-            print(json.dumps(schema.helm_values_schema() if args.helm else specmod.json_schema(), indent=2))
+            print(json.dumps(schema.helm_values_schema() if args.helm else specload.json_schema(), indent=2))
         return 0
     if cmd == "tiny-model":
         from job import tiny

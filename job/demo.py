@@ -19,7 +19,7 @@ BUCKET = "sftjob-demo"
 
 def main(out: str = "demo-out", max_steps: int = 40, workdir: str | None = None) -> int:
     from job import demo_data, pipeline, publish, storage, tiny
-    from job.spec import build
+    from job.specload import build
     from job.storage import paths
     from job.storage.devserver import S3Server
     from job.train.export import verify_adapter

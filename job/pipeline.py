@@ -18,7 +18,8 @@ from pathlib import Path
 
 from job import evaluate, objectives, outage, publish, storage
 from job.errors import ConfigError, EvalGateError, Interrupted, NotFoundError, SftjobError, VerificationError
-from job.spec import RunSpec, to_yaml
+from job.spec import RunSpec
+from job.specload import to_yaml
 from job.status import Status, write_termination_log
 from job.train import dsops, launch
 

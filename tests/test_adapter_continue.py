@@ -90,7 +90,7 @@ def made(tmp_path_factory):
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from job.spec import build
+    from job.specload import build
     from job.train import lora
 
     d = tmp_path_factory.mktemp("made") / "adapter"
@@ -115,7 +115,7 @@ def _variant(made, tmp_path, change) -> Path:
 
 
 def _fetch(adapter):
-    from job.spec import build
+    from job.specload import build
     from job.train import parent
 
     return parent.fetch(build(overrides={"model.path": str(tiny_model()), "model.adapter": str(adapter)},

@@ -23,7 +23,7 @@ from test_chart_helpers import (
     tool,
 )
 
-from job import schema, spec
+from job import schema, spec, specload
 from job.errors import NON_RETRYABLE, ConfigError
 
 #: checkov findings we accept, with the reason (docs/kubernetes.md repeats them)
@@ -117,7 +117,7 @@ def test_helm_set_of_a_float_and_shorthands_render_a_spec_the_loader_accepts(tmp
                   "--set", "run.model=s3://b/models/m/", inputs=False)
     f = tmp_path / "run.yaml"
     f.write_text(by_kind(docs, "ConfigMap")[0]["data"]["run.yaml"])
-    s = spec.build(f, environ={})
+    s = specload.build(f, environ={})
     assert (s.train.learning_rate, s.output.uri, s.distributed.strategy) == (1e-4, "s3://b/runs/r/", "ddp")
     assert s.data_sources()[0].path == "s3://b/a.jsonl"
 
@@ -137,7 +137,7 @@ def _template_with(tmp_path, run_values: dict, *args: str):
 def test_helm_refuses_max_steps_the_run_spec_refuses(steps):
     """The spec's validator takes -1 (epochs) or a positive count; the schema says the same, from the field."""
     with pytest.raises(ConfigError, match="train.max_steps"):
-        spec.build(overrides={"train.max_steps": steps}, environ={})
+        specload.build(overrides={"train.max_steps": steps}, environ={})
     p = helm_template("r", "--set", f"run.train.max_steps={steps}", check=False)
     assert p.returncode != 0 and SCHEMA_ERROR in p.stderr and "max_steps" in p.stderr, p.stderr
     lint = run(tool("helm"), "lint", str(CHART), "-f", "-", "--set", f"run.train.max_steps={steps}",
@@ -189,7 +189,7 @@ def test_helm_takes_model_output_and_data_in_every_form_the_loader_takes(values,
     assert p.returncode == 0, p.stderr
     f = tmp_path / "run.yaml"
     f.write_text(by_kind([d for d in yaml.safe_load_all(p.stdout) if d], "ConfigMap")[0]["data"]["run.yaml"])
-    s = spec.build(f, environ={})
+    s = specload.build(f, environ={})
     assert s.model.path == "s3://m/" and s.output.uri == "s3://o/r/" and s.data_sources()
 
 
@@ -215,7 +215,7 @@ def test_run_inputs_the_schema_requires_are_those_the_run_requires(tmp_path, mon
         section, leaf = key.split(".")
         tree = {**full, section: {}}
         with pytest.raises(ConfigError, match=f"missing required setting '{section}.{leaf}'"):
-            pipeline.run(spec.build(tree=tree, environ={}))
+            pipeline.run(specload.build(tree=tree, environ={}))
 
 
 @pytest.mark.parametrize("bad", ["run.train.learning_rate=-1.0", "run.train.learning_rate=0.0",
@@ -242,15 +242,15 @@ def test_run_spec_refuses_a_grace_period_that_leaves_no_time_to_save():
     from job.train import sft
 
     with pytest.raises(ConfigError, match=r"resilience.grace_seconds.*at least \d+") as e:
-        spec.build(overrides={"resilience.grace_seconds": 5}, environ={})
+        specload.build(overrides={"resilience.grace_seconds": 5}, environ={})
     low = spec.ResilienceSpec.MIN_GRACE_SECONDS
     assert low > sft.SIGTERM_RESERVE_SECONDS, "the minimum must leave the ranks time to save after the reserve"
     assert f"at least {low}" in str(e.value) and "SIGKILL" in str(e.value) and f"to {low} or more" in str(e.value)
     with pytest.raises(ConfigError, match=f"at least {low}"):
-        spec.build(overrides={"resilience.grace_seconds": low - 1}, environ={"SFTJOB_MAX_STEPS": "3"})
+        specload.build(overrides={"resilience.grace_seconds": low - 1}, environ={"SFTJOB_MAX_STEPS": "3"})
     with pytest.raises(ConfigError, match="from SFTJOB_GRACE_SECONDS"):
-        spec.build(environ={"SFTJOB_GRACE_SECONDS": str(low - 1)})
-    assert spec.build(overrides={"resilience.grace_seconds": low}, environ={}).resilience.grace_seconds == low
+        specload.build(environ={"SFTJOB_GRACE_SECONDS": str(low - 1)})
+    assert specload.build(overrides={"resilience.grace_seconds": low}, environ={}).resilience.grace_seconds == low
 
 
 @pytest.mark.parametrize("grace", [5, 29])
@@ -279,7 +279,7 @@ def test_helm_refuses_a_grace_period_whose_margin_leaves_the_trainer_under_the_m
         env = {k: v["value"] for k, v in env_of(c).items() if "value" in v}
         f = tmp_path / "run.yaml"
         f.write_text(by_kind(docs, "ConfigMap")[0]["data"]["run.yaml"])
-        assert spec.build(f, environ={k: v for k, v in env.items() if k.startswith("SFTJOB_")}).resilience.grace_seconds \
+        assert specload.build(f, environ={k: v for k, v in env.items() if k.startswith("SFTJOB_")}).resilience.grace_seconds \
             == grace - margin == low
 
 
@@ -293,7 +293,7 @@ def test_configmap_holds_values_run_as_the_runspec_the_cli_reads(matrix, tmp_pat
         f.write_text(cm["data"]["run.yaml"])
         direct = tmp_path / f"{name}-direct.yaml"
         direct.write_text(yaml.safe_dump({"run": values["run"]}))
-        assert spec.build(f, environ={}) == spec.build(direct, environ={}), name
+        assert specload.build(f, environ={}) == specload.build(direct, environ={}), name
         mounts = {m["name"]: m for m in trainer_of(docs)["volumeMounts"]}
         assert mounts["run-spec"]["mountPath"] == "/etc/sftjob" and mounts["run-spec"]["readOnly"]
         assert trainer_of(docs)["args"] == ["run", "--config", "/etc/sftjob/run.yaml"]
@@ -309,7 +309,7 @@ def test_pod_env_is_read_by_the_runspec_loader(matrix, tmp_path):
     env = {k: v["value"] for k, v in env_of(trainer_of(docs)).items() if "value" in v}
     f = tmp_path / "run.yaml"
     f.write_text(by_kind(docs, "ConfigMap")[0]["data"]["run.yaml"])
-    s = spec.build(f, environ={**env, "JOB_COMPLETION_INDEX": "1"})
+    s = specload.build(f, environ={**env, "JOB_COMPLETION_INDEX": "1"})
     assert s.distributed.num_machines == 2
     assert s.distributed.gpus_per_node == 8
     assert s.resilience.grace_seconds == 300 - 10

@@ -181,8 +181,7 @@ def test_validate_preview_and_prepare_use_the_spec_storage_endpoint(s3, tmp_path
 
 
 def test_a_tokenizer_from_s3_comes_without_the_weights_and_run_completes_the_same_cache(s3, tmp_path, capsys):
-    from job import spec as specmod
-    from job import storage, tiny
+    from job import specload, storage, tiny
     from job.data.templates import locate_tokenizer
     from job.pipeline import fetch_model
 
@@ -199,7 +198,7 @@ def test_a_tokenizer_from_s3_comes_without_the_weights_and_run_completes_the_sam
     assert "model.safetensors" not in files and "generation_config.json" not in files  # no weights for validate
     tok_file, before = files["tokenizer.json"], files["tokenizer.json"].stat().st_mtime_ns
 
-    spec = specmod.build(overrides={"model.path": uri, "cache_dir": str(cache)}, environ={})
+    spec = specload.build(overrides={"model.path": uri, "cache_dir": str(cache)}, environ={})
     model_dir = Path(fetch_model(spec))  # what `run` does: the same directory, completed with the weights
     assert model_dir == tok_file.parent and (model_dir / "model.safetensors").is_file()
     assert tok_file.stat().st_mtime_ns == before  # not downloaded a second time

@@ -8,14 +8,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from job import spec as specmod
+from job import specload
 from job.data import formats, readers
 from job.data.formats import BadRow, Row
 from job.errors import DataError, NotFoundError
 
 
 def rows_of(path, **overrides):
-    spec = specmod.build(overrides={"data.path": str(path), **overrides})
+    spec = specload.build(overrides={"data.path": str(path), **overrides})
     files = readers.expand(str(path), path.parent)
     return list(formats.read_rows(files, spec.data, spec.model))
 
@@ -231,7 +231,7 @@ def test_a_duplicate_key_in_a_message_is_a_bad_row_naming_the_message(tmp_path):
 
 def test_a_limit_of_zero_reads_no_rows(tmp_path):
     f = write_jsonl(tmp_path / "d.jsonl", [ROW, ROW])
-    spec = specmod.build(overrides={"data.path": str(f)})
+    spec = specload.build(overrides={"data.path": str(f)})
     assert list(formats.iter_records(readers.expand(str(f), tmp_path), spec.data, limit=0)) == []
 
 

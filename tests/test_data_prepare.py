@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from job import spec as specmod
+from job import specload
 from job.data.prepare import Prepared, prepare
 from job.demo_data import conversations
 from job.errors import DataError
@@ -40,7 +40,7 @@ def make_spec(tmp_path, tok_dir, data, **kw):
     else:
         over["data.path"] = str(data)
     over.update(kw)
-    return specmod.build(overrides=over)
+    return specload.build(overrides=over)
 
 
 def read(path):
@@ -180,12 +180,12 @@ def test_tokenizer_location_prefers_model_tokenizer_then_the_fetched_model_dir(t
 
     other = tmp_path / "model"
     other.mkdir()
-    spec = specmod.build(overrides={"model.path": str(tmp_path / "remote-model"), "model.tokenizer": str(tok_dir)})
+    spec = specload.build(overrides={"model.path": str(tmp_path / "remote-model"), "model.tokenizer": str(tok_dir)})
     assert locate_tokenizer(spec, other) == tok_dir
-    assert locate_tokenizer(specmod.build(overrides={"model.path": "s3://b/m"}), other) == other
-    assert locate_tokenizer(specmod.build()) is None
+    assert locate_tokenizer(specload.build(overrides={"model.path": "s3://b/m"}), other) == other
+    assert locate_tokenizer(specload.build()) is None
     with pytest.raises(NotFoundError, match="tokenizer not found"):
-        locate_tokenizer(specmod.build(overrides={"model.path": str(tmp_path / "absent")}))
+        locate_tokenizer(specload.build(overrides={"model.path": str(tmp_path / "absent")}))
 
 
 @pytest.mark.parametrize("num_proc", [2, 4])

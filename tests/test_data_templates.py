@@ -222,17 +222,17 @@ def test_template_that_rejects_non_alternating_roles_reports_the_row(base_tokeni
 
 
 def test_unknown_template_name_is_a_config_error_and_missing_file_is_not_found(tmp_path):
-    from job import spec as specmod
+    from job import specload
     from job.data.templates import resolve_template
     from job.errors import ConfigError, NotFoundError
 
     with pytest.raises(ConfigError, match="unknown built-in"):
-        resolve_template(specmod.build(overrides={"model.chat_template": "chatmlx"}), None)
+        resolve_template(specload.build(overrides={"model.chat_template": "chatmlx"}), None)
     with pytest.raises(NotFoundError):
-        resolve_template(specmod.build(overrides={"model.chat_template": str(tmp_path / "none.jinja")}), None)
+        resolve_template(specload.build(overrides={"model.chat_template": str(tmp_path / "none.jinja")}), None)
     f = tmp_path / "t.jinja"
     f.write_text(BUILTINS["zephyr"][0])
-    chat = resolve_template(specmod.build(overrides={"model.chat_template": str(f)}), family_tokenizer_plain())
+    chat = resolve_template(specload.build(overrides={"model.chat_template": str(f)}), family_tokenizer_plain())
     assert chat.eos_tokens == ["</s>"] and chat.name == str(f)
 
 

@@ -8,7 +8,7 @@ import pytest
 from test_data_real_templates import FAMILIES, template, tokenizer_for
 from test_data_templates import encode, split_examples, trained_runs
 
-from job import spec as specmod
+from job import specload
 from job.data import formats, readers
 from job.data.formats import BadRow, Row
 from job.data.masks import fold_system
@@ -95,7 +95,7 @@ def test_tool_rows_are_read_from_openai_and_sharegpt_style_files(tmp_path):
     bad_args = {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": None, "tool_calls": [
         {"type": "function", "function": {"name": "f", "arguments": "{not json"}}]}]}
     p.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in (openai, bad_args)) + "\n")
-    spec = specmod.build(overrides={"data.path": str(p)})
+    spec = specload.build(overrides={"data.path": str(p)})
     row, bad = formats.read_rows(readers.expand(str(p), tmp_path), spec.data, spec.model)
     assert isinstance(row, Row), row
     assert row.tools == [WEATHER]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from trainkit import tiny_model
 
-from job import spec as specmod
+from job import specload
 from job.cli import main
 from job.data import preference
 from job.data.masks import IGNORE
@@ -25,7 +25,7 @@ def write(path, rows):
 
 
 def norm(obj, columns=None, **model):
-    s = specmod.build(overrides={f"model.{k}": v for k, v in model.items()})
+    s = specload.build(overrides={f"model.{k}": v for k, v in model.items()})
     return preference.normalize("f:1", obj, columns or {}, {}, s.model)
 
 
@@ -105,7 +105,7 @@ def test_validate_objective_dpo_accepts_clean_pairs_and_refuses_sft_rows(tmp_pat
 @pytest.mark.parametrize("train_on_eos", ["turn", "none"])
 def test_pair_tokens_equal_the_chat_template_and_only_the_completion_is_trained(train_on_eos):
     tok = load_tokenizer(tiny_model())
-    s = specmod.build(overrides={"data.train_on_eos": train_on_eos})
+    s = specload.build(overrides={"data.train_on_eos": train_on_eos})
     chat = resolve_template(s, tok)
     enc = preference.pair_encoder(tok, chat, train_on_eos)
     p = norm({"prompt": [{"role": "system", "content": "sé breve"}, U("¿Cuánto es 2 más 2?")],
@@ -136,7 +136,7 @@ def test_prepare_caches_pairs_and_a_second_prepare_is_a_hit(tmp_path):
     from job.data.preference import prepare  # DPO's preparation (job/objectives/dpo.py)
 
     f = write(tmp_path / "prefs.jsonl", pairs(20))
-    s = specmod.build(overrides={"train.objective": "dpo", "data.path": str(f), "model.path": str(tiny_model()),
+    s = specload.build(overrides={"train.objective": "dpo", "data.path": str(f), "model.path": str(tiny_model()),
                                  "data.eval_split": 0.2, "cache_dir": str(tmp_path / "cache")})
     p = prepare(s, tiny_model())
     assert not p.cache_hit and p.report["examples"] == {"train": 16, "eval": 4}
@@ -165,7 +165,7 @@ def test_impossible_dpo_settings_exit_64_before_any_work(tmp_path, capsys, flags
 def test_dpo_training_arguments_carry_the_dpo_knobs_and_the_sft_settings():
     from job.train.dpo import dpo_args
 
-    s = specmod.build(overrides={"train.objective": "dpo", "train.beta": 0.3, "train.loss_type": "robust",
+    s = specload.build(overrides={"train.objective": "dpo", "train.beta": 0.3, "train.loss_type": "robust",
                                  "train.label_smoothing": 0.1, "train.precompute_ref_log_probs": True,
                                  "train.warmup_ratio": 0.2, "train.learning_rate": 1e-5})
     plan = {"checkpoint_dir": "/tmp/x", "mixed_precision": "no"}
@@ -183,9 +183,9 @@ def test_pairs_longer_than_max_length_are_truncated_or_dropped_and_counted(tmp_p
     f = write(tmp_path / "prefs.jsonl", rows)
     base = {"train.objective": "dpo", "data.path": str(f), "model.path": str(tiny_model()), "data.max_length": 64,
             "cache_dir": str(tmp_path / "cache")}
-    rep = prepare(specmod.build(overrides=base), tiny_model()).report
+    rep = prepare(specload.build(overrides=base), tiny_model()).report
     assert rep["truncation"]["truncated"] == 1 and rep["examples"]["train"] == 6 and rep["lengths"]["max"] <= 128
-    rep = prepare(specmod.build(overrides={**base, "data.truncation": "drop"}), tiny_model()).report
+    rep = prepare(specload.build(overrides={**base, "data.truncation": "drop"}), tiny_model()).report
     assert rep["rows"]["dropped"] == {"too_long": 1} and rep["examples"]["train"] == 5
 
 

@@ -11,6 +11,7 @@ import json
 import pytest
 
 from job import spec as specmod
+from job import specload
 from job.train import fastpath
 from job.train.collate import Collator
 from job.train.fastpath import choose_attention, choose_liger
@@ -59,10 +60,10 @@ def test_liger_is_on_where_it_applies_and_a_forced_request_that_cannot_run_says_
 
 
 def test_the_knobs_are_in_the_schema_and_the_cli():
-    s = specmod.build(None, {"model.attn_implementation": "flex_attention", "train.use_liger_kernel": True})
+    s = specload.build(None, {"model.attn_implementation": "flex_attention", "train.use_liger_kernel": True})
     assert s.model.attn_implementation == "flex_attention" and s.train.use_liger_kernel is True
     assert specmod.FLAGS_BY_PATH["train.use_liger_kernel"] == "use-liger-kernel"
-    defs = specmod.json_schema()["$defs"]
+    defs = specload.json_schema()["$defs"]
     assert {"flash_attention_2", "flex_attention"} <= set(defs["ModelSpec"]["properties"]["attn_implementation"]["enum"])
     assert "use_liger_kernel" in defs["TrainSpec"]["properties"]
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import trainkit
 
-from job.spec import build
+from job.specload import build
 from job.train import jitops
 
 

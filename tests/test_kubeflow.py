@@ -16,7 +16,7 @@ import yaml
 from test_chart_helpers import K8S_VERSIONS, run, tool
 
 from job.errors import NON_RETRYABLE, ConfigError
-from job.spec import build
+from job.specload import build
 from job.train import launch
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from job.errors import ConfigError
-from job.spec import build
+from job.specload import build
 from job.train import launch
 
 

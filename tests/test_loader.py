@@ -14,8 +14,7 @@ import torch
 import trainkit
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from job import evalkit
-from job import spec as specmod
+from job import evalkit, specload
 from job.data.prepare import prepare
 from job.demo_data import conversations
 from job.train import export, sft
@@ -43,7 +42,7 @@ def make_spec(tmp_path, template, rows=None, **kw):
         data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         over["data.path"] = str(data)
     over.update(kw)
-    return specmod.build(overrides=over)
+    return specload.build(overrides=over)
 
 
 def augmented_tokenizer():

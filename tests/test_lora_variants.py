@@ -12,7 +12,7 @@ import yaml
 from trainkit import chat_data, run, tiny_model
 
 from job.errors import ConfigError
-from job.spec import build
+from job.specload import build
 from job.train import lora
 
 

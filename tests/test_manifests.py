@@ -110,14 +110,14 @@ def test_workflow_job_matches_the_chart_job(argo_objects, tmp_path):
 
 
 def test_workflow_spec_configmap_and_uri_env_load_as_a_runspec(argo_objects, tmp_path):
-    from job import spec
+    from job import specload
 
     _, objs = argo_objects
     (cm,) = by_kind(objs, "ConfigMap")
     f = tmp_path / "run.yaml"
     f.write_text(cm["data"]["run.yaml"])
     env = {k: v["value"] for k, v in env_of(by_kind(objs, "Job")[0]["spec"]["template"]["spec"]["containers"][0]).items()}
-    s = spec.build(f, environ=env)
+    s = specload.build(f, environ=env)
     assert (s.data.path, s.model.path, s.output.uri) == (SAMPLE["data"], SAMPLE["model"], SAMPLE["output"])
     assert s.train.learning_rate == 1e-4 and s.distributed.num_machines == 2
 

@@ -32,9 +32,9 @@ def test_offload_optimizer_without_a_loadable_cpu_adam_exits_64_before_any_fetch
 
 def test_offload_is_not_probed_where_deepspeed_does_not_run():
     """One process (auto → single): DeepSpeed is not used, so its op is not required."""
-    from job import spec as specmod
+    from job import specload
 
-    s = specmod.build(None, {"distributed.offload_optimizer": True, "distributed.num_processes": 1})
+    s = specload.build(None, {"distributed.offload_optimizer": True, "distributed.num_processes": 1})
     dsops.check(s, environ={**os.environ, **NO_COMPILER})  # no raise
 
 

@@ -15,8 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from job import spec as specmod
-from job import storage
+from job import specload, storage
 from job.data import progress, shared
 from job.data.prepare import cache_key, fingerprints, prepare
 from job.demo_data import conversations
@@ -40,7 +39,7 @@ def make_spec(cache: Path, tok_dir, data: str, **kw):
     over = {"model.path": str(tok_dir), "cache_dir": str(cache), "data.num_proc": 1, "data.path": data,
             "data.max_length": 128}
     over.update(kw)
-    return specmod.build(overrides=over)
+    return specload.build(overrides=over)
 
 
 def sha(p: Path) -> str:

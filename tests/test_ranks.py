@@ -156,7 +156,7 @@ def test_a_child_started_with_child_of_dies_with_its_parent(tmp_path):
 
 
 def test_ddp_timeout_reaches_the_trainer_and_nccl_error_handling_is_on_unless_set(tmp_path, monkeypatch):
-    from job.spec import build
+    from job.specload import build
     from job.train import launch, recipe
 
     spec = build(overrides={"distributed.ddp_timeout": 90, "distributed.strategy": "ddp"})

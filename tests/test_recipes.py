@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from job import cli, evalreport, evaluate, spec
+from job import cli, evalreport, evaluate, specload
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -43,7 +43,7 @@ def test_every_yaml_in_examples_is_a_listed_recipe():
 
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
 def test_recipe_validates_and_its_eval_section_is_satisfiable(recipe):
-    s = spec.build(EXAMPLES / recipe)
+    s = specload.build(EXAMPLES / recipe)
     assert s.model.path and s.data_sources() and s.output.uri
     evaluate.check(s)  # raises on an eval section that could never be met
     assert evaluate.wanted(s)
@@ -58,7 +58,7 @@ def test_recipe_plans_offline_with_the_published_model_size(recipe, capsys):
 
 
 def test_llama3_recipe_is_two_nodes_of_eight_gpus_with_zero3_packing_and_30_minute_checkpoints(capsys):
-    s = spec.build(EXAMPLES / "llama3-8b-zero3.yaml")
+    s = specload.build(EXAMPLES / "llama3-8b-zero3.yaml")
     assert s.data.packing and s.resilience.save_minutes == 30 and s.train.lora_r == 16
     assert s.train.target_modules == "all-linear"
     plan = _plan("llama3-8b-zero3.yaml", capsys)
@@ -77,14 +77,14 @@ def test_qwen_qlora_recipe_fits_one_24gb_gpu(capsys):
 
 
 def test_gemma_recipe_trains_and_saves_embeddings_with_the_adapter(capsys):
-    s = spec.build(EXAMPLES / "gemma-chatml.yaml")
+    s = specload.build(EXAMPLES / "gemma-chatml.yaml")
     assert s.model.chat_template == "chatml" and set(s.train.modules_to_save) == {"embed_tokens", "lm_head"}
     plan = _plan("gemma-chatml.yaml", capsys)
     assert plan["trainable_params"] > 256000 * 2048  # the (tied) embedding matrix is trained in full
 
 
 def test_catalog_recipe_gates_on_schema_valid_json_and_its_sample_rows_satisfy_the_schema():
-    s = spec.build(EXAMPLES / "catalog-json.yaml")
+    s = specload.build(EXAMPLES / "catalog-json.yaml")
     assert s.eval.min_json_valid == 0.95 and s.eval.json_schema
     schema = evalreport.load_schema(s.eval.json_schema)
     for line in (EXAMPLES / "catalog" / "sample.jsonl").read_text().splitlines():
@@ -108,7 +108,7 @@ def test_the_tool_use_sample_rows_train_the_calls_and_answers_with_qwens_templat
     from job import tiny
     from job.data import formats, readers
 
-    s = spec.build(overrides={"data.path": str(EXAMPLES / "tools" / "sample.jsonl")})
+    s = specload.build(overrides={"data.path": str(EXAMPLES / "tools" / "sample.jsonl")})
     rows = list(formats.read_rows(readers.expand(s.data.path, ROOT), s.data, s.model))
     assert all(isinstance(r, formats.Row) for r in rows), rows
     tok = tokenizer_for(copy.deepcopy(tiny.build_tokenizer()), "qwen2_5")
@@ -122,7 +122,7 @@ def test_the_tool_use_sample_rows_train_the_calls_and_answers_with_qwens_templat
 
 
 def test_dpo_recipe_plans_two_sequences_per_pair_and_a_reference_without_extra_weights(capsys):
-    s = spec.build(EXAMPLES / "dpo-smol-es.yaml")
+    s = specload.build(EXAMPLES / "dpo-smol-es.yaml")
     assert s.train.objective == "dpo" and s.eval.min_reward_accuracy is not None
     plan = _plan("dpo-smol-es.yaml", capsys)
     assert plan["objective"] == "dpo" and plan["sequences_per_row"] == 2
@@ -144,7 +144,7 @@ def test_dpo_recipe_plans_two_sequences_per_pair_and_a_reference_without_extra_w
 @pytest.mark.parametrize("max_steps,ratio,expected", [(1, 0.03, 0), (2, 0.5, 1), (100, 0.03, 3), (10, 0.99, 9),
                                                        (-1, 0.03, 0.03), (50, 0.0, 0.0)])
 def test_warm_up_never_takes_every_step_when_the_steps_are_known(max_steps, ratio, expected):
-    from job.spec import build
+    from job.specload import build
     from job.train import recipe
 
     spec = build(overrides={"train.max_steps": max_steps, "train.warmup_ratio": ratio}, environ={})

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from job import cli, redact
-from job import spec as specmod
+from job import cli, redact, specload
 from job.errors import ConfigError
 from job.status import Status
 
@@ -35,8 +34,8 @@ def test_secret_environment_values_are_masked(monkeypatch):
 
 
 def test_run_yaml_masks_endpoint_credentials():
-    s = specmod.build(overrides={"storage.endpoint_url": ENDPOINT, "output.uri": "s3://b/runs/x"}, environ={})
-    text = specmod.to_yaml(s)
+    s = specload.build(overrides={"storage.endpoint_url": ENDPOINT, "output.uri": "s3://b/runs/x"}, environ={})
+    text = specload.to_yaml(s)
     assert "pa55word" not in text and "deadbeefcafe" not in text
     assert yaml.safe_load(text)["storage"]["endpoint_url"] == "http://***@minio.local:9000/?X-Amz-Signature=***"
     assert s.storage.endpoint_url == ENDPOINT, "the live spec keeps the real endpoint"
@@ -46,7 +45,7 @@ def test_path_and_sources_error_names_the_problem_without_dumping_the_config(tmp
     f = tmp_path / "run.yaml"
     f.write_text(f"data:\n  sources: [{{path: b.jsonl}}]\nstorage:\n  endpoint_url: '{ENDPOINT}'\n")
     with pytest.raises(ConfigError) as e:
-        specmod.build(f, {"data.path": "a.jsonl"}, environ={})
+        specload.build(f, {"data.path": "a.jsonl"}, environ={})
     assert "set data.path or data.sources, not both" in str(e.value)
     assert "pa55word" not in str(e.value) and "endpoint_url" not in str(e.value)
     assert cli.main(["validate", "--config", str(f), "--data", "a.jsonl"]) == 64
@@ -56,7 +55,7 @@ def test_path_and_sources_error_names_the_problem_without_dumping_the_config(tmp
 
 def test_a_value_error_shows_the_value_redacted(tmp_path):
     with pytest.raises(ConfigError) as e:
-        specmod.build(overrides={"storage.max_attempts": ENDPOINT}, environ={})
+        specload.build(overrides={"storage.max_attempts": ENDPOINT}, environ={})
     assert "max_attempts" in str(e.value) and "http://***@minio.local" in str(e.value)
     assert "pa55word" not in str(e.value)
 

@@ -9,7 +9,7 @@ import pytest
 from trainkit import run
 
 from job.errors import ConfigError
-from job.spec import build
+from job.specload import build
 from job.train import launch, lora, parent
 from job.train import plan as planmod
 

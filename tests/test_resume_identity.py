@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 import trainkit
 
-from job import checkpoints, identity
-from job import spec as specmod
+from job import checkpoints, identity, specload
 from job.errors import ConfigError, ExitCode
 from job.train import reshard
 
@@ -54,7 +53,7 @@ def spec_of(made, out, **overrides):
             "output": str(out), "resilience": {"save_steps": 2},
             "train": {"max_steps": STEPS, "logging_steps": 1, "seed": 3, "learning_rate": 1e-3,
                       "per_device_train_batch_size": 2, "lr_scheduler_type": "constant"}}
-    return specmod.build(tree=tree, overrides=overrides, environ={})
+    return specload.build(tree=tree, overrides=overrides, environ={})
 
 
 def test_the_marker_records_what_defines_the_run(made):

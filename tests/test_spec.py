@@ -2,6 +2,7 @@
 import pytest
 
 from job import spec as specmod
+from job import specload
 from job.errors import ConfigError
 
 
@@ -9,7 +10,7 @@ def test_yaml_sections_and_flat_keys_load(tmp_path):
     f = tmp_path / "run.yaml"
     f.write_text("model: ./m\ndata: s3://b/train.jsonl\noutput: s3://b/runs/x\n"
                  "learning_rate: 1.0e-4\ntrain: {lora_r: 8}\nsave_steps: 50\nchat_template: llama3\n")
-    s = specmod.build(f, environ={})
+    s = specload.build(f, environ={})
     assert s.model.path == "./m" and s.data.path == "s3://b/train.jsonl" and s.output.uri == "s3://b/runs/x"
     assert s.train.learning_rate == 1e-4 and s.train.lora_r == 8
     assert s.resilience.save_steps == 50 and s.model.chat_template == "llama3"
@@ -18,7 +19,7 @@ def test_yaml_sections_and_flat_keys_load(tmp_path):
 def test_env_overrides_yaml_and_flags_override_env(tmp_path):
     f = tmp_path / "run.yaml"
     f.write_text("max_steps: 5\nlora_r: 4\n")
-    s = specmod.build(f, {"train.lora_r": 32}, environ={"SFTJOB_MAX_STEPS": "7", "SFTJOB_LORA_R": "16"})
+    s = specload.build(f, {"train.lora_r": 32}, environ={"SFTJOB_MAX_STEPS": "7", "SFTJOB_LORA_R": "16"})
     assert s.train.max_steps == 7
     assert s.train.lora_r == 32
 
@@ -26,7 +27,7 @@ def test_env_overrides_yaml_and_flags_override_env(tmp_path):
 def test_helm_values_file_run_section_is_accepted(tmp_path):
     f = tmp_path / "values.yaml"
     f.write_text("run:\n  model: ./m\n  max_steps: 3\n")
-    assert specmod.build(f, environ={}).train.max_steps == 3
+    assert specload.build(f, environ={}).train.max_steps == 3
 
 
 @pytest.mark.parametrize("text,key,suggestion", [
@@ -38,7 +39,7 @@ def test_unknown_key_is_named_with_the_closest_valid_one(tmp_path, text, key, su
     f = tmp_path / "run.yaml"
     f.write_text(text)
     with pytest.raises(ConfigError) as e:
-        specmod.build(f, environ={})
+        specload.build(f, environ={})
     assert f"'{key}'" in str(e.value) and f"'{suggestion}'" in str(e.value)
 
 
@@ -46,21 +47,21 @@ def test_wrong_type_names_the_field(tmp_path):
     f = tmp_path / "run.yaml"
     f.write_text("train: {max_steps: many}\n")
     with pytest.raises(ConfigError, match="train.max_steps"):
-        specmod.build(f, environ={})
+        specload.build(f, environ={})
 
 
 def test_invalid_yaml_names_file_and_line(tmp_path):
     f = tmp_path / "run.yaml"
     f.write_text("model: ./m\ndata: [unclosed\n")
     with pytest.raises(ConfigError, match=r"run.yaml:\d+"):
-        specmod.build(f, environ={})
+        specload.build(f, environ={})
 
 
 def test_every_field_has_a_description_and_a_unique_flag():
     flags = list(specmod.FLAGS_BY_PATH.values())
     assert len(flags) == len(set(flags))
-    for path, _ in specmod._leaf_paths():
-        assert specmod.leaf_field(path).description, path
+    for path, _ in specmod.leaf_paths():
+        assert specload.leaf_field(path).description, path
     # names users already know, as flags in kebab-case
     for flag in ("learning-rate", "max-steps", "num-train-epochs", "per-device-train-batch-size",
                  "gradient-accumulation-steps", "max-length", "lora-r", "lora-alpha", "lora-dropout",
@@ -82,8 +83,8 @@ def test_cache_dir_precedence(monkeypatch, tmp_path):
 
 
 def test_spec_hash_changes_with_a_knob():
-    a = specmod.build(overrides={"train.lora_r": 8}, environ={})
-    b = specmod.build(overrides={"train.lora_r": 16}, environ={})
+    a = specload.build(overrides={"train.lora_r": 8}, environ={})
+    b = specload.build(overrides={"train.lora_r": 16}, environ={})
     assert a.spec_hash() != b.spec_hash()
 
 
@@ -106,7 +107,7 @@ def test_knob_table_is_generated_from_the_spec():
 def test_optimizer_and_scheduler_typos_are_config_errors_with_the_closest_name(key, typo, closest):
     """transformers would reject them only inside the ranks, as a retryable exit 1."""
     with pytest.raises(ConfigError) as e:
-        specmod.build(overrides={f"train.{key}": typo}, environ={})
+        specload.build(overrides={f"train.{key}": typo}, environ={})
     assert f"train.{key}" in str(e.value) and f"did you mean '{closest}'" in str(e.value)
     assert e.value.exit_code == 64
 
@@ -116,18 +117,18 @@ def test_every_name_transformers_accepts_is_accepted():
     from transformers.training_args import OptimizerNames
 
     for n in OptimizerNames:
-        assert specmod.build(overrides={"train.optim": n.value}, environ={}).train.optim == n.value
+        assert specload.build(overrides={"train.optim": n.value}, environ={}).train.optim == n.value
     for n in SchedulerType:
-        assert specmod.build(overrides={"train.lr_scheduler_type": n.value}, environ={}).train.lr_scheduler_type == n.value
+        assert specload.build(overrides={"train.lr_scheduler_type": n.value}, environ={}).train.lr_scheduler_type == n.value
 
 
 @pytest.mark.parametrize("steps,ok", [(-1, True), (1, True), (500, True), (0, False), (-2, False), (-100, False)])
 def test_max_steps_is_positive_or_minus_one(steps, ok):
     if ok:
-        assert specmod.build(overrides={"train.max_steps": steps}, environ={}).train.max_steps == steps
+        assert specload.build(overrides={"train.max_steps": steps}, environ={}).train.max_steps == steps
     else:
         with pytest.raises(ConfigError, match="train.max_steps.*-1 to train num_train_epochs"):
-            specmod.build(overrides={"train.max_steps": steps}, environ={})
+            specload.build(overrides={"train.max_steps": steps}, environ={})
 
 
 def test_the_charts_own_values_file_is_a_valid_config():
@@ -135,18 +136,18 @@ def test_the_charts_own_values_file_is_a_valid_config():
     from pathlib import Path
 
     values = Path(__file__).resolve().parent.parent / "charts" / "sftjob" / "values.yaml"
-    s = specmod.build(values, environ={})
+    s = specload.build(values, environ={})
     assert s.resilience.grace_seconds == 120
 
 
 def test_a_helm_values_file_with_pod_keys_beside_run_is_read_for_run(tmp_path):
     f = tmp_path / "my-run.yaml"
     f.write_text("nodes: 2\nimage: {tag: x}\nrun:\n  model: ./m\n  max_steps: 3\n")
-    s = specmod.build(f, environ={})
+    s = specload.build(f, environ={})
     assert s.train.max_steps == 3 and s.model.path == "./m"
     f.write_text("nodes: 2\nrun: 3\n")
     with pytest.raises(ConfigError, match="run:. must be a mapping"):
-        specmod.build(f, environ={})
+        specload.build(f, environ={})
 
 
 @pytest.mark.parametrize("key,value", [("train.learning_rate", "nan"), ("train.learning_rate", "inf"),
@@ -155,7 +156,7 @@ def test_a_helm_values_file_with_pod_keys_beside_run_is_read_for_run(tmp_path):
 def test_no_knob_takes_infinity_or_nan(key, value):
     """`--learning-rate inf` was accepted (NaN only where a bound happened to refuse it); every float knob is finite."""
     with pytest.raises(ConfigError, match=rf"{key}: Input should be a finite number"):
-        specmod.build(overrides={key: value}, environ={})
+        specload.build(overrides={key: value}, environ={})
 
 
 def test_a_source_weight_is_finite_and_at_most_1000_copies(tmp_path):
@@ -163,10 +164,10 @@ def test_a_source_weight_is_finite_and_at_most_1000_copies(tmp_path):
     for w, ok in [("2.5", True), ("1000", True), ("1001", False), (".inf", False), ("1e308", False)]:
         f.write_text(f"data: {{sources: [{{path: a.jsonl, weight: {w}}}]}}\n")
         if ok:
-            assert specmod.build(f, environ={}).data.sources[0].weight == float(w)
+            assert specload.build(f, environ={}).data.sources[0].weight == float(w)
         else:
             with pytest.raises(ConfigError, match="data.sources.0.weight"):
-                specmod.build(f, environ={})
+                specload.build(f, environ={})
 
 
 @pytest.mark.parametrize("key,value,fix", [
@@ -179,18 +180,18 @@ def test_a_source_weight_is_finite_and_at_most_1000_copies(tmp_path):
 def test_a_location_with_a_scheme_we_do_not_read_is_refused_naming_the_knob(key, value, fix):
     """gs://, S3:// or s3a:// were taken for local paths that do not exist ('data not found: gs://...')."""
     with pytest.raises(ConfigError) as e:
-        specmod.build(overrides={key: value}, environ={})
+        specload.build(overrides={key: value}, environ={})
     msg = str(e.value)
     assert f"{key}: unsupported URI scheme '{value.split('://')[0]}://'" in msg and fix in msg
     assert "(top level)" not in msg and "pa55word" not in msg
 
 
 def test_s3_file_and_local_locations_and_hub_ids_are_accepted(tmp_path):
-    spec = specmod.build(overrides={"data.sources": ["s3://b/train/", f"file://{tmp_path}/x.jsonl", "rel/dir"],
+    spec = specload.build(overrides={"data.sources": ["s3://b/train/", f"file://{tmp_path}/x.jsonl", "rel/dir"],
                                     "model.path": "Qwen/Qwen2.5-0.5B", "output.uri": "s3://b/runs/a/"}, environ={})
     assert [s.path for s in spec.data.sources][0] == "s3://b/train/"
     with pytest.raises(ConfigError, match=r"data.sources.1.path: unsupported URI scheme 'gs://'"):
-        specmod.build(overrides={"data.sources": ["s3://b/a/", "gs://b/c/"]}, environ={})
+        specload.build(overrides={"data.sources": ["s3://b/a/", "gs://b/c/"]}, environ={})
 
 
 @pytest.mark.parametrize("key,value,problem", [
@@ -200,14 +201,14 @@ def test_s3_file_and_local_locations_and_hub_ids_are_accepted(tmp_path):
 def test_an_output_with_no_bucket_or_the_filesystem_root_is_refused_before_training(key, value, problem):
     """`--output s3://` and `--output /` trained first and failed only when publishing."""
     with pytest.raises(ConfigError, match=f"{key}: .*{problem}"):
-        specmod.build(overrides={key: value}, environ={})
+        specload.build(overrides={key: value}, environ={})
 
 
 def test_an_invalid_value_names_the_flag_or_variable_it_came_from(tmp_path):
     f = tmp_path / "run.yaml"
     f.write_text("train: {warmup_ratio: 2}\n")
     with pytest.raises(ConfigError) as e:
-        specmod.build(f, {"train.max_steps": 0}, environ={"SFTJOB_LEARNING_RATE": "inf"})
+        specload.build(f, {"train.max_steps": 0}, environ={"SFTJOB_LEARNING_RATE": "inf"})
     msg = str(e.value)
     assert msg.startswith(f"invalid run spec ({f}, environment, flags):")
     assert "train.learning_rate: Input should be a finite number (got 'inf') from SFTJOB_LEARNING_RATE" in msg

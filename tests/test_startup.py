@@ -38,7 +38,7 @@ def test_the_launcher_resolves_its_topology_and_kernels_without_torch_on_a_host_
 
     if not host.no_gpu_driver():
         pytest.skip("this host has a GPU driver: torch is how the launcher counts the GPUs")
-    loaded = _loaded("from job.spec import build\nfrom job.train import fastpath, launch\n"
+    loaded = _loaded("from job.specload import build\nfrom job.train import fastpath, launch\n"
                      "s = build(overrides={'train.method': 'lora'}, environ={})\n"
                      "t = launch.topology(s)\nassert not t.cuda and t.strategy == 'single'\n"
                      "assert fastpath.resolve(s, t.cuda)['attention']['implementation'] == 'sdpa'")

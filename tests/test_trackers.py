@@ -113,7 +113,7 @@ def _events(path):
 
 
 def test_mlflow_is_ours_not_transformers_and_tensorboard_stays_with_transformers(tmp_path):
-    from job.spec import build
+    from job.specload import build
     from job.train import recipe, trackers
 
     spec = build(overrides={"train.report_to": ["mlflow", "tensorboard"]})

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from job import spec as specmod
+from job import specload
 from job.errors import ConfigError, NotFoundError, PermissionDeniedError, SftjobError, UnavailableError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -44,11 +44,11 @@ def load_values(path: str) -> dict:
     """A Helm values file (RunSpec under `run:`) or a bare RunSpec, wrapped under `run:`;
     the RunSpec is validated with the same rules `sftjob run` applies."""
     p = Path(path)
-    data = specmod.read_yaml_mapping(p, missing="values file not found", missing_hint="pass -f my-run.yaml",
+    data = specload.read_yaml_mapping(p, missing="values file not found", missing_hint="pass -f my-run.yaml",
                                      not_mapping="expected a mapping (Helm values with `run:`, or a run spec)")
     values = data if isinstance(data.get("run"), dict) else {"run": data}
     # the operator's SFTJOB_* env doesn't reach the pods, so it must not shape this check either
-    spec = specmod.build(tree=values["run"], source=f"{p}, under run:" if values is data else str(p), environ={})
+    spec = specload.build(tree=values["run"], source=f"{p}, under run:" if values is data else str(p), environ={})
     # the canonical nested form (flat keys and shorthands resolved) is what the chart's schema checks
     return {**values, "run": spec.model_dump(mode="json", exclude_unset=True)}
 
