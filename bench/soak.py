@@ -138,18 +138,17 @@ class Soak:
         return {**os.environ, **s3.env, "SFTJOB_CACHE_DIR": str(pod / "cache"), "SOAK_TAG": self.tag,
                 "HOME": str(self.work / "home")}
 
-    def reference(self, s3) -> tuple[dict[int, float], float]:
+    def reference(self, s3) -> dict[int, float]:
         pod = self.work / "reference"
-        t0 = time.time()
         r = subprocess.run(self.args(str(pod / "out"), self.world(0)), capture_output=True, text=True,
                            env=self.env(pod, s3), timeout=900)
         if r.returncode != 0:
             raise SystemExit(f"the uninterrupted reference run failed ({r.returncode}):\n{r.stderr[-3000:]}")
-        return {p["step"]: p["loss"] for p in progress(r.stdout) if p.get("loss") is not None}, time.time() - t0
+        return {p["step"]: p["loss"] for p in progress(r.stdout) if p.get("loss") is not None}
 
     def world(self, attempt: int) -> int:
         if self.a.vary_world:
-            return 1 + (attempt % 2 if attempt == 0 else self.rng.randrange(2))
+            return 1 if attempt == 0 else 1 + self.rng.randrange(2)
         return self.a.processes
 
     def run(self) -> int:
@@ -159,14 +158,14 @@ class Soak:
         try:
             return self._run(s3)
         finally:
-            s3.thaw() if getattr(s3, "proc", None) else None
+            s3.thaw()  # a frozen store would not stop
             s3.stop()
 
     def _run(self, s3) -> int:
         """Runs one after another (each its own output, as a Job per run), until every fault is spent."""
         bucket = s3.bucket("soak")
         before = set(s3.keys(bucket))
-        ref, _ = self.reference(s3)
+        ref = self.reference(s3)
         faults = [self.rng.choice(self.a.kinds) for _ in range(self.a.faults)]
         t_start, run = time.time(), 0
         while True:
@@ -249,7 +248,7 @@ class Soak:
                 "load_s": round(self.rng.uniform(0.0, 4.0), 2), "step": self.rng.randint(1, self.a.steps - 1),
                 "save": self.rng.choice(saves)}
 
-    def _due(self, t: dict, text: str, t0: float, proc) -> bool:
+    def _due(self, t: dict, text: str, t0: float) -> bool:
         steps = progress(text)
         last = steps[-1]["step"] if steps else 0
         p = t["phase"]
@@ -272,7 +271,7 @@ class Soak:
         t0 = time.time()
         while proc.poll() is None:
             text = logf.read_text(errors="replace")
-            if self._due(target, text, t0, proc) and (fault not in ("kill_rank", "stop_rank") or ranks(proc)):
+            if self._due(target, text, t0) and (fault not in ("kill_rank", "stop_rank") or ranks(proc)):
                 break
             time.sleep(0.02)
         if proc.poll() is not None:
