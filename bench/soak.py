@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 import psutil  # noqa: E402
 
-from job import demo_data, tiny  # noqa: E402
+from job import demo_data, proctree, tiny  # noqa: E402
 from job.errors import NON_RETRYABLE, ExitCode  # noqa: E402
 
 KINDS = ("kill_tree", "sigterm", "kill_rank", "stop_rank", "freeze")
@@ -70,36 +70,6 @@ def progress(log: str) -> list[dict]:
             except ValueError:
                 pass
     return out
-
-
-def ranks(proc: subprocess.Popen) -> list[psutil.Process]:
-    try:
-        tree = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
-    found = []
-    for p in tree:
-        try:
-            cmd = p.cmdline()
-        except psutil.Error:
-            continue
-        if "job.train.sft" in cmd and not any("accelerate" in c for c in cmd):
-            found.append(p)
-    return found
-
-
-def kill_tree(pid: int) -> None:
-    try:
-        root = psutil.Process(pid)
-        tree = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
-    for p in tree:
-        try:
-            p.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(tree[1:], timeout=30)  # not the root: reaping it here would hide its status from Popen
 
 
 def left_behind(tag: str) -> list[int]:
@@ -183,7 +153,7 @@ class Soak:
         if left:
             self.problems.append(f"processes left running: {left}")
             for pid in left:
-                kill_tree(pid)
+                proctree.kill_tree(pid)
         return self._report(ref, time.time() - t_start)
 
     def _one_run(self, s3, output: str, run: int, faults: list[str]) -> None:
@@ -271,7 +241,7 @@ class Soak:
         t0 = time.time()
         while proc.poll() is None:
             text = logf.read_text(errors="replace")
-            if self._due(target, text, t0) and (fault not in ("kill_rank", "stop_rank") or ranks(proc)):
+            if self._due(target, text, t0) and (fault not in ("kill_rank", "stop_rank") or proctree.ranks(proc.pid)):
                 break
             time.sleep(0.02)
         if proc.poll() is not None:
@@ -282,11 +252,11 @@ class Soak:
         event.update(injected=True, phase=phase_of(text), aimed=target["phase"], at=time.time(),
                      step_at_fault=steps[-1]["step"] if steps else 0)
         if fault == "kill_tree":
-            kill_tree(proc.pid)
+            proctree.kill_tree(proc.pid)
         elif fault == "sigterm":
             proc.send_signal(signal.SIGTERM)
         elif fault in ("kill_rank", "stop_rank"):
-            rs = ranks(proc)
+            rs = proctree.ranks(proc.pid)
             if not rs:
                 event.update(injected=False, finished_first=True, phase="ended")
                 return

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import trainkit
 
+from job import proctree
 from job.errors import NON_RETRYABLE, ExitCode
 from job.train import watchdog
 
@@ -38,19 +39,6 @@ def _gone(pid: int) -> bool:
     except OSError:
         return True
     return state in ("Z", "X")
-
-
-def _descendants(pid: int) -> set[int]:
-    out, todo = set(), [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            kids = [int(c) for c in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
-        except OSError:
-            continue
-        out.update(kids)
-        todo += kids
-    return out
 
 
 def _wait_gone(pids, timeout: float) -> set[int]:
@@ -177,7 +165,7 @@ def test_sigkill_of_sftjob_run_ends_its_launcher_and_every_rank(tmp_path):
     tree: set[int] = set()
     try:
         trainkit.wait_for_step(log, proc, 2)
-        tree = _descendants(proc.pid)
+        tree = {p.pid for p in proctree.descendants(proc.pid)}
         ranks = {_rank(cache, k).get("pid") for k in (0, 1)}
         assert ranks <= tree and len(tree) >= 3, (tree, ranks)  # the launcher and both ranks
         os.kill(proc.pid, signal.SIGKILL)  # only `sftjob run`, as when its container's main process is killed

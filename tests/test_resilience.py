@@ -3,23 +3,14 @@ kill -9 → resume from the last COMPLETE checkpoint; deadline → partial adapt
 import json
 import os
 import signal
-from pathlib import Path
 
 import pytest
 import trainkit
 
+from job import proctree
+
 pytestmark = pytest.mark.slow
 _args = trainkit.steady_args
-
-
-def _kill_tree(pid: int) -> None:
-    """kill -9 the entrypoint and its training processes, like a container OOM-kill."""
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    for p in [pid, *map(int, children)]:
-        try:
-            os.kill(p, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def _get(s3, bucket, key):
@@ -74,7 +65,7 @@ def test_kill_9_resumes_from_the_last_complete_checkpoint_and_cleans_an_incomple
 
     # checkpoints are mirrored in the background: kill once one from step >= 10 is fully in S3
     trainkit.wait_until(lambda: (complete_steps() or [0])[-1] >= 10, proc, "a COMPLETE checkpoint at step >= 10")
-    _kill_tree(proc.pid)
+    proctree.kill_tree(proc.pid)  # kill -9 of the whole tree, like a container OOM-kill
     proc.wait(timeout=30)
     c = s3.client()
     keys = s3.keys(bucket, "runs/oom/checkpoints/")

@@ -13,9 +13,10 @@ import signal
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import trainkit
+
+from job import proctree
 
 pytestmark = pytest.mark.slow
 _args = trainkit.steady_args
@@ -161,23 +162,6 @@ def test_store_down_when_training_ends_keeps_the_adapter_exits_69_and_the_rerun_
     assert not list((tmp_path / "c" / "runs").glob("*/trained.json"))
 
 
-def _kill_whole_tree(pid: int) -> int:
-    """SIGKILL the entrypoint and every descendant (the launcher and each rank have sessions of their own,
-    so a process group kill misses them): the whole tree is listed first, then killed, like an OOM-kill."""
-    try:
-        root = psutil.Process(pid)
-        tree = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0
-    for p in tree:
-        try:
-            p.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(tree, timeout=30)
-    return len(tree)
-
-
 def test_kill_9_of_the_whole_tree_at_any_moment_leaves_no_false_complete_nor_success(s3, tmp_path):
     bucket, prefix = s3.bucket("outage-run"), "runs/kill-tree"
     out = f"s3://{bucket}/{prefix}"
@@ -209,7 +193,7 @@ def test_kill_9_of_the_whole_tree_at_any_moment_leaves_no_false_complete_nor_suc
             while not caught and time.monotonic() < deadline and proc.poll() is None:
                 caught = when(newest)
                 time.sleep(0.02)
-            n = _kill_whole_tree(proc.pid)
+            n = proctree.kill_tree(proc.pid)
         finally:
             if proc.poll() is None:
                 proc.kill()

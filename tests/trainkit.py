@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from job import demo_data, tiny
+from job import demo_data, proctree, tiny
 
 _DIR = Path(tempfile.mkdtemp(prefix="sftjob-trainkit-"))
 
@@ -85,21 +85,6 @@ def sigterm_and_wait(proc: subprocess.Popen, timeout: float = 120) -> int:
     return proc.wait(timeout=timeout)
 
 
-def ranks_of(proc: subprocess.Popen) -> list:
-    """The training processes under a `sftjob run` (they run in sessions of their own: found by parentage)."""
-    import psutil
-
-    found = []
-    for p in psutil.Process(proc.pid).children(recursive=True):
-        try:
-            cmd = p.cmdline()
-        except psutil.Error:
-            continue
-        if "job.train.sft" in cmd and not any("accelerate" in c for c in cmd):
-            found.append(p)
-    return found
-
-
 def _pending(pid: int, signum: int) -> bool:
     try:
         status = Path(f"/proc/{pid}/status").read_text()
@@ -132,7 +117,7 @@ def interrupt_at(log: Path, proc: subprocess.Popen, step: int, timeout: float = 
     the ranks are frozen (SIGSTOP) first, SIGTERM goes to sftjob, and they continue only once every rank
     holds it pending: they stop one step or two later. → the launcher's exit code."""
     wait_for_step(log, proc, step, timeout=timeout)
-    ranks = ranks_of(proc)
+    ranks = proctree.ranks(proc.pid)
     if not ranks:  # the ranks are gone already: the run outran the test (the caller sees it in the step)
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
