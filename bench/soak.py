@@ -6,6 +6,13 @@ retryable exit the way a Job with backoffLimit reruns its pod, with faults injec
 - ``kill_rank``   kill -9 of one training process (dead peer)              → 71
 - ``stop_rank``   SIGSTOP of one training process (hang; --stall-seconds)  → 72
 - ``freeze``      the store frozen (SIGSTOP of SeaweedFS) for 5–20 s; the pod survives it → the run goes on
+- ``restart_store`` the store killed and started again on its data after 1–5 s (connections reset, then
+                  refused, then 500s while its volumes load) → the run goes on
+- ``slow_store``  the store answering slowly for 10–20 s (frozen and thawed in turns of 0.1–0.5 s) → goes on
+- ``torn``        kill -9 of the tree once a checkpoint is sealed, then one of its files truncated in the store
+                  (a torn upload under a COMPLETE marker): the next attempt skips it for the previous one
+- ``tamper``      the same, with a Trainer file (trainer_state.json, optimizer, RNG state) rewritten and the
+                  marker resealed over it: only the content check (job/ckptcontent.py) can tell
 
 Every restart is a new pod: an empty cache and work directory. Optionally (--vary-world) a restart runs
 on another process count (1 ↔ 2), as Kueue re-admits on other capacity.
@@ -42,9 +49,12 @@ import psutil  # noqa: E402
 from job import demo_data, proctree, tiny  # noqa: E402
 from job.errors import NON_RETRYABLE, ExitCode  # noqa: E402
 
-KINDS = ("kill_tree", "sigterm", "kill_rank", "stop_rank", "freeze")
+KINDS = ("kill_tree", "sigterm", "kill_rank", "stop_rank", "freeze", "restart_store", "slow_store", "torn", "tamper")
 EXPECTED = {"kill_tree": -signal.SIGKILL, "sigterm": ExitCode.INTERRUPTED, "kill_rank": ExitCode.RANK_DIED,
-            "stop_rank": ExitCode.STALLED, "freeze": ExitCode.OK}
+            "stop_rank": ExitCode.STALLED, "freeze": ExitCode.OK, "restart_store": ExitCode.OK,
+            "slow_store": ExitCode.OK, "torn": -signal.SIGKILL, "tamper": -signal.SIGKILL}
+STORE = ("freeze", "restart_store", "slow_store")  # the pod survives these: the same attempt goes on
+CORRUPT = ("torn", "tamper")  # the newest checkpoint is lost: up to two intervals are trained again
 #: log markers → the phase the run is in once the line has appeared (the last one seen wins)
 PHASES = (("fetch", "fetching"), ("prepare", "prepared data"), ("model load", "launching"),
           ("step", '"event": "progress"'), ("checkpoint", "checkpoint step-"), ("resume", "resuming from"),
@@ -70,6 +80,16 @@ def progress(log: str) -> list[dict]:
             except ValueError:
                 pass
     return out
+
+
+def sealed_steps(s3, output: str) -> list[int]:
+    """Steps of the checkpoints with a COMPLETE marker in the store under `output` (s3://bucket/prefix)."""
+    bucket, prefix = output[len("s3://"):].split("/", 1)
+    try:
+        keys = s3.keys(bucket, f"{prefix}/checkpoints/")
+    except Exception:  # noqa: BLE001 - the store may be down or frozen: nothing sealed seen yet
+        return []
+    return sorted(int(k.split("/")[-2][len("step-"):]) for k in keys if k.endswith("/COMPLETE"))
 
 
 def left_behind(tag: str) -> list[int]:
@@ -102,7 +122,10 @@ class Soak:
                 "--learning-rate", "1e-3", "--max-length", "256", "--per-device-train-batch-size", "2",
                 "--gradient-accumulation-steps", str(2 // processes if self.a.vary_world else 1),
                 "--lr-scheduler-type", "constant", "--save-steps", str(SAVE_STEPS), "--stall-seconds", "15",
-                "--num-processes", str(processes), "--distributed", self.a.strategy if processes > 1 else "auto"]
+                "--num-processes", str(processes), "--distributed", self.a.strategy if processes > 1 else "auto",
+                # another process count draws other dropout masks (each rank its own RNG stream): without
+                # dropout the same samples give the same step on 1 × accumulation 2 and on 2 processes
+                *(["--lora-dropout", "0"] if self.a.vary_world else [])]
 
     def env(self, pod: Path, s3) -> dict:
         return {**os.environ, **s3.env, "SFTJOB_CACHE_DIR": str(pod / "cache"), "SOAK_TAG": self.tag,
@@ -136,7 +159,10 @@ class Soak:
         bucket = s3.bucket("soak")
         before = set(s3.keys(bucket))
         ref = self.reference(s3)
-        faults = [self.rng.choice(self.a.kinds) for _ in range(self.a.faults)]
+        faults = []  # in rounds: every kind once per round, in a seeded order
+        while len(faults) < self.a.faults:
+            faults += self.rng.sample(self.a.kinds, len(self.a.kinds))
+        faults = faults[: self.a.faults]
         t_start, run = time.time(), 0
         while True:
             prefix = f"run{run}"
@@ -172,6 +198,9 @@ class Soak:
                                         env=self.env(pod, s3))
             fault = faults.pop(0) if faults else None
             target = self._target(fault) if fault else None
+            if fault in CORRUPT:
+                target.update(output=output, sealed=lambda: sealed_steps(s3, output),
+                              sealed_before=max(sealed_steps(s3, output) or [0]))
             event = {"run": run, "attempt": attempt, "processes": procs, "fault": fault}
             t0 = time.time()
             if fault:
@@ -185,13 +214,20 @@ class Soak:
                 for e in pending:
                     e["recovery_s"] = round(steps[0]["time"] - e["at"], 2)
                     e["resumed_at"] = steps[0]["step"] - 1
+                    if e.get("corrupted_step") is not None and e["resumed_at"] >= e["corrupted_step"]:
+                        self.problems.append(f"run {run} attempt {attempt}: resumed from the damaged {e['corrupted']}")
+                    said = (f"skipping checkpoint step-{e.get('corrupted_step')}:",
+                            f"checkpoint step-{e.get('corrupted_step')} failed its checksum")
+                    if e.get("corrupted_step") is not None and not any(x in text for x in said):
+                        self.problems.append(f"run {run} attempt {attempt}: no log line says why {e['corrupted']} "
+                                             "was skipped")
                 pending = []
             if fault and event.get("injected"):
                 expected = EXPECTED[fault]
                 if rc != expected:
                     self.problems.append(f"run {run} attempt {attempt}: {fault} in phase {event['phase']} exited "
                                          f"{rc}, docs/failures.md gives {int(expected)}")
-                if fault == "freeze":
+                if fault in STORE:
                     after = [p for p in steps if p["time"] > event["at"]]
                     event["recovery_s"] = round(after[0]["time"] - event["at"], 2) if after else None
                 elif rc != 0:
@@ -210,7 +246,8 @@ class Soak:
     def _target(self, fault: str) -> dict:
         """The phase a fault aims at, seeded: every phase is hit in a long soak."""
         phases = {"kill_rank": ("step", "checkpoint"), "stop_rank": ("step", "checkpoint"),
-                  "freeze": ("start", "step", "checkpoint", "publish")}.get(
+                  **{k: ("start", "step", "checkpoint", "publish") for k in STORE},
+                  **{k: ("sealed",) for k in CORRUPT}}.get(
             fault, ("start", "model load", "step", "checkpoint", "resume", "publish"))
         phase = self.rng.choice(phases)
         saves = list(range(SAVE_STEPS, self.a.steps, SAVE_STEPS)) or [1]
@@ -235,6 +272,8 @@ class Soak:
             return "resuming from" in text or last >= 1
         if p == "publish":
             return "adapter verified" in text
+        if p == "sealed":  # a checkpoint this attempt made is sealed in the store
+            return bool(t["sealed"]()) and max(t["sealed"]()) > t["sealed_before"]
         return True
 
     def _inject(self, proc, fault, target, logf, s3, event) -> None:
@@ -243,7 +282,7 @@ class Soak:
             text = logf.read_text(errors="replace")
             if self._due(target, text, t0) and (fault not in ("kill_rank", "stop_rank") or proctree.ranks(proc.pid)):
                 break
-            time.sleep(0.02)
+            time.sleep(0.25 if fault in CORRUPT else 0.02)  # those poll the store
         if proc.poll() is not None:
             event.update(injected=False, finished_first=True, phase="ended")
             return
@@ -271,6 +310,54 @@ class Soak:
                     time.sleep(0.1)
             finally:
                 s3.thaw()
+        elif fault == "restart_store":
+            event["down_s"] = round(self.rng.uniform(1, 5), 1)
+            s3.restart(down=event["down_s"])
+        elif fault == "slow_store":
+            seconds = self.rng.uniform(10, 20)
+            turns = random.Random(self.rng.random())  # how many turns fit is timing: not from the soak's stream
+            event["slow_s"] = round(seconds, 1)
+            end = time.time() + seconds
+            while time.time() < end and proc.poll() is None:
+                with s3.frozen():
+                    time.sleep(turns.uniform(0.1, 0.5))
+                time.sleep(turns.uniform(0.1, 0.5))
+        elif fault in CORRUPT:
+            proctree.kill_tree(proc.pid)
+            proc.wait(timeout=60)
+            event.update(self._corrupt(s3, target["output"], fault))
+
+    def _corrupt(self, s3, output: str, fault: str) -> dict:
+        """The newest sealed checkpoint of `output`, one file damaged in the store: torn (its marker left as
+        it was: the checksum tells) or tampered with (a Trainer file, the marker resealed over it)."""
+        import hashlib
+
+        bucket, prefix = output[len("s3://"):].split("/", 1)
+        step = max(sealed_steps(s3, output))
+        base = f"{prefix}/checkpoints/step-{step}"
+        c = s3.client()
+        marker = json.loads(c.get_object(Bucket=bucket, Key=f"{base}/COMPLETE")["Body"].read())
+        files = sorted(f["path"] for f in marker["files"])
+        if fault == "torn":
+            victim = max(marker["files"], key=lambda f: f["size"])["path"]
+        else:
+            trainer = [f for f in files if f == "trainer_state.json" or f.startswith(("rng_state", "optimizer"))
+                       or f.endswith((".pt", ".pth"))]
+            victim = self.rng.choice(trainer or files)
+        body = c.get_object(Bucket=bucket, Key=f"{base}/{victim}")["Body"].read()
+        if victim.endswith(".json"):
+            doc = json.loads(body)
+            doc["global_step"] = step + 1000
+            damaged = json.dumps(doc).encode()
+        else:
+            damaged = body[: max(1, len(body) // 2)]
+        c.put_object(Bucket=bucket, Key=f"{base}/{victim}", Body=damaged)
+        if fault == "tamper":  # reseal: size and sha256 of what is there now
+            for f in marker["files"]:
+                if f["path"] == victim:
+                    f["size"], f["sha256"] = len(damaged), hashlib.sha256(damaged).hexdigest()
+            c.put_object(Bucket=bucket, Key=f"{base}/COMPLETE", Body=json.dumps(marker).encode())
+        return {"corrupted": f"step-{step}/{victim}", "corrupted_step": step}
 
     def _check(self, s3, bucket: str, prefix: str, ref: dict) -> None:
         from job import publish, storage
@@ -300,10 +387,10 @@ class Soak:
         if worst is None or worst > self.a.tolerance:
             self.problems.append(f"{prefix}: losses differ from the uninterrupted run: max |Δ| {worst} > {self.a.tolerance}")
         for e in self.events:
-            if e["run"] == int(prefix[3:]) and e.get("injected") and e["fault"] != "freeze" and e.get("resumed_at") is not None:
+            if e["run"] == int(prefix[3:]) and e.get("injected") and e["fault"] not in STORE and e.get("resumed_at") is not None:
                 lost = e["step_at_fault"] - e["resumed_at"]
                 e["steps_lost"] = max(0, lost)
-                limit = 0 if e["fault"] == "sigterm" else SAVE_STEPS
+                limit = 0 if e["fault"] == "sigterm" else 2 * SAVE_STEPS if e["fault"] in CORRUPT else SAVE_STEPS
                 if lost > limit:
                     self.problems.append(f"{prefix} attempt {e['attempt']}: {e['fault']} recomputed {lost} steps (> {limit})")
 

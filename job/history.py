@@ -1,6 +1,8 @@
 """The run's metrics history travels inside its checkpoints (issue 26): a retry is a new pod with an empty
 disk, so the history up to a checkpoint is saved in it (covered by its COMPLETE marker) and restored from
-the checkpoint the launcher resumes from. Read back as untrusted: line by line, nothing past the step."""
+the checkpoint the launcher resumes from. Read back as untrusted: line by line, nothing past the step.
+TensorBoard's event files (`--report-to tensorboard`) travel the same way, as files: copied back only onto
+a disk that has none, only regular event files, each confined to the work directory's tensorboard/."""
 from __future__ import annotations
 
 import json
@@ -13,6 +15,9 @@ log = logging.getLogger("sftjob.checkpoints")
 
 #: the run's metrics.jsonl up to the checkpoint's step, inside the checkpoint (covered by COMPLETE)
 HISTORY_FILE = "sftjob_metrics.jsonl"
+#: the TensorBoard event files so far (TensorBoardCallback flushes at every log), inside the checkpoint
+TENSORBOARD_DIR = "sftjob_tensorboard"
+EVENT_PREFIX = "events.out.tfevents."
 
 
 def carry_history(metrics: Path, ckpt: Path) -> None:
@@ -88,3 +93,44 @@ def restore_history(found, metrics: Path) -> None:
     tmp.write_text("".join(json.dumps(merged[k]) + "\n" for k in sorted(merged)))
     tmp.replace(metrics)
     log.info("metrics history restored from checkpoint step-%d: %d line(s)", found.step, len(merged))
+
+
+def carry_tensorboard(tensorboard: Path, ckpt: Path) -> None:
+    """Rank 0 at every save, beside carry_history: the event files written so far go into the checkpoint."""
+    tensorboard, ckpt = Path(tensorboard), Path(ckpt)
+    if not ckpt.is_dir() or not tensorboard.is_dir():
+        return
+    for src in _event_files(tensorboard):
+        dest = ckpt / TENSORBOARD_DIR / src.relative_to(tensorboard)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dest)
+
+
+def restore_tensorboard(found, tensorboard: Path) -> None:
+    """On resume onto a disk without event files (a new pod): the checkpoint's come back. A disk that has its
+    own (the same pod) keeps them: they already hold at least what the checkpoint carried."""
+    from job.errors import DataError
+    from job.storage.paths import local_child
+
+    tensorboard, carried = Path(tensorboard), found.path / TENSORBOARD_DIR
+    if not carried.is_dir() or (tensorboard.is_dir() and _event_files(tensorboard)):
+        return
+    restored = 0
+    for src in _event_files(carried):
+        try:
+            dest = local_child(tensorboard, src.relative_to(carried).as_posix(), f"checkpoint step-{found.step}")
+        except DataError as e:
+            log.warning("tensorboard: %s; that file is skipped", e)
+            continue
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dest)
+        restored += 1
+    if restored:
+        log.info("tensorboard: %d event file(s) restored from checkpoint step-%d", restored, found.step)
+
+
+def _event_files(root: Path) -> list[Path]:
+    """Regular event files under `root` (never a link: what is read back from the store is not trusted)."""
+    return sorted(p for p in root.rglob(EVENT_PREFIX + "*")
+                  if p.is_file() and not p.is_symlink() and not any(q.is_symlink() for q in p.relative_to(root).parents
+                                                                     if str(q) != "."))

@@ -10,6 +10,7 @@ import logging
 import shutil
 
 import pytest
+import test_trackers
 import trainkit
 
 from job import checkpoints, history
@@ -18,6 +19,7 @@ from job.errors import ExitCode
 pytestmark = pytest.mark.slow
 STEPS = 20
 EVAL = ["--eval-split", "0.1", "--eval-steps", "4"]  # eval_loss lines are history too
+TB = ["--report-to", "tensorboard"]  # its event files are history too (they do not change the losses)
 
 
 def _steps(metrics, field: str) -> list[int]:
@@ -37,7 +39,7 @@ def interrupted(tmp_path_factory):
     """SIGTERM at step ~3 → exit 75; a pristine copy of the output is kept for the garbage test."""
     d = tmp_path_factory.mktemp("stopped")
     out, log = d / "out", d / "first.log"
-    proc = trainkit.start(*trainkit.steady_args(out, STEPS, *EVAL), env={"SFTJOB_CACHE_DIR": str(d / "c")}, log=log)
+    proc = trainkit.start(*trainkit.steady_args(out, STEPS, *EVAL, *TB), env={"SFTJOB_CACHE_DIR": str(d / "c")}, log=log)
     assert trainkit.interrupt_at(log, proc, 3) == ExitCode.INTERRUPTED, log.read_text()[-3000:]
     step = json.loads((out / "status.json").read_text())["step"]
     assert 3 <= step < STEPS, f"the run reached step {step} before the SIGTERM landed"
@@ -48,9 +50,16 @@ def interrupted(tmp_path_factory):
 def test_a_retry_on_a_new_pod_publishes_every_step_once(interrupted, reference, tmp_path):
     out, stopped = interrupted["out"], interrupted["step"]
     marker = json.loads((out / "checkpoints" / f"step-{stopped}" / "COMPLETE").read_text())
-    rerun = trainkit.run(*trainkit.steady_args(out, STEPS, *EVAL), env={"SFTJOB_CACHE_DIR": str(tmp_path / "new-pod")})
+    rerun = trainkit.run(*trainkit.steady_args(out, STEPS, *EVAL, *TB),
+                         env={"SFTJOB_CACHE_DIR": str(tmp_path / "new-pod")})
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"resuming from complete checkpoint step-{stopped}" in rerun.stdout + rerun.stderr
+    # TensorBoard too: the first pod's event files came back with the checkpoint, every step once
+    events = sorted((out / "tensorboard").rglob("events.out.tfevents.*"))
+    tb_steps = sorted(ev.step for e in events for ev in test_trackers._events(e)
+                      for v in ev.summary.value if v.tag == "train/loss")
+    assert tb_steps == list(range(1, STEPS + 1)), tb_steps  # was: steps stopped+1..20 only
+    assert any(f["path"].startswith(history.TENSORBOARD_DIR + "/") for f in marker["files"])
     assert _steps(out / "metrics.jsonl", "loss") == list(range(1, STEPS + 1))  # was: steps stopped+1..20 only
     assert _steps(out / "metrics.jsonl", "eval_loss") == [4, 8, 12, 16, 20]
     published = trainkit.losses((out / "metrics.jsonl").read_text().splitlines())
@@ -92,3 +101,37 @@ def test_a_garbage_history_in_a_checkpoint_shortens_the_history_and_the_resume_g
     assert [r["step"] for r in restored] == [1, 2]  # what was usable, each step once
     assert restored == [json.loads(good[0]), json.loads(good[1])]
     assert f"checkpoint step-{stopped}: 10 line(s) of its metrics history" in caplog.text
+
+
+def test_carried_tensorboard_files_come_back_only_onto_an_empty_disk_and_only_as_regular_event_files(tmp_path):
+    """Read back from the store: a link (to anywhere) or a file that is no event file is never copied; a disk
+    that has its own event files (the same pod resumed) keeps them untouched."""
+    ckpt = tmp_path / "ckpt"
+    carried = ckpt / history.TENSORBOARD_DIR
+    (carried / "run").mkdir(parents=True)
+    (carried / "run" / "events.out.tfevents.1.pod0").write_bytes(b"first pod")
+    (carried / "notes.txt").write_text("not an event file")
+    secret = tmp_path / "secret"
+    secret.write_text("node file")
+    (carried / "events.out.tfevents.2.link").symlink_to(secret)
+    (carried / "linked").symlink_to(tmp_path, target_is_directory=True)
+    found = checkpoints.Found(step=3, path=ckpt)
+
+    tb = tmp_path / "new-pod" / "tensorboard"
+    history.restore_tensorboard(found, tb)
+    assert sorted(str(p.relative_to(tb)) for p in tb.rglob("*") if p.is_file()) == ["run/events.out.tfevents.1.pod0"]
+    assert (tb / "run" / "events.out.tfevents.1.pod0").read_bytes() == b"first pod"
+
+    same = tmp_path / "same-pod" / "tensorboard"
+    same.mkdir(parents=True)
+    (same / "events.out.tfevents.9.pod1").write_bytes(b"this pod, later steps")
+    history.restore_tensorboard(found, same)
+    assert [p.name for p in same.rglob("*")] == ["events.out.tfevents.9.pod1"]
+
+    # carrying back into a checkpoint: the event files only, in their folders
+    fresh = tmp_path / "ckpt2"
+    fresh.mkdir()
+    (tb / "stray.txt").write_text("x")
+    history.carry_tensorboard(tb, fresh)
+    assert sorted(str(p.relative_to(fresh)) for p in fresh.rglob("*") if p.is_file()) == [
+        f"{history.TENSORBOARD_DIR}/run/events.out.tfevents.1.pod0"]

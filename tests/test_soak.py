@@ -24,6 +24,21 @@ def test_a_short_seeded_soak_survives_every_fault_and_proves_the_run(tmp_path):
     assert all(e["rc"] in (0, -9, 69, 71, 72, 75) for e in summary["events"])
 
 
+def test_a_soak_of_store_and_checkpoint_faults_on_a_changing_process_count_proves_the_run(tmp_path):
+    """The store restarted and slow, a torn upload and a tampered Trainer file under a sealed marker, and every
+    restart on 1 or 2 processes (--vary-world, as Kueue re-admits elsewhere): the harness checks the same
+    proofs, plus that a damaged checkpoint is skipped with a log line and never resumed from."""
+    r = subprocess.run([sys.executable, str(SOAK), "--seed", "21", "--faults", "4", "--steps", "16", "--vary-world",
+                        "--kinds", "restart_store,slow_store,torn,tamper", "--workdir", str(tmp_path / "soak")],
+                       capture_output=True, text=True, timeout=1200)
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert r.returncode == 0 and summary["passed"], (summary["problems"], r.stderr[-4000:])
+    assert summary["faults_injected"] == 4 and summary["max_loss_diff"] <= 1e-4
+    damaged = [e for e in summary["events"] if e.get("corrupted")]
+    assert damaged and all(e["resumed_at"] < e["corrupted_step"] for e in damaged)
+    assert {e["processes"] for e in summary["events"]} == {1, 2}
+
+
 def test_the_soak_phase_reader_names_the_phase_of_a_log():
     sys.path.insert(0, str(SOAK.parent))
     import soak

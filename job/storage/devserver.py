@@ -108,6 +108,7 @@ class S3Server:
     reader_secret: str = READER[1]
     region: str = REGION
     _buckets: set = field(default_factory=set)
+    _ports: list = field(default_factory=list)
 
     @property
     def endpoint(self) -> str:
@@ -131,9 +132,9 @@ class S3Server:
     def reader_env(self) -> dict[str, str]:
         return {**self.env, "AWS_ACCESS_KEY_ID": self.reader_key, "AWS_SECRET_ACCESS_KEY": self.reader_secret}
 
-    def start(self, timeout: float = 30.0) -> S3Server:
+    def start(self, timeout: float = 30.0, ports: list[int] | None = None) -> S3Server:
         weed = weed_binary()
-        s3p, master, volume, filer = free_port_block(4)
+        s3p, master, volume, filer = self._ports = ports or free_port_block(4)
         (self.root / "data").mkdir(parents=True, exist_ok=True)
         (self.root / "logs").mkdir(exist_ok=True)
         conf = self.root / "s3.json"
@@ -180,6 +181,13 @@ class S3Server:
             except ProcessLookupError:
                 pass
             self.proc.wait(timeout=10)
+
+    def restart(self, down: float = 0.0, timeout: float = 60.0) -> None:
+        """Kill the server, wait `down` seconds, start it again on the same ports and data: a store restart
+        (connections reset, then refused, then answered again by a new process)."""
+        self.stop()
+        time.sleep(down)
+        self.start(timeout=timeout, ports=self._ports)
 
     def freeze(self) -> None:
         """SIGSTOP the server: connections are accepted by the kernel but never answered (a hung store)."""

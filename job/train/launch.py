@@ -322,6 +322,7 @@ def train(spec, prepared, model_dir: str, workdir: Path, status, *, started: flo
     (workdir / "stopped.json").unlink(missing_ok=True)
     if found:  # the history up to the checkpoint comes with it: a retry's new pod has no earlier metrics.jsonl
         history.restore_history(found, workdir / "metrics.jsonl")
+        history.restore_tensorboard(found, workdir / "tensorboard")
     else:
         (workdir / "metrics.jsonl").unlink(missing_ok=True)
     if not found:  # a fresh start publishes only its own TensorBoard events

@@ -159,10 +159,12 @@ def _callbacks(plan: dict, collator: Collator, stop: StopFlag, mirror, status, t
             import torch.distributed as dist
 
             from job import history
+            from job.train import trackers
 
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if state.is_world_process_zero:  # the one writer of metrics.jsonl (node 0, whose mirror seals)
                 history.carry_history(metrics_path, ckpt)
+                history.carry_tensorboard(Path(trackers.tensorboard_dir(plan["workdir"])), ckpt)
             if dist.is_available() and dist.is_initialized():
                 dist.barrier()  # every rank's shard is on disk before the node uploads
             if mirror is not None:
