@@ -2,8 +2,11 @@
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -203,3 +206,38 @@ def test_plan_refuses_a_model_config_that_is_not_json_and_a_rate_that_is_not_pos
         p = sftjob("plan", "--model", str(model), "--tokens-per-second", rate,
                    env={"SFTJOB_CACHE_DIR": str(tmp_path / "c")})
         assert p.returncode == ExitCode.CONFIG and "must be a number above 0" in p.stderr, p.stderr[-500:]
+
+
+@pytest.mark.parametrize("entry", ["python -m job", "console script"])
+def test_a_sigterm_before_the_run_starts_is_exit_75_even_while_the_store_hangs(s3, tmp_path, entry):
+    """Found by the soak (seed 5): SIGTERM while the CLI loaded, or while it asked a frozen store whether the
+    output is taken, killed the process by the signal (-15) instead of exit 75. Sent here once the process
+    holds a connection to the frozen store (the pipeline's own handler is not installed yet)."""
+    import psutil
+    import trainkit
+
+    bucket = s3.bucket("early-sigterm")
+    cmd = ([sys.executable, "-m", "job"] if entry == "python -m job"
+           else [str(Path(sys.executable).with_name("sftjob"))])
+    args = ["run", "--model", str(trainkit.tiny_model()), "--data", str(trainkit.chat_data()),
+            "--output", f"s3://{bucket}/out", "--max-steps", "2"]
+    with s3.frozen():
+        proc = subprocess.Popen(cmd + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "SFTJOB_CACHE_DIR": str(tmp_path / "c")})
+        try:
+            deadline, waiting = time.time() + 120, False
+            while not waiting and time.time() < deadline and proc.poll() is None:
+                try:
+                    waiting = any(c.raddr and c.raddr.port == s3.port
+                                  for c in psutil.Process(proc.pid).net_connections(kind="tcp"))
+                except psutil.Error:
+                    pass
+                time.sleep(0.05)
+            assert waiting, "the run never reached the store"
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=60)  # not the read timeout × retries of the frozen call
+        finally:
+            proc.kill()
+    assert proc.returncode == ExitCode.INTERRUPTED, err[-3000:]
+    assert "stopped by SIGTERM before the run started" in err and "Traceback" not in err
+    assert not s3.keys(bucket, "out/")  # nothing written
