@@ -82,4 +82,3 @@ def mlflow_server(tmp_path_factory):
     with _running(binary, lambda: MlflowServer(tmp_path_factory.mktemp("mlflow"))) as server:
         print(f"mlflow server healthy in {server.start_seconds:.1f}s at {server.uri}")
         yield server
-

@@ -19,6 +19,8 @@ def test_the_extensions_directory_is_the_jobs(tmp_path):
     assert jitops.extensions_dir(spec, environ={"TORCH_EXTENSIONS_DIR": "/x/y"}) == Path("/x/y")
     assert jitops.jit_ops("deepspeed", cuda=False) == ["ShareMemCommBuilder"]
     assert jitops.jit_ops("deepspeed", cuda=True) == [] and jitops.jit_ops("ddp", cuda=False) == []
+    assert jitops.jit_ops("deepspeed", cuda=False, offload_optimizer=True) == ["ShareMemCommBuilder", "CPUAdamBuilder"]
+    assert jitops.jit_ops("deepspeed", cuda=True, offload_optimizer=True) == []  # prebuilt in the image
 
 
 def test_a_stale_build_lock_is_cleared_and_nothing_else(tmp_path):

@@ -43,8 +43,13 @@ def extensions_dir(spec, environ: dict[str, str] | None = None) -> Path:
     return spec.cache_root() / "torch_extensions" / tag
 
 
-def jit_ops(strategy: str, cuda: bool) -> list[str]:
-    return ["ShareMemCommBuilder"] if strategy == "deepspeed" and not cuda else []
+def jit_ops(strategy: str, cuda: bool, offload_optimizer: bool = False) -> list[str]:
+    """On CPU: the shared-memory collective, and cpu_adam when the optimizer is offloaded (two ranks that
+    compiled it at once, outside this module's lock, failed with 'cpu_adam op failed to build/load' when the
+    suite ran beside another DeepSpeed run). The image prebuilds cpu_adam for CUDA (Dockerfile)."""
+    if strategy != "deepspeed" or cuda:
+        return []
+    return ["ShareMemCommBuilder", *(["CPUAdamBuilder"] if offload_optimizer else [])]
 
 
 def clear_stale_locks(ext: Path) -> list[Path]:
@@ -74,7 +79,7 @@ def build_ops(spec, strategy: str, cuda: bool, *, environ: dict[str, str] | None
     ext = extensions_dir(spec, environ)
     ext.mkdir(parents=True, exist_ok=True)
     env = {"TORCH_EXTENSIONS_DIR": str(ext)}
-    ops = jit_ops(strategy, cuda)
+    ops = jit_ops(strategy, cuda, bool(spec.distributed.offload_optimizer))
     if not ops:
         return env
     with open(ext / ".sftjob-build.lock", "w") as held:
@@ -85,7 +90,7 @@ def build_ops(spec, strategy: str, cuda: bool, *, environ: dict[str, str] | None
             fcntl.flock(held, fcntl.LOCK_EX)
         for lock in clear_stale_locks(ext):
             log.warning("removed a stale build lock %s (a build of it was killed); building it again", lock)
-        names = {"ShareMemCommBuilder": "deepspeed_shm_comm"}
+        names = {"ShareMemCommBuilder": "deepspeed_shm_comm", "CPUAdamBuilder": "cpu_adam"}
         missing = [op for op in ops if not list((ext / names.get(op, op)).glob("*.so"))]
         if missing:
             log.info("building DeepSpeed op(s) %s just in time into %s (once per node and version; minutes on CPU)",
