@@ -82,3 +82,23 @@ def mlflow_server(tmp_path_factory):
     with _running(binary, lambda: MlflowServer(tmp_path_factory.mktemp("mlflow"))) as server:
         print(f"mlflow server healthy in {server.start_seconds:.1f}s at {server.uri}")
         yield server
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Longest modules first (tests/timings.json: seconds per module, measured serially), each module's tests
+    in their own order. With `-n` and `--dist loadscope` (make test) a module runs on one worker, so its
+    module-scoped fixtures are built once; the longest starting first keeps one worker from finishing a long
+    module alone at the end. A module not in the file counts as long (a new one is most likely a training test)."""
+    import json
+    from pathlib import Path
+
+    try:
+        seconds = json.loads((Path(__file__).parent / "timings.json").read_text())["modules"]
+    except (OSError, ValueError, KeyError):
+        return
+    longest = max(seconds.values(), default=0)
+    order = {}
+    for i, item in enumerate(items):
+        module = item.nodeid.split("::", 1)[0].rsplit("/", 1)[-1]
+        order[id(item)] = (-seconds.get(module, longest), i)
+    items.sort(key=lambda it: order[id(it)])
