@@ -130,7 +130,8 @@ def restore_tensorboard(found, tensorboard: Path) -> None:
 
 
 def _event_files(root: Path) -> list[Path]:
-    """Regular event files under `root` (never a link: what is read back from the store is not trusted)."""
-    return sorted(p for p in root.rglob(EVENT_PREFIX + "*")
-                  if p.is_file() and not p.is_symlink() and not any(q.is_symlink() for q in p.relative_to(root).parents
-                                                                     if str(q) != "."))
+    """Regular event files under `root`, none through a link (what is read back from the store is not trusted)."""
+    def linked(p: Path) -> bool:  # the file, or a folder between root and it (relative parents end with ".")
+        return p.is_symlink() or any((root / q).is_symlink() for q in list(p.relative_to(root).parents)[:-1])
+
+    return sorted(p for p in root.rglob(EVENT_PREFIX + "*") if p.is_file() and not linked(p))

@@ -36,8 +36,7 @@ def kill_tree(pid: int, timeout: float = 30) -> int:
     wait for the descendants; → how many were killed. The root is not reaped here: its exit status stays
     for whoever started it (Popen.wait)."""
     try:
-        root = psutil.Process(pid)
-        tree = [root, *root.children(recursive=True)]
+        tree = [psutil.Process(pid), *descendants(pid)]
     except psutil.NoSuchProcess:
         return 0
     for p in tree:
